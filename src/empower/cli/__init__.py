@@ -1,0 +1,35 @@
+"""`empower ...`: the command line, a thin layer over the stage functions.
+
+Each command group lives in its own module here and registers on :data:`app`; the work itself
+is done by the library modules (``empower.labeling``, ``empower.train``, ...), which the Python API
+calls the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="empower",
+    help="Train and evaluate code assistants that write the predictable parts and stop at decisions.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+# Command groups register themselves on import (kept in pipeline order).
+from empower.cli import models as _models  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors (bad paths, values, records) print one clear line and exit 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[logging.StreamHandler()])
+    try:
+        app(args=argv, standalone_mode=True)
+    except (ValueError, FileNotFoundError, PermissionError, KeyError) as err:
+        console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+        sys.exit(2)
