@@ -34,11 +34,24 @@ import yaml
 C = TypeVar("C")
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None, **kwargs):
-    """A dataclass field with its help text (and optionally a shorter CLI flag) in one place."""
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    off_flag: str | None = None,
+    **kwargs,
+):
+    """A dataclass field with its help text (and optionally a shorter CLI flag) in one place.
+
+    ``off_flag`` names the switch that sets a bool field to False (default ``--no-<flag>``),
+    e.g. ``flag="--lora", off_flag="--full"``.
+    """
     metadata = {"help": help}
     if flag:
         metadata["flag"] = flag
+    if off_flag:
+        metadata["off_flag"] = off_flag
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
@@ -180,7 +193,7 @@ def config_command(
                 flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
                 decls = [flag]
                 if _unwrap_optional(hints[f.name]) is bool:
-                    decls = [f"{flag}/--no-{flag[2:]}"]
+                    decls = [f"{flag}/{f.metadata.get('off_flag') or '--no-' + flag[2:]}"]
                 # Required fields may come from --config, so the CLI itself never requires them.
                 info = typer.Option(default if has_default else None, *decls, help=help_text)
             parameters.append(
@@ -226,6 +239,31 @@ def config_command(
         return fn
 
     return decorator
+
+
+def config_group(
+    app: typer.Typer, cls: type[C], name: str, fn: Callable[[C], Any], *, help: str | None = None, **kwargs
+) -> typer.Typer:
+    """Register ``name`` as a command group that also runs ``fn(config)`` when no subcommand is given.
+
+    ``empower NAME --flags`` works like :func:`config_command`, and subcommands registered on the
+    returned Typer (``empower NAME SUB ...``) run instead of ``fn`` when named. ``kwargs`` are those of
+    :func:`config_command`.
+    """
+    scratch = typer.Typer()
+    config_command(scratch, cls, name, help=help, **kwargs)(fn)
+    command = scratch.registered_commands[0].callback
+
+    @functools.wraps(command)
+    def callback(ctx: typer.Context, **values):
+        if ctx.invoked_subcommand is None:
+            return command(ctx, **values)
+
+    callback.__signature__ = inspect.signature(command)
+    group = typer.Typer()
+    group.callback(invoke_without_command=True, help=help or (fn.__doc__ or "").strip())(callback)
+    app.add_typer(group, name=name)
+    return group
 
 
 def fields_flag(cls, name: str) -> str:

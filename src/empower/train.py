@@ -1,0 +1,597 @@
+"""Fine-tune an assistant on prompt/completion pairs: TRL's SFTTrainer, PEFT LoRA, accelerate.
+
+The loss is on the completion only, and every completion ends with the tokenizer's EOS token, so
+the assistant learns *where to stop* (the point of the method; k=0 pairs teach it to stop at once).
+Prompts go through :func:`empower.prompts.build_prompt`, the same function the assistant uses at
+inference. The same entry point runs on one device or many::
+
+    empower train --data runs/data/empower --base smollm2-135m --out runs/models/empower
+    accelerate launch -m empower train --data ... --out ...      # or: torchrun --nproc-per-node 2 -m empower ...
+    empower train merge runs/models/empower --out runs/models/empower-merged
+
+From Python: ``train(TrainConfig(data=..., out=...))`` and ``merge_adapter(src, out)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset, load_from_disk
+from transformers import TrainerCallback
+
+from empower import models
+from empower.configs import option, to_dict
+from empower.prompts import PromptTemplate, build_prompt
+
+log = logging.getLogger(__name__)
+
+META_FILE = "empower-model.json"  # written last: its presence marks a finished run
+RUN_FILE = "train-config.json"  # written first: identifies the run an output folder holds
+# Fields that may change when a run is resumed (they do not change what is being trained).
+_RESUMABLE = {"resume", "overwrite", "max_steps", "epochs", "logging_steps", "save_steps"}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One fine-tuning run (flags of `empower train`)."""
+
+    data: Path = option(help="data folder from `empower data build` (or its dataset/ folder, or a .jsonl)")
+    out: Path = option(help="output folder: adapter (or full weights) + tokenizer + empower-model.json")
+    base: str = option(models.DEFAULT_MODEL, "base model spec (embedded name, folder or hub id)")
+    lora: bool = option(
+        True, "train a LoRA adapter (--lora) or all weights (--full)", flag="--lora", off_flag="--full"
+    )
+    lora_rank: int = option(16, "LoRA rank r")
+    lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA input")
+    lora_target_modules: list[str] = option(["all-linear"], "modules that get adapters (PEFT names)")
+    epochs: float = option(1.0, "passes over the training split (the paper: 1)")
+    max_steps: int | None = option(
+        None, "stop after this many optimizer steps (quick runs); overrides --epochs"
+    )
+    lr: float | None = option(None, "peak learning rate; default 2e-4 with LoRA, 2e-5 with --full")
+    batch_size: int = option(8, "sequences per device per step")
+    grad_accum: int = option(1, "gradient accumulation steps")
+    max_length: int = option(
+        1024, "tokens per sequence; longer prompts lose their start (the completion is kept)"
+    )
+    val_fraction: float = option(0.2, "documents held out for validation loss (the paper: 20%)")
+    seed: int = option(0, "seed of the split, the data order and the adapter initialisation")
+    template: PromptTemplate = option(PromptTemplate.PLAIN, "prompt template (see empower.prompts)")
+    padding_free: bool = option(True, "concatenate each batch into one row without padding (else pad)")
+    activation_checkpointing: bool = option(False, "recompute activations in backward (less memory, slower)")
+    bf16: bool | None = option(None, "bf16 mixed precision; default: on with a bf16 GPU, off on CPU")
+    logging_steps: int = option(10, "log loss and tokens/s every N steps")
+    save_steps: int = option(200, "checkpoint every N steps (for --resume)")
+    resume: bool = option(False, "continue the run in --out from its last checkpoint")
+    overwrite: bool = option(False, "replace the run already in --out")
+
+    def __post_init__(self):
+        self.data, self.out = Path(self.data), Path(self.out)
+        self.template = PromptTemplate(self.template)
+        positive = {
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "logging_steps": self.logging_steps,
+            "save_steps": self.save_steps,
+        }
+        if self.max_steps is not None:
+            positive["max_steps"] = self.max_steps
+        if self.lr is not None:
+            positive["lr"] = self.lr
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (a prompt token and EOS), got {self.max_length}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules is empty; give module names or 'all-linear'")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.lora else 2e-5)
+
+
+@dataclasses.dataclass
+class TrainData:
+    """Training pairs and where they came from (recorded with the model so it traces back to its data)."""
+
+    dataset: Dataset
+    source: Path
+    fingerprint: str
+    tokenizer_name: str | None  # the tokenizer the pairs were cut with, if the data says
+    method: str | None  # labeling method(s) of the pairs: empower, sft-10, ...
+
+
+def _read_jsonl(path: Path) -> Dataset:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number}: not valid JSON ({err})") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+            for field in ("prompt", "completion"):
+                if not isinstance(row.get(field), str):
+                    raise ValueError(f"{path} line {number}: field {field!r} missing or not text")
+            rows.append(row)
+    return Dataset.from_list(rows)
+
+
+def load_pairs(path: str | Path) -> TrainData:
+    """Read pairs from a data folder (``DIR``), its ``DIR/dataset`` folder, or a ``.jsonl`` file.
+
+    Raises FileNotFoundError for a missing path and ValueError for an unfinished build, an empty
+    dataset, or missing ``prompt``/``completion`` columns, naming the path.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"training data {path} does not exist (expected an `empower data build` folder)"
+        )
+    manifest_path = None
+    if path.is_file():
+        dataset, manifest_path = _read_jsonl(path), path.parent / "manifest.json"
+        fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    else:
+        if (path / "dataset").is_dir():
+            path, manifest_path = path / "dataset", path / "manifest.json"
+        elif (path / "pairs.jsonl").is_file():
+            return load_pairs(path / "pairs.jsonl")
+        else:
+            manifest_path = path.parent / "manifest.json"
+        try:
+            dataset = load_from_disk(str(path))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{path} holds no dataset (no dataset/, pairs.jsonl or saved Dataset)"
+            ) from err
+        fingerprint = dataset._fingerprint
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if manifest.get("complete") is False:
+        raise ValueError(
+            f"{manifest_path} says the data build is not complete; finish it (`empower data build --resume`)"
+        )
+    missing = [c for c in ("prompt", "completion") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{path}: no column(s) {missing}; found {dataset.column_names} (expected prompt, completion)"
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{path}: the dataset is empty (0 pairs); nothing to train on")
+    methods = sorted(set(dataset["method"])) if "method" in dataset.column_names else []
+    tokenizer_name = manifest.get("tokenizer") or (
+        dataset[0]["tokenizer"] if "tokenizer" in dataset.column_names else None
+    )
+    return TrainData(
+        dataset=dataset,
+        source=path,
+        fingerprint=str(manifest.get("fingerprint") or fingerprint),
+        tokenizer_name=tokenizer_name,
+        method=manifest.get("method") or ("+".join(methods) if methods else None),
+    )
+
+
+def tokenize_pairs(
+    dataset: Dataset,
+    tokenizer,
+    *,
+    max_length: int,
+    template=PromptTemplate.PLAIN,
+    source: Path | str = "data",
+) -> Dataset:
+    """``input_ids`` = tokens(prompt) + tokens(completion) + EOS and ``completion_mask`` (1 on completion + EOS).
+
+    The prompt is tokenized alone, as the assistant tokenizes the state at inference; tokenizing the
+    concatenated text instead can merge tokens across the boundary (``"x\n" + "\n"`` -> ``"\n\n"``),
+    which is how TRL's own prompt/completion path moves text between prompt and completion. Rows
+    whose token counts differ from the data's ``cut``/``k`` columns are counted in a warning.
+    Over-long rows lose the start of their prompt; rows whose completion alone is too long are dropped.
+    """
+    eos = tokenizer.eos_token_id
+    columns = dataset.column_names
+    statement = "statement" in columns
+
+    def encode(batch, indices):
+        prompts = [
+            build_prompt(p, batch["statement"][i] if statement else None, template)
+            for i, p in enumerate(batch["prompt"])
+        ]
+        prompt_ids = tokenizer(prompts)["input_ids"]
+        completion_ids = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
+        out = {"input_ids": [], "completion_mask": [], "keep": [], "roundtrip": [], "doc": []}
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+            room = max_length - len(c) - 1
+            out["keep"].append(len(p) > 0 and room > 0)
+            p = p[-room:] if room > 0 else p
+            out["input_ids"].append(p + c + [eos])
+            out["completion_mask"].append([0] * len(p) + [1] * (len(c) + 1))
+            same = True
+            if "cut" in columns and "k" in columns:
+                same = (
+                    len(tokenizer(batch["prompt"][i], add_special_tokens=False)["input_ids"])
+                    == batch["cut"][i]
+                )
+                same = same and len(c) == batch["k"][i]
+            out["roundtrip"].append(same)
+            out["doc"].append(str(batch["doc_id"][i]) if "doc_id" in columns else f"row-{indices[i]}")
+        return out
+
+    tokenized = dataset.map(
+        encode,
+        batched=True,
+        with_indices=True,
+        remove_columns=columns,
+        keep_in_memory=True,
+        desc="tokenizing",
+    )
+    mismatched = len(tokenized) - sum(tokenized["roundtrip"])
+    if mismatched:
+        log.warning(
+            "%s: %d of %d pairs do not re-tokenize to their stored cut/k token counts with this tokenizer "
+            "(trained as tokenized here, which is what the assistant sees at inference)",
+            source, mismatched, len(tokenized),
+        )  # fmt: skip
+    dropped = len(tokenized) - sum(tokenized["keep"])
+    if dropped:
+        log.warning(
+            "%s: dropped %d pairs with an empty prompt or a completion longer than max_length",
+            source,
+            dropped,
+        )
+        tokenized = tokenized.filter(lambda keep: keep, input_columns="keep", keep_in_memory=True)
+    if len(tokenized) == 0:
+        raise ValueError(f"{source}: no trainable pairs left after tokenization (max_length={max_length})")
+    return tokenized.remove_columns(["keep", "roundtrip"])
+
+
+def split_by_document(tokenized: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Hold out ``fraction`` of the *documents* (seeded): prefixes of one program never straddle the split."""
+    if fraction == 0:
+        return tokenized.remove_columns("doc"), None
+    documents = sorted(set(tokenized["doc"]))
+    if len(documents) < 2:
+        raise ValueError(
+            f"a validation split needs at least 2 documents, got {len(documents)}; use --val-fraction 0"
+        )
+    order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(len(documents) - 1, max(1, round(fraction * len(documents))))
+    held_out = {documents[i] for i in order[:n_val]}
+    is_val = [doc in held_out for doc in tokenized["doc"]]
+    val = tokenized.select([i for i, v in enumerate(is_val) if v]).remove_columns("doc")
+    train = tokenized.select([i for i, v in enumerate(is_val) if not v]).remove_columns("doc")
+    return train, val
+
+
+def _run_identity(config: TrainConfig, data: TrainData) -> dict:
+    """What makes two runs the same run: the config (minus resumable fields) and the data fingerprint."""
+    values = {k: v for k, v in to_dict(config).items() if k not in _RESUMABLE}
+    values["out"] = str(config.out.resolve())
+    values["data"] = str(config.data.resolve())
+    return {"config": values, "data_fingerprint": data.fingerprint}
+
+
+def _prepare_output(config: TrainConfig, identity: dict, is_main: bool) -> bool:
+    """Check ``out`` against the run it may hold; returns whether to resume from a checkpoint.
+
+    Refuses, without touching anything, a folder with foreign content or another run (unless
+    ``overwrite``), and a finished run (unless ``overwrite``).
+    """
+    out = config.out
+    if not out.exists() or not any(out.iterdir()):
+        if config.resume:
+            log.warning("--resume: %s holds no run yet; starting from step 0", out)
+        return False
+    run_file = out / RUN_FILE
+    if not run_file.exists():
+        raise ValueError(
+            f"output folder {out} is not empty and holds no empower training run ({RUN_FILE} missing); "
+            "choose another --out"
+        )
+    if config.overwrite:
+        if is_main:
+            shutil.rmtree(out)
+        return False
+    stored = json.loads(run_file.read_text())
+    if stored != identity:
+        changed = sorted(
+            key
+            for key in {*stored.get("config", {}), *identity["config"]}
+            if stored.get("config", {}).get(key) != identity["config"].get(key)
+        )
+        if stored.get("data_fingerprint") != identity["data_fingerprint"]:
+            changed.append("data fingerprint")
+        raise ValueError(
+            f"output folder {out} holds a different run (differs in: {', '.join(changed)}); "
+            "pass --overwrite to replace it or choose another --out"
+        )
+    if (out / META_FILE).exists():
+        raise ValueError(
+            f"output folder {out} already holds this finished run; pass --overwrite to train it again"
+        )
+    if not config.resume:
+        raise ValueError(
+            f"output folder {out} holds an unfinished run of this config; pass --resume to continue it "
+            "or --overwrite to start again"
+        )
+    has_checkpoint = any(p.name.startswith("checkpoint-") for p in out.iterdir())
+    if not has_checkpoint:
+        log.warning("--resume: %s has no checkpoint yet; starting from step 0", out)
+    return has_checkpoint
+
+
+class _Progress(TrainerCallback):
+    """Loss and tokens/s as training goes: a live bar in a terminal, one line per log step otherwise."""
+
+    def __init__(self):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.progress = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start, self._start_tokens = time.perf_counter(), state.num_input_tokens_seen
+        if state.is_world_process_zero and self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"), console=self.console,
+            )  # fmt: skip
+            self.progress.start()
+            self.task = self.progress.add_task(
+                "train", total=state.max_steps, status="", completed=state.global_step
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not ({"loss", "eval_loss"} & set(logs)):
+            return
+        seconds = time.perf_counter() - self._start
+        tokens_per_s = (state.num_input_tokens_seen - self._start_tokens) / max(seconds, 1e-9)
+        parts = [
+            f"{key.removeprefix('eval_')} {logs[key]:.4f}" for key in ("loss", "eval_loss") if key in logs
+        ]
+        status = " | ".join([*parts, f"{tokens_per_s:,.0f} tok/s"])
+        if self.progress is not None:
+            self.progress.update(self.task, status=status)
+        if self.progress is None or "eval_loss" in logs:
+            self.console.print(f"step {state.global_step}/{state.max_steps}: {status}", highlight=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _base_path(base: str) -> str:
+    if str(base).endswith(".gguf"):
+        raise ValueError(
+            f"base model {base!r} is a GGUF file, which transformers refuses to train; use an embedded name "
+            "(converted once to safetensors) or a folder saved with save_pretrained"
+        )
+    return models.resolve(base)
+
+
+def _base_spec(base: str) -> str:
+    """The base model as recorded in the output: names stay names, local paths become absolute."""
+    path = Path(base).expanduser()
+    return str(path.resolve()) if path.exists() else base
+
+
+def _check_tokenizer(data: TrainData, config: TrainConfig, tokenizer) -> None:
+    """Warn, naming both, when the data was cut with a tokenizer other than the base model's."""
+    name = data.tokenizer_name
+    if name is None or name == config.base:
+        return
+    try:
+        same = models.load_tokenizer(name).get_vocab() == tokenizer.get_vocab()
+    except (ValueError, OSError) as err:
+        log.warning("cannot load the data's tokenizer %r to compare it with %r (%s)", name, config.base, err)
+        return
+    if not same:
+        log.warning(
+            "tokenizer mismatch: the data in %s was tokenized with %r but the base model %r uses a different "
+            "vocabulary; prompt/completion cuts will not fall on this model's token boundaries",
+            config.data, name, config.base,
+        )  # fmt: skip
+
+
+def _sft_config(config: TrainConfig):
+    from trl import SFTConfig
+
+    cuda = torch.cuda.is_available()
+    bf16 = config.bf16 if config.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    return SFTConfig(
+        output_dir=str(config.out),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        seed=config.seed,
+        data_seed=config.seed,
+        # TRL refuses a CPU-only machine unless told, and then defaults to bf16, which we only want when asked.
+        use_cpu=not cuda,
+        bf16=bf16,
+        # TRL turns checkpointing on by default; on small models it costs ~2.5x the time for memory we have.
+        activation_checkpointing=config.activation_checkpointing,
+        # Labels come from our completion_mask (see train_data.tokenize_pairs), applied by TRL.
+        completion_only_loss=True,
+        padding_free=config.padding_free,
+        max_length=None,  # sequences are truncated (prompt side) when tokenized; TRL's cut would drop EOS
+        # Padding-free batches have no padding but also no attention mask, and pad == EOS here.
+        include_num_input_tokens_seen="all" if config.padding_free else "non_padding",
+        eval_strategy="no",
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=1,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def build_trainer(config: TrainConfig, data: TrainData | None = None):
+    """The configured SFTTrainer (model, LoRA, tokenized splits), before training.
+
+    Exposed so that tests and benchmarks can inspect exactly what :func:`train` runs (its batches,
+    labels and speed). ``data`` defaults to ``load_pairs(config.data)``.
+    """
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTTrainer
+
+    data = data or load_pairs(config.data)
+    path = _base_path(config.base)
+    tokenizer = models.load_tokenizer(path)
+    _check_tokenizer(data, config, tokenizer)
+    tokenized = tokenize_pairs(
+        data.dataset, tokenizer, max_length=config.max_length, template=config.template, source=config.data
+    )
+    train_split, eval_split = split_by_document(tokenized, config.val_fraction, config.seed)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    peft_config = None
+    if config.lora:
+        peft_config = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=(
+                "all-linear"
+                if config.lora_target_modules == ["all-linear"]
+                else list(config.lora_target_modules)
+            ),
+            task_type="CAUSAL_LM",
+        )
+    trainer = SFTTrainer(
+        model=model,
+        args=_sft_config(config),
+        train_dataset=train_split,
+        eval_dataset=eval_split,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    for callback in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(callback)
+    trainer.add_callback(_Progress())
+    return trainer, data
+
+
+def train(config: TrainConfig) -> Path:
+    """Fine-tune ``config.base`` on the pairs in ``config.data``; returns the output folder.
+
+    The folder loads with ``empower.models.load_model(out)`` and holds the adapter (or full weights),
+    the tokenizer, ``trainer_state.json`` and ``empower-model.json`` (base model, data method and
+    fingerprint, config, losses). Under ``accelerate launch``/``torchrun`` every rank trains and only
+    the main one writes.
+
+    Example::
+
+        out = train(TrainConfig(data=Path("runs/data/empower"), out=Path("runs/models/empower"), max_steps=20))
+        model, tokenizer = models.load_model(out)
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    data = load_pairs(config.data)
+    identity = _run_identity(config, data)
+    resume = _prepare_output(config, identity, state.is_main_process)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        config.out.mkdir(parents=True, exist_ok=True)
+        (config.out / RUN_FILE).write_text(json.dumps(identity, indent=2) + "\n")
+    trainer, data = build_trainer(config, data)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    seconds = time.perf_counter() - started
+    metrics = {"train_loss": result.training_loss, "train_tokens": trainer.state.num_input_tokens_seen}
+    if trainer.eval_dataset is not None:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        log.info(
+            "validation loss %.4f (perplexity %.2f)", metrics["eval_loss"], math.exp(metrics["eval_loss"])
+        )
+    trainer.save_model(str(config.out))
+    if trainer.is_world_process_zero():
+        trainer.save_state()
+        for checkpoint in config.out.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
+        meta = {
+            "base_model": _base_spec(config.base),
+            "method": data.method,
+            "finetune": "lora" if config.lora else "full",
+            "data": data.fingerprint,
+            "data_path": str(config.data.resolve()),
+            "config": to_dict(config),
+            "metrics": {**metrics, "train_seconds": round(seconds, 2), "world_size": state.num_processes},
+        }
+        (config.out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        log.info("saved %s (%s)", config.out, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    state.wait_for_everyone()
+    return config.out
+
+
+def merge_adapter(adapter_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Merge a LoRA adapter folder into its base weights and save a standalone model folder.
+
+    Args:
+        adapter_dir: an output folder of :func:`train` with a LoRA adapter.
+        out: where to write the merged model (refused if not empty, unless ``overwrite``).
+
+    Returns:
+        ``out``, which ``models.load_model(out)`` loads without PEFT.
+    """
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    if not models.is_adapter(adapter_dir):
+        raise ValueError(
+            f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json, or full weights)"
+        )
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"output folder {out} is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    model, tokenizer = models.load_model(adapter_dir, device="cpu", dtype=torch.float32, merge_adapter=True)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    meta_path = adapter_dir / META_FILE
+    meta = (
+        json.loads(meta_path.read_text())
+        if meta_path.exists()
+        else {"base_model": models.adapter_base(adapter_dir)}
+    )
+    meta.update(finetune="lora-merged", merged_from=str(adapter_dir.resolve()))
+    (partial / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()
+    partial.replace(out)
+    return out
