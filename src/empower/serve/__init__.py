@@ -1,0 +1,9 @@
+"""Serving assistants to real people.
+
+- :mod:`empower.serve.server`: the OpenAI-compatible completion server (``empower serve``), over
+- :mod:`empower.serve.engine`: the in-process batching ``transformers`` engine, or
+- :mod:`empower.serve.upstream`: a vLLM server as the engine (``--engine vllm``);
+- :mod:`empower.serve.study`: the browser editor for user studies, its store and report.
+
+Nothing is imported here, so ``import empower.serve.study`` does not load torch or FastAPI's app.
+"""

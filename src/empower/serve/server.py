@@ -1,0 +1,521 @@
+"""OpenAI-compatible completion server for an empower assistant (what editor plugins talk to).
+
+Run::
+
+    empower serve --assistant runs/models/empower --port 8000            # policy "model"
+    empower serve --assistant smollm2-135m --policy base-n --n 20 --api-key secret
+
+Endpoints: ``POST /v1/completions`` (the OpenAI completions API: prompt, suffix, max_tokens,
+temperature, top_p, stop, n, stream as server-sent events, logprobs, usage), ``GET /v1/models``,
+``GET /health`` (no key needed) and ``GET /metrics`` (engine counters as JSON).
+
+Safety: binds 127.0.0.1 unless told otherwise; with ``--api-key`` every ``/v1`` and ``/metrics``
+request needs ``Authorization: Bearer KEY``; request bodies, prompt lengths, ``max_tokens`` and ``n``
+are capped. Every bad request gets a 4xx in OpenAI's error shape and the server keeps serving.
+This does NOT make it safe to expose to the internet (no TLS, no rate limiting): put a reverse
+proxy in front for that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from empower.assistant import Policy
+from empower.configs import option
+from empower.serve.engine import Delta, Engine, PolicyRule, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineKind(str, enum.Enum):
+    TRANSFORMERS = "transformers"  # in-process, every policy
+    VLLM = "vllm"  # a vLLM OpenAI server (started here or at --engine-url); see docs/serving.md
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    assistant: str = option(help="model spec: embedded name, model folder (empower train --out), hub id")
+    policy: Policy = option(Policy.MODEL, "how suggestions end: model | base | base-n | threshold")
+    n: int = option(20, "base-n: the most tokens a suggestion has")
+    eta: float = option(
+        4.0, "threshold: cumulative NLL budget of a suggestion, in bits (paper: 4 for humans)"
+    )
+    serve_host: str = option(
+        "127.0.0.1", "address to bind; anything but localhost exposes the model", flag="--host"
+    )
+    serve_port: int = option(8000, "TCP port", flag="--port")
+    serve_api_key: str | None = option(
+        None, "require 'Authorization: Bearer KEY' on /v1 and /metrics", flag="--api-key"
+    )
+    serve_model_name: str | None = option(
+        None, "model id clients send (default: the assistant's name)", flag="--model-name"
+    )
+    serve_engine: EngineKind = option(
+        EngineKind.TRANSFORMERS, "transformers (in-process) or vllm", flag="--engine"
+    )
+    serve_engine_url: str | None = option(
+        None, "use this running vLLM server instead of starting one", flag="--engine-url"
+    )
+    serve_vllm_python: str = option(
+        ".venv-vllm/bin/python", "python of the vLLM venv (make install-vllm)", flag="--vllm-python"
+    )
+    serve_max_batch_rows: int = option(
+        8, "most rows (prompts x n) in one generate batch", flag="--max-batch-rows"
+    )
+    serve_batch_wait_ms: float = option(
+        5.0, "wait for more requests before starting a batch", flag="--batch-wait-ms"
+    )
+    serve_max_tokens: int = option(256, "largest max_tokens a request may ask for", flag="--max-tokens-limit")
+    serve_max_prompt_tokens: int = option(
+        4096, "longest prompt (+suffix) in tokens", flag="--max-prompt-tokens"
+    )
+    serve_max_body_bytes: int = option(1 << 20, "largest request body in bytes", flag="--max-body-bytes")
+    serve_max_choices: int = option(16, "largest len(prompt) x n per request", flag="--max-choices")
+    serve_ignore_suffix: bool = option(
+        False, "models without FIM tokens: drop 'suffix' instead of a 400", flag="--ignore-suffix"
+    )
+
+    def __post_init__(self):
+        self.policy = Policy(self.policy)
+        self.serve_engine = EngineKind(self.serve_engine)
+        for name in (
+            "n",
+            "serve_max_batch_rows",
+            "serve_max_tokens",
+            "serve_max_prompt_tokens",
+            "serve_max_body_bytes",
+            "serve_max_choices",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eta <= 0:
+            raise ValueError(f"eta must be > 0 bits, got {self.eta}")
+        if not 0 < self.serve_port < 65536:
+            raise ValueError(f"serve_port must be in 1..65535, got {self.serve_port}")
+        if self.serve_batch_wait_ms < 0:
+            raise ValueError(f"serve_batch_wait_ms must be >= 0, got {self.serve_batch_wait_ms}")
+        if self.serve_engine_url and self.serve_engine is not EngineKind.VLLM:
+            raise ValueError("serve_engine_url is only used with --engine vllm")
+
+    @property
+    def model_id(self) -> str:
+        return self.serve_model_name or Path(self.assistant.rstrip("/")).name
+
+    @property
+    def rule(self) -> PolicyRule:
+        return PolicyRule(self.policy, n=self.n, eta=self.eta)
+
+
+# ---- request schema (OpenAI's completions API) ------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """The fields editor plugins send. Unknown fields are refused by name (as OpenAI does)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None
+    max_tokens: int | None = Field(16, ge=1)
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    n: int | None = Field(1, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    stop: str | list[str] | None = None
+    echo: bool | None = False
+    best_of: int | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    user: str | None = None
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+    first = err.errors()[0]
+    if first.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+    location = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = location[0] if location else None
+    where = ".".join(location) or "body"
+    received = first.get("input")
+    shown = json.dumps(received)[:80] if received is not None and first.get("type") != "missing" else None
+    message = f"'{where}': {first['msg']}" + (f" (got {shown})" if shown else "")
+    if len(err.errors()) > 1:
+        message += f" (and {len(err.errors()) - 1} more problem(s))"
+    return message, param
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for bodies over ``limit`` bytes, declared or streamed, before parsing."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        too_large = ApiError(
+            413, f"request body exceeds {self.limit} bytes (serve_max_body_bytes)", code="request_too_large"
+        )
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_large.response()(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise too_large
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except ApiError as err:
+            await err.response()(scope, receive, send)
+
+
+# ---- the app ----------------------------------------------------------------------------------
+
+
+def _fim_tokens(tokenizer) -> tuple[str, str, str] | None:
+    """(prefix, suffix, middle) special tokens for fill-in-the-middle, when the vocabulary has them."""
+    vocab = tokenizer.get_vocab()
+    for names in (
+        ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+        ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ):
+        if all(name in vocab for name in names):
+            return names
+    return None
+
+
+def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
+    """The FastAPI app around ``engine`` (anything with ``stream(prompts, params)``, ``stats``, ``close``)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        engine.close()
+
+    app = FastAPI(title="empower completion server", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(_BodyLimit, limit=config.serve_max_body_bytes)
+    fim_tokens = _fim_tokens(tokenizer)
+    max_positions = getattr(getattr(engine, "model", None), "config", None)
+    max_positions = getattr(max_positions, "max_position_embeddings", None)
+    started = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, err: ApiError):
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, err: RequestValidationError):
+        message, param = _validation_message(err)
+        return ApiError(400, message, param=param).response()
+
+    @app.exception_handler(Exception)
+    async def _crash(request, err: Exception):
+        log.exception("unexpected error")
+        return ApiError(500, f"internal error: {type(err).__name__}: {err}", kind="server_error").response()
+
+    def authorized(request: Request) -> None:
+        if config.serve_api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            key.encode(), config.serve_api_key.encode()
+        ):
+            raise ApiError(
+                401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key"
+            )
+
+    auth = [Depends(authorized)]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": config.model_id, "policy": config.policy.value}
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics():
+        return dataclasses.asdict(engine.stats)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def list_models():
+        card = {
+            "id": config.model_id,
+            "object": "model",
+            "created": started,
+            "owned_by": "empower",
+            "policy": config.policy.value,
+            "engine": config.serve_engine.value,
+        }
+        return {"object": "list", "data": [card]}
+
+    def prepare(body: CompletionRequest) -> tuple[list[list[int]], SamplingParams]:
+        if body.model != config.model_id:
+            raise ApiError(
+                404,
+                f"model {body.model!r} is not served here; available: {config.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
+        for name, value, default in (
+            ("echo", body.echo, False),
+            ("presence_penalty", body.presence_penalty, 0.0),
+            ("frequency_penalty", body.frequency_penalty, 0.0),
+            ("seed", body.seed, None),
+            ("logit_bias", body.logit_bias or None, None),
+        ):
+            if value not in (default, None) and value != default:
+                raise ApiError(
+                    400, f"'{name}' is not supported by this server (got {value!r}); leave it out", param=name
+                )
+        n = body.n or 1
+        if body.best_of not in (None, n):
+            raise ApiError(
+                400, f"'best_of' must equal n or be left out (got {body.best_of})", param="best_of"
+            )
+        prompts = (
+            body.prompt
+            if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int)
+            else [body.prompt]
+        )
+        if not prompts or any(isinstance(p, list) and not p for p in prompts):
+            raise ApiError(400, "'prompt' is empty", param="prompt")
+        if len(prompts) * n > config.serve_max_choices:
+            raise ApiError(
+                400, f"len(prompt) x n = {len(prompts) * n} exceeds {config.serve_max_choices}", param="n"
+            )
+        max_tokens = body.max_tokens or 16
+        if max_tokens > config.serve_max_tokens:
+            raise ApiError(
+                400,
+                f"'max_tokens' is {max_tokens}; this server allows at most {config.serve_max_tokens}",
+                param="max_tokens",
+            )
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ApiError(400, f"'stop' takes up to 4 non-empty strings (got {stops!r})", param="stop")
+        suffix = body.suffix or None
+        fim = None if config.rule.chat else fim_tokens
+        if suffix is not None and fim is None and not config.serve_ignore_suffix:
+            raise ApiError(
+                400,
+                f"model {config.model_id!r} has no fill-in-the-middle tokens, so 'suffix' cannot be "
+                "used; leave it out (or start the server with --ignore-suffix)",
+                param="suffix",
+            )
+        token_prompts = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                if suffix is not None and fim is not None:
+                    prompt = f"{fim[0]}{prompt}{fim[1]}{suffix}{fim[2]}"
+                text = config.rule.model_input(tokenizer, prompt)
+                ids = tokenizer(text, add_special_tokens=not config.rule.chat).input_ids
+            else:
+                ids = list(prompt)
+                if any(not 0 <= t < len(tokenizer) for t in ids):
+                    raise ApiError(
+                        400, f"'prompt' has token ids outside 0..{len(tokenizer) - 1}", param="prompt"
+                    )
+            limit = config.serve_max_prompt_tokens
+            if max_positions:
+                limit = min(limit, max_positions - max_tokens)
+            if len(ids) > limit:
+                raise ApiError(
+                    400,
+                    f"prompt is {len(ids)} tokens; at most {limit} fit (serve_max_prompt_tokens, "
+                    f"model context minus max_tokens)",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
+            if not ids:
+                raise ApiError(400, "'prompt' is empty", param="prompt")
+            token_prompts.append(ids)
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature if body.temperature is not None else 1.0,
+            top_p=body.top_p or 1.0,
+            stop=tuple(stops),
+            n=n,
+            logprobs=body.logprobs,
+        )
+        return token_prompts, params
+
+    def chunk(request_id: str, choices: list[dict], usage: dict | None = None) -> dict:
+        out = {
+            "id": request_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": config.model_id,
+            "choices": choices,
+        }
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    def choice(delta: Delta, want_logprobs: bool, offset: int = 0) -> dict:
+        logprobs = None
+        if want_logprobs:
+            offsets, at = [], offset
+            for token in delta.tokens:
+                offsets.append(at)
+                at += len(token)
+            logprobs = {
+                "tokens": delta.tokens,
+                "token_logprobs": delta.token_logprobs,
+                "top_logprobs": delta.top_logprobs or None,
+                "text_offset": offsets,
+            }
+        return {
+            "text": delta.text,
+            "index": delta.index,
+            "logprobs": logprobs,
+            "finish_reason": delta.finish_reason,
+        }
+
+    def usage(prompts: list[list[int]], n: int, completion_tokens: int) -> dict:
+        prompt_tokens = sum(len(p) for p in prompts) * n
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, request: Request):
+        prompts, params = prepare(body)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        want_logprobs = body.logprobs is not None
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _sse(request_id, prompts, params, want_logprobs, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        collected = asyncio.create_task(_collect(prompts, params))
+        while not collected.done():  # an abandoned non-streaming request stops its generation too
+            await asyncio.wait({collected}, timeout=0.25)
+            if not collected.done() and await request.is_disconnected():
+                collected.cancel()
+        merged = await collected
+        choices = [choice(merged[i], want_logprobs) for i in sorted(merged)]
+        return chunk(
+            request_id, choices, usage(prompts, params.n, sum(d.token_count for d in merged.values()))
+        )
+
+    async def _collect(prompts, params) -> dict[int, Delta]:
+        merged: dict[int, Delta] = {}
+        async for delta in engine.stream(prompts, params):
+            into = merged.setdefault(delta.index, Delta(delta.index, ""))
+            into.text += delta.text
+            into.tokens += delta.tokens
+            into.token_logprobs += delta.token_logprobs
+            into.top_logprobs += delta.top_logprobs
+            into.token_count += delta.token_count
+            into.finish_reason = delta.finish_reason
+        return merged
+
+    async def _sse(request_id, prompts, params, want_logprobs, include_usage) -> AsyncIterator[str]:
+        offsets: dict[int, int] = {}
+        generated = 0
+        try:
+            async for delta in engine.stream(prompts, params):
+                generated += delta.token_count
+                body = chunk(request_id, [choice(delta, want_logprobs, offsets.get(delta.index, 0))])
+                offsets[delta.index] = offsets.get(delta.index, 0) + len(delta.text)
+                yield f"data: {json.dumps(body)}\n\n"
+            if include_usage:
+                yield f"data: {json.dumps(chunk(request_id, [], usage(prompts, params.n, generated)))}\n\n"
+        except RuntimeError as err:  # the headers are sent: report in-band, as OpenAI does
+            payload = {"error": {"message": str(err), "type": "server_error", "param": None, "code": None}}
+            yield f"data: {json.dumps(payload)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+def build_engine(config: ServeConfig):
+    """(engine, tokenizer) for a config: the model in-process, or a vLLM server behind a proxy."""
+    from empower import models
+
+    if config.serve_engine is EngineKind.VLLM:
+        from empower.serve.upstream import start_vllm_engine
+
+        return start_vllm_engine(config), models.load_tokenizer(config.assistant)
+    model, tokenizer = models.load_model(config.assistant)
+    engine = Engine(
+        model,
+        tokenizer,
+        config.rule,
+        max_batch_rows=config.serve_max_batch_rows,
+        batch_wait_s=config.serve_batch_wait_ms / 1000,
+    )
+    return engine, tokenizer
+
+
+def serve(config: ServeConfig) -> None:
+    """Load the assistant and serve it until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    if config.serve_host not in ("127.0.0.1", "localhost", "::1") and config.serve_api_key is None:
+        log.warning(
+            "serving on %s without --api-key: anyone who can reach this address can use the model",
+            config.serve_host,
+        )
+    engine, tokenizer = build_engine(config)
+    app = create_app(config, engine, tokenizer)
+    log.info(
+        "serving %s (policy %s, engine %s) on http://%s:%d/v1",
+        config.model_id,
+        config.policy.value,
+        config.serve_engine.value,
+        config.serve_host,
+        config.serve_port,
+    )
+    uvicorn.run(app, host=config.serve_host, port=config.serve_port, log_level="warning")
