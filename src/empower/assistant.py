@@ -1,0 +1,580 @@
+"""Suggestion policies behind one interface: given code states, propose text to append.
+
+Policies (:class:`Policy`):
+
+- ``model``: a (fine-tuned) assistant continues ``build_prompt(state)`` until its end-of-sequence
+  token or ``max_new_tokens``;
+- ``base``: an instruct model asked through its chat template to retype the current code and extend
+  it, the way the paper prompted its assistants; the suggestion is what it added, after stripping
+  markdown fences and prose as a completion plugin would;
+- ``base-n``: ``base`` cut at ``n`` tokens;
+- ``threshold``: training-free Empower decoding. The longest continuation whose cumulative
+  negative log-likelihood (bits) under an estimator stays below ``eta`` -- the labeling rule
+  applied at inference time. With the generating model as its own estimator, generation stops
+  inside ``generate`` (:class:`ThresholdStopping`); another estimator scores the generated tokens
+  in one forward pass and the text is cut afterwards.
+
+Generation is batched over many requests (left padding), greedy unless ``temperature > 0``.
+
+Pieces a streaming server reuses: :func:`threshold_length` (the rule), :class:`StepLogProbs` +
+:class:`ThresholdStopping` (the rule as ``transformers`` logits processor + stopping criterion),
+:func:`chat_prompt` (the ``base`` prompt), :func:`extract_addition` / :func:`extract_code`
+(plugin-style cleanup), :func:`cap_tokens` (the ``base-n`` cap).
+
+Example::
+
+    assistant = build_assistant(AssistantConfig(assistant="smollm2-135m", policy="threshold", eta=4))
+    [suggestion] = assistant.suggest([SuggestionRequest(state="def add(a, b):\\n")])
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+)
+
+from empower import models
+from empower.configs import option
+from empower.prompts import PromptTemplate, build_prompt
+
+log = logging.getLogger(__name__)
+
+LN2 = math.log(2.0)
+
+
+class Policy(str, enum.Enum):
+    MODEL = "model"
+    BASE = "base"
+    BASE_N = "base-n"
+    THRESHOLD = "threshold"
+
+
+class StopReason(str, enum.Enum):
+    """Why a suggestion ended (stored as its string value in :attr:`Suggestion.stop_reason`)."""
+
+    EOS = "eos"  # the model ended its answer (end-of-sequence token, or a closing code fence for base)
+    CAP = "cap"  # base-n: cut at n tokens
+    THRESHOLD = "threshold"  # the next token would have brought the cumulative bits to eta or above
+    MAX_TOKENS = "max_tokens"  # generation budget exhausted
+    EMPTY = "empty"  # nothing to suggest
+
+
+@dataclass
+class SuggestionRequest:
+    state: str
+    statement: str | None = None
+
+
+@dataclass
+class Suggestion:
+    text: str
+    tokens: int  # in the assistant's tokenizer
+    stop_reason: str
+    bits: float | None = None  # cumulative NLL of the suggestion (estimator for threshold, else the model)
+
+
+class Assistant(Protocol):
+    name: str
+
+    def suggest(self, requests: list[SuggestionRequest]) -> list[Suggestion]: ...
+
+
+@dataclass
+class AssistantConfig:
+    assistant: str = option(
+        models.DEFAULT_MODEL, "assistant model spec: embedded name, folder, .gguf or hub id"
+    )
+    policy: Policy = option(Policy.MODEL, "model | base | base-n | threshold")
+    n: int = option(10, "base-n: suggestions are cut at this many tokens")
+    eta: float = option(4.0, "threshold: cumulative NLL budget in BITS of one suggestion")
+    estimator: str = option("", "threshold: model spec scoring the tokens (empty: the assistant itself)")
+    max_new_tokens: int = option(64, "generation budget per suggestion (tokens added to the code)")
+    temperature: float = option(0.0, "0 = greedy; > 0 samples at this temperature")
+    seed: int = option(0, "random seed when sampling")
+    prompt_template: PromptTemplate = option(
+        PromptTemplate.PLAIN, "model/threshold: how the state becomes input (plain | statement)"
+    )
+    assistant_batch_size: int = option(8, "requests per generate() call")
+    base_prefill: bool = option(
+        True,
+        "base: start the model's reply with a code fence and the current code, so it retypes nothing "
+        "(same text as asking it to retype, without generating the retyped part)",
+    )
+    device: str = option("", "torch device (empty: CUDA when present, else CPU)")
+
+    def __post_init__(self):
+        self.policy = Policy(self.policy)
+        self.prompt_template = PromptTemplate(self.prompt_template)
+        for name in ("n", "max_new_tokens", "assistant_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.eta > 0:
+            raise ValueError(f"eta must be > 0 bits, got {self.eta}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.estimator and self.policy is not Policy.THRESHOLD:
+            raise ValueError(
+                f"estimator={self.estimator!r} only applies to policy threshold, not {self.policy.value}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# The threshold rule and its transformers pieces (reused by the streaming server)
+
+
+def threshold_length(bits: Sequence[float], eta_bits: float) -> int:
+    """Length of the longest prefix whose cumulative bits stay strictly below ``eta_bits``.
+
+    The same rule as labeling (``k* = max{k : sum_{j<=k} bits_j < eta}``).
+
+    >>> threshold_length([0.1, 0.2, 5.0, 0.1], 1.0)
+    2
+    """
+    total = 0.0
+    for k, b in enumerate(bits):
+        total += b
+        if total >= eta_bits:
+            return k
+    return len(bits)
+
+
+class StepLogProbs(LogitsProcessor):
+    """Keeps the log-probabilities of the current step; must come first so it sees the raw logits."""
+
+    def __init__(self):
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+
+class ThresholdStopping(StoppingCriteria):
+    """Stops each row once the cumulative bits of its generated tokens reach ``eta_bits``.
+
+    Records the bits of every generated token (``bits(row)``), so with ``eta_bits=inf`` it is a
+    tracker. The token that crosses eta is generated (its probability is only known then) and must be
+    dropped: keep ``threshold_length(bits(row), eta)`` tokens. End-of-sequence tokens carry no bits.
+
+    Use::
+
+        stop = ThresholdStopping(eta, eos_token_ids)
+        model.generate(..., logits_processor=[stop.recorder], stopping_criteria=[stop])
+    """
+
+    def __init__(self, eta_bits: float = math.inf, eos_token_ids: Sequence[int] = ()):
+        self.eta_bits = eta_bits
+        self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
+        self.recorder = StepLogProbs()
+        self.done: torch.Tensor | None = None
+        self.cum_bits: torch.Tensor | None = None
+        self.eos_hit: torch.Tensor | None = None
+        self._steps: list[torch.Tensor] = []
+        self._counted: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        tokens = input_ids[:, -1]
+        if self.done is None:
+            self.done = torch.zeros_like(tokens, dtype=torch.bool)
+            self.eos_hit = torch.zeros_like(self.done)
+            self.cum_bits = torch.zeros(tokens.shape, dtype=torch.float64, device=tokens.device)
+        step_bits = -self.recorder.last.gather(1, tokens[:, None]).squeeze(1).double() / LN2
+        is_eos = torch.isin(tokens, self.eos.to(tokens.device))
+        counted = ~self.done & ~is_eos
+        self.cum_bits += torch.where(counted, step_bits, 0.0)
+        self._steps.append(step_bits.cpu())
+        self._counted.append(counted.cpu())
+        self.eos_hit |= ~self.done & is_eos
+        self.done |= is_eos | (counted & (self.cum_bits >= self.eta_bits))
+        return self.done.clone()
+
+    def bits(self, row: int) -> list[float]:
+        """Bits of the tokens generated for ``row`` before it stopped (excluding end-of-sequence)."""
+        return [float(s[row]) for s, c in zip(self._steps, self._counted, strict=True) if c[row]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleanup of chat-model output, as a completion plugin does it
+
+_FENCE_OPEN = re.compile(r"```[^\n`]*\n?")
+_PROSE = re.compile(
+    r"^(sure|here|certainly|of course|this |the |below|i |i'|note|explanation|okay|ok\b|in this|that )",
+    re.IGNORECASE,
+)
+
+
+def extract_code(reply: str) -> str:
+    """The code in a chat reply: the first fenced block (unclosed when generation was cut), else
+    the reply without leading prose lines ("Here is the code:") and trailing explanation paragraphs."""
+    opening = _FENCE_OPEN.search(reply)
+    if opening:
+        body = reply[opening.end() :]
+        end = body.find("```")
+        return body if end < 0 else body[:end]
+    lines = reply.splitlines(keepends=True)
+    start, prose_seen = 0, False
+    while start < len(lines) and (
+        _PROSE.match(lines[start].strip()) or (prose_seen and not lines[start].strip())
+    ):
+        prose_seen = True
+        start += 1
+    for end in range(start + 1, len(lines)):
+        if _PROSE.match(lines[end].strip()) and not lines[end - 1].strip():
+            return "".join(lines[start:end]).rstrip() + "\n"
+    return "".join(lines[start:])
+
+
+def strip_retyped(state: str, code: str) -> str:
+    """What ``code`` adds to ``state`` when the model retyped (part of) the state first.
+
+    In order: an exact retype; a retype without the state's trailing whitespace; an approximate
+    retype (difflib, >= 80% similar), cut where the state's end aligns; a retype of only the last
+    lines of the state; otherwise the whole ``code`` is new.
+    """
+    if not state.strip():
+        return code
+    if code.startswith(state):
+        return code[len(state) :]
+    core = state.rstrip()
+    if code.startswith(core):
+        rest = code[len(core) :]
+        return rest[len(_common_prefix(state[len(core) :], rest)) :]
+    head = code[: len(core)]
+    if len(core) >= 20 and difflib.SequenceMatcher(None, core, head, autojunk=False).ratio() >= 0.8:
+        matcher = difflib.SequenceMatcher(None, state, code, autojunk=False)
+        last = [b for b in matcher.get_matching_blocks() if b.size][-1]
+        # An unmatched tail of the state stands in for as many characters of the retype.
+        return code[last.b + last.size + (len(state) - last.a - last.size) :]
+    line_starts = [m.end() for m in re.finditer("\n", state)][-5:]
+    for begin in [0, *line_starts]:
+        tail = state[begin:]
+        if tail.strip() and code.startswith(tail):
+            return code[len(tail) :]
+    return code
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def extract_addition(state: str, reply: str) -> str:
+    """The suggestion in a chat model's reply to "retype the code and extend it"."""
+    return strip_retyped(state, extract_code(reply))
+
+
+def cap_tokens(text: str, tokenizer, n: int) -> tuple[str, bool]:
+    """``text`` cut at ``n`` tokens of ``tokenizer`` (on a character boundary); True when cut."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    if len(offsets) <= n:
+        return text, False
+    return text[: offsets[n][0]], True
+
+
+def count_tokens(text: str, tokenizer) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+
+BASE_SYSTEM = "You are a code completion engine inside a programmer's editor. You only write code."
+
+
+def chat_prompt(tokenizer, state: str, statement: str | None = None, prefill: bool = True) -> str:
+    """The ``base`` policy's input: the paper's "retype the current code and extend it" request.
+
+    With ``prefill`` the reply is started with a fence and the code itself, so the model's output is
+    the extension directly.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"policy base needs a chat (instruct) model; {tokenizer.name_or_path!r} has no chat template "
+            "(use policy model or threshold for plain language models)"
+        )
+    problem = f"Problem:\n{statement.strip()}\n\n" if statement else ""
+    user = (
+        f"{problem}Current code:\n```python\n{state}\n```\n"
+        "Retype the current code exactly and extend it with the code that comes next. Reply with code only."
+    )
+    messages = [{"role": "system", "content": BASE_SYSTEM}, {"role": "user", "content": user}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + ("```python\n" + state if prefill else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched generation
+
+
+@dataclass
+class _Generated:
+    ids: list[int]  # generated tokens, without end-of-sequence or padding
+    bits: list[float]  # bits of each of ``ids`` under the generating model
+    eos: bool  # ended by end-of-sequence
+    prompt_ids: list[int]
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a reply: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update([configured] if isinstance(configured, int) else configured or [])
+    return sorted(ids)
+
+
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids per text; an empty text (a stdin task's empty first state) becomes one start token."""
+    ids = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [row or [start] for row in ids]
+
+
+def _left_padded(tokenizer, rows: list[list[int]]):
+    return tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
+
+
+@torch.inference_mode()
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    eta_bits: float = math.inf,
+    temperature: float = 0.0,
+    stop_strings: list[str] | None = None,
+    add_special_tokens: bool = True,
+) -> list[_Generated]:
+    """Continue every prompt in one left-padded ``generate`` call, with bits per token recorded."""
+    enc = _left_padded(tokenizer, _encode(tokenizer, prompts, add_special_tokens)).to(model.device)
+    eos = eos_token_ids(model, tokenizer)
+    stop = ThresholdStopping(eta_bits, eos)
+    processors = [stop.recorder] + ([TemperatureLogitsWarper(temperature)] if temperature > 0 else [])
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        # Sampling at temperature 1 without top-k/top-p: our own warper applies the temperature,
+        # after the recorder has seen the raw logits (the bits are those of the model itself).
+        **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}),
+        repetition_penalty=1.0,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        stop_strings=stop_strings,
+    )
+    out = model.generate(
+        **enc,
+        generation_config=config,
+        logits_processor=LogitsProcessorList(processors),
+        stopping_criteria=StoppingCriteriaList([stop]),
+        tokenizer=tokenizer if stop_strings else None,
+    )
+    width = enc["input_ids"].shape[1]
+    results = []
+    for row in range(len(prompts)):
+        bits = stop.bits(row)
+        new = out[row, width:].tolist()[: len(bits)]
+        mask = enc["attention_mask"][row].bool()
+        results.append(
+            _Generated(new, bits[: len(new)], bool(stop.eos_hit[row]), enc["input_ids"][row][mask].tolist())
+        )
+    return results
+
+
+def decode_continuation(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+    """Text of ``ids`` as it continues the prompt (keeps a leading space some tokenizers drop alone)."""
+    if not ids:
+        return ""
+    prefix = tokenizer.decode(prompt_ids)
+    full = tokenizer.decode(prompt_ids + ids)
+    return full[len(prefix) :] if full.startswith(prefix) else tokenizer.decode(ids)
+
+
+@torch.inference_mode()
+def score_continuations(
+    model, contexts: list[list[int]], continuations: list[list[int]], pad_id: int
+) -> list[list[float]]:
+    """Bits of every continuation token given its context: one left-padded forward pass, keeping
+    only the logits of the continuation positions (a full vocabulary row per token is large)."""
+    rows = [c + x for c, x in zip(contexts, continuations, strict=True)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=model.device)
+    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    keep = max(len(x) for x in continuations) + 1
+    logits = model(
+        input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep
+    ).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (batch, keep, vocab); position p predicts token p + 1
+    out = []
+    for row, x in enumerate(continuations):
+        if not x:
+            out.append([])
+            continue
+        predicting = logp[row, keep - 1 - len(x) : keep - 1]
+        target = torch.tensor(x, device=logp.device)[:, None]
+        out.append((-predicting.gather(1, target).squeeze(1).double() / LN2).tolist())
+    return out
+
+
+class TransformersAssistant:
+    """Every policy on a ``transformers`` causal LM (and optionally a separate estimator)."""
+
+    def __init__(self, config: AssistantConfig, model, tokenizer, estimator: tuple | None = None):
+        self.config = config
+        self.model, self.tokenizer = model, tokenizer
+        self.estimator = estimator
+        self.name = assistant_name(config)
+        if estimator is not None:
+            self._same_vocab = estimator[1].get_vocab() == tokenizer.get_vocab()
+
+    def suggest(self, requests: list[SuggestionRequest]) -> list[Suggestion]:
+        """Suggestions for many states at once, in order (batched by similar length)."""
+        order = sorted(range(len(requests)), key=lambda i: len(requests[i].state))
+        results: list[Suggestion | None] = [None] * len(requests)
+        size = self.config.assistant_batch_size
+        for begin in range(0, len(order), size):
+            chunk = order[begin : begin + size]
+            batch = [requests[i] for i in chunk]
+            base = self.config.policy in (Policy.BASE, Policy.BASE_N)
+            made = self._suggest_base(batch) if base else self._suggest_plain(batch)
+            for i, suggestion in zip(chunk, made, strict=True):
+                results[i] = suggestion
+        return results
+
+    def _suggest_plain(self, requests: list[SuggestionRequest]) -> list[Suggestion]:
+        cfg = self.config
+        prompts = [build_prompt(r.state, r.statement, cfg.prompt_template) for r in requests]
+        threshold = cfg.policy is Policy.THRESHOLD
+        gens = generate_batch(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            eta_bits=cfg.eta if threshold and self.estimator is None else math.inf,
+            temperature=cfg.temperature,
+        )
+        if threshold and self.estimator is not None and not self._same_vocab:
+            return self._cut_by_foreign_estimator(requests, gens)
+        bits_rows = [g.bits for g in gens]
+        if threshold and self.estimator is not None:
+            est_model, est_tok = self.estimator
+            contexts = _encode(est_tok, [r.state for r in requests])
+            bits_rows = score_continuations(est_model, contexts, [g.ids for g in gens], est_tok.pad_token_id)
+        out = []
+        for g, bits in zip(gens, bits_rows, strict=True):
+            kept = threshold_length(bits, cfg.eta) if threshold else len(g.ids)
+            text = decode_continuation(self.tokenizer, g.prompt_ids, g.ids[:kept])
+            out.append(_suggestion(text, kept, _reason(kept, len(g.ids), g.eos), sum(bits[:kept])))
+        return out
+
+    def _cut_by_foreign_estimator(self, requests, gens: list[_Generated]) -> list[Suggestion]:
+        """Threshold under an estimator with another tokenizer: score the text, cut at a character."""
+        est_model, est_tok = self.estimator
+        texts = [decode_continuation(self.tokenizer, g.prompt_ids, g.ids) for g in gens]
+        contexts, continuations, spans = [], [], []
+        for r, text in zip(requests, texts, strict=True):
+            enc = est_tok(r.state + text, add_special_tokens=True, return_offsets_mapping=True)
+            ids, offsets = enc["input_ids"], enc["offset_mapping"]
+            # The first token that reaches into the generated text starts the continuation.
+            first = next((i for i, (_, end) in enumerate(offsets) if end > len(r.state)), len(ids))
+            first = max(first, 1)
+            contexts.append(ids[:first])
+            continuations.append(ids[first:])
+            spans.append(offsets[first:])
+        bits_rows = score_continuations(est_model, contexts, continuations, est_tok.pad_token_id)
+        out = []
+        for r, g, text, bits, span in zip(requests, gens, texts, bits_rows, spans, strict=True):
+            kept = threshold_length(bits, self.config.eta)
+            end = span[kept - 1][1] - len(r.state) if kept else 0
+            cut = text if kept == len(bits) else text[: max(0, end)]
+            reason = _reason(kept, len(bits), g.eos)
+            out.append(_suggestion(cut, count_tokens(cut, self.tokenizer), reason, sum(bits[:kept])))
+        return out
+
+    def _suggest_base(self, requests: list[SuggestionRequest]) -> list[Suggestion]:
+        cfg = self.config
+        prompts = [chat_prompt(self.tokenizer, r.state, r.statement, cfg.base_prefill) for r in requests]
+        budget = cfg.max_new_tokens if cfg.policy is Policy.BASE else min(cfg.max_new_tokens, cfg.n + 8)
+        if not cfg.base_prefill:  # the model retypes the code (and fences it) before extending it
+            budget += max(count_tokens(r.state, self.tokenizer) for r in requests) + 16
+        gens = generate_batch(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=budget,
+            temperature=cfg.temperature,
+            stop_strings=["```"],
+            add_special_tokens=False,  # the chat template already holds the special tokens
+        )
+        out = []
+        for r, g in zip(requests, gens, strict=True):
+            generated = decode_continuation(self.tokenizer, g.prompt_ids, g.ids)
+            reply = ("```python\n" + r.state if cfg.base_prefill else "") + generated
+            addition = extract_addition(r.state, reply)
+            capped = False
+            if cfg.policy is Policy.BASE_N:
+                addition, capped = cap_tokens(addition, self.tokenizer, cfg.n)
+            ended = g.eos or "```" in generated
+            reason = StopReason.CAP if capped else StopReason.EOS if ended else StopReason.MAX_TOKENS
+            out.append(_suggestion(addition, count_tokens(addition, self.tokenizer), reason, None))
+        return out
+
+
+def _reason(kept: int, generated: int, eos: bool) -> StopReason:
+    if kept < generated:
+        return StopReason.THRESHOLD
+    return StopReason.EOS if eos else StopReason.MAX_TOKENS
+
+
+def _suggestion(text: str, tokens: int, reason: StopReason, bits: float | None) -> Suggestion:
+    if not text:
+        return Suggestion("", 0, StopReason.EMPTY.value, 0.0 if bits is not None else None)
+    return Suggestion(text, tokens, reason.value, bits)
+
+
+def assistant_name(config: AssistantConfig) -> str:
+    """A short readable name for traces and tables, e.g. ``smollm2-135m:threshold-eta4``."""
+    policy = config.policy.value
+    if config.policy is Policy.BASE_N:
+        policy = f"base-{config.n}"
+    elif config.policy is Policy.THRESHOLD:
+        policy = f"threshold-eta{config.eta:g}" + (
+            f"@{Path(config.estimator).name}" if config.estimator else ""
+        )
+    return f"{Path(config.assistant.rstrip('/')).name}:{policy}"
+
+
+def build_assistant(config: AssistantConfig, *, model=None, tokenizer=None) -> Assistant:
+    """The assistant of ``config`` (pass ``model``/``tokenizer`` to share an already loaded model).
+
+    Raises ValueError for a model spec that does not resolve, or policy base on a model without a
+    chat template.
+    """
+    device = config.device or None
+    if model is None:
+        model, tokenizer = models.load_model(config.assistant, device=device)
+    tokenizer.padding_side = "left"
+    if config.policy in (Policy.BASE, Policy.BASE_N):
+        chat_prompt(tokenizer, "")  # fails early, naming the model, when there is no chat template
+    estimator = None
+    if config.policy is Policy.THRESHOLD and config.estimator and config.estimator != config.assistant:
+        estimator = models.load_model(config.estimator, device=device)
+    if config.temperature > 0:
+        torch.manual_seed(config.seed)
+    return TransformersAssistant(config, model, tokenizer, estimator)
