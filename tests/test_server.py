@@ -1,0 +1,276 @@
+"""The completion server: the official `openai` client against a real `empower serve` process.
+
+One server process (tiny random model, API key, on a free 127.0.0.1 port) is shared by the module;
+the policies are checked on the in-process engine. Run: ``pytest tests/test_server.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from empower.assistant import Policy, threshold_length
+from empower.serve.engine import Engine, PolicyRule, SamplingParams
+from empower.serve.server import ServeConfig
+
+KEY = "test-key"
+MODEL = "tiny-random"
+PROMPT = "def add(a, b):\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path, tmp_path_factory):
+    """Base URL of a running `empower serve` subprocess (stopped after the module)."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    command = [
+        sys.executable,
+        "-m",
+        "empower",
+        "serve",
+        "--assistant",
+        MODEL,
+        "--port",
+        str(port),
+        "--api-key",
+        KEY,
+        "--max-tokens-limit",
+        "900",
+        "--max-body-bytes",
+        "20000",
+    ]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # model load; bounded so a broken start fails instead of hanging
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"server never became healthy:\n{log_path.read_text()}")
+        yield url
+    finally:
+        process.terminate()
+        process.wait()
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def _metrics(server) -> dict:
+    return httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"}).json()
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_completion_reports_text_and_usage(client, tiny):
+    _, tokenizer = tiny
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0)
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 6
+    assert out.usage.prompt_tokens == len(tokenizer(PROMPT).input_ids)
+    assert len(tokenizer(out.choices[0].text, add_special_tokens=False).input_ids) >= 1
+
+
+def test_streaming_yields_the_same_text_as_one_response(client):
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    chunks = list(
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stream=True)
+    )
+    assert len(chunks) > 1
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_streaming_reports_usage_when_asked(client):
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+
+
+def test_every_prompt_gets_n_choices(client):
+    out = client.completions.create(
+        model=MODEL, prompt=[PROMPT, "import os\n"], n=2, max_tokens=3, temperature=0.8
+    )
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert out.usage.completion_tokens == 12
+
+
+def test_logprobs_describe_each_generated_token(client):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
+    logprobs = out.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 5
+    assert "".join(logprobs.tokens) == out.choices[0].text
+    for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert len(top) == 2 and chosen == pytest.approx(max(top.values()))  # greedy picks the top token
+
+
+def test_stop_string_ends_the_suggestion_before_it(client):
+    text = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
+    assert out.choices[0].text == text[: text.find(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_clients_share_a_generate_batch(client, server):
+    barrier = threading.Barrier(4)
+
+    def ask():
+        barrier.wait()
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=48, temperature=0)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert _metrics(server)["max_batch_rows"] > 1
+
+
+def test_client_disconnect_stops_the_generation(server):
+    before = _metrics(server)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 900, "temperature": 0, "stream": True}
+    with httpx.stream(
+        "POST", f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    for _ in range(200):  # until the worker has seen the cancellation
+        after = _metrics(server)
+        if after["rows_cancelled"] > before["rows_cancelled"]:
+            break
+        time.sleep(0.05)
+    assert after["rows_cancelled"] == before["rows_cancelled"] + 1
+    assert after["tokens_generated"] - before["tokens_generated"] < 900
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", b'{"model": "tiny-random", "prompt": ', 400, "not valid JSON"),
+    ("wrong type", {"model": MODEL, "prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
+    ("unknown field", {"model": MODEL, "prompt": PROMPT, "best_guess": 1}, 400, "best_guess"),
+    ("unknown model", {"model": "gpt-9", "prompt": PROMPT}, 404, "gpt-9"),
+    ("oversized body", {"model": MODEL, "prompt": "x" * 30000}, 413, "exceeds"),
+    ("prompt too long", {"model": MODEL, "prompt": "x " * 4000}, 400, "tokens"),
+    ("max_tokens over the limit", {"model": MODEL, "prompt": PROMPT, "max_tokens": 5000}, 400, "max_tokens"),
+    ("temperature out of range", {"model": MODEL, "prompt": PROMPT, "temperature": 7}, 400, "temperature"),
+    ("empty prompt list", {"model": MODEL, "prompt": []}, 400, "prompt"),
+    (
+        "suffix without FIM tokens",
+        {"model": MODEL, "prompt": PROMPT, "suffix": "\n"},
+        400,
+        "fill-in-the-middle",
+    ),
+    ("token id out of range", {"model": MODEL, "prompt": [10**9]}, 400, "token ids"),
+]
+
+
+@pytest.mark.parametrize(
+    "body, status, needle", [r[1:] for r in BAD_REQUESTS], ids=[r[0] for r in BAD_REQUESTS]
+)
+def test_bad_request_gets_a_4xx_and_the_server_stays_up(server, body, status, needle):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(
+        f"{server}/v1/completions",
+        content=content,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error"
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_requests_without_the_api_key_are_refused(server, key):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = httpx.post(
+        f"{server}/v1/completions", json={"model": MODEL, "prompt": PROMPT}, headers=headers
+    )
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_openai_client_with_a_wrong_key_gets_an_authentication_error(server):
+    wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+
+
+def test_health_needs_no_key(server):
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+# ---- policies, on the in-process engine ---------------------------------------------------------
+
+
+def _run(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> list:
+    async def collect():
+        return [delta async for delta in engine.stream([prompt_ids], params)]
+
+    return asyncio.run(collect())
+
+
+@pytest.fixture
+def prompt_ids(tiny) -> list[int]:
+    return tiny[1](PROMPT).input_ids
+
+
+def test_base_n_caps_the_suggestion_at_n_tokens(tiny, prompt_ids):
+    engine = Engine(*tiny, PolicyRule(Policy.BASE_N, n=3))
+    try:
+        deltas = _run(engine, prompt_ids, SamplingParams(max_tokens=20, temperature=0))
+    finally:
+        engine.close()
+    assert sum(d.token_count for d in deltas) == 3
+
+
+def test_threshold_keeps_the_tokens_the_labeling_rule_keeps(tiny, prompt_ids):
+    free = Engine(*tiny, PolicyRule(Policy.MODEL))
+    capped = Engine(*tiny, PolicyRule(Policy.THRESHOLD, eta=40.0))
+    try:
+        deltas = _run(free, prompt_ids, SamplingParams(max_tokens=10, temperature=0, logprobs=0))
+        bits = [-lp / 0.6931471805599453 for d in deltas for lp in d.token_logprobs]
+        kept = _run(capped, prompt_ids, SamplingParams(max_tokens=10, temperature=0))
+    finally:
+        free.close()
+        capped.close()
+    assert 0 < threshold_length(bits, 40.0) < 10  # the case is informative: eta cuts inside the budget
+    assert sum(d.token_count for d in kept) == threshold_length(bits, 40.0)
+    assert kept[-1].finish_reason == "stop"
+
+
+def test_config_refuses_a_nonpositive_limit():
+    with pytest.raises(ValueError, match="serve_max_tokens"):
+        ServeConfig(assistant=MODEL, serve_max_tokens=0)
