@@ -1,0 +1,599 @@
+"""Run untrusted programs (assistant and human output) against a task's tests, with limits.
+
+Each program runs in its own Python process (``python -I -S -B``, started with
+``start_new_session=True``) in a fresh temporary directory with a scrubbed environment. A small
+harness, passed on the command line, confines its own process before it reads the program:
+
+1. ``unshare(CLONE_NEWNET)``: a network namespace with no interfaces (no network at all, not even
+   the host's 127.0.0.1). Needs root or unprivileged user namespaces; otherwise skipped.
+2. rlimits: CPU seconds, address space, file size (also caps the captured output), processes
+   (counted per user, so it only bites with step 3), open files, no core dumps.
+3. When the evaluator runs as root: drop to a fresh random uid/gid with no supplementary groups,
+   so the program cannot signal the evaluator or other processes, cannot read root-only files
+   (``/root``, other processes' ``/proc/<pid>/environ``), and its process count is its own.
+4. A ``sys.addaudithook`` guard (defence in depth, ``sandbox_guard``): refuses sockets, process
+   creation, ``os.kill`` of other pids, ctypes, and writes outside the working directory.
+
+The evaluator enforces the wall-clock limit: on timeout it kills the whole process group and, when a
+uid was dropped, every process of that uid (so a fork bomb that called ``setsid`` dies too), then
+deletes the directory. Outputs are compared here, in the evaluator, not by the program.
+
+What it does NOT protect against: kernel exploits and CPU side channels (this is not a VM or a
+container); reads of world-readable files (the program can read ``/etc``, the Python stdlib, any
+file others may read); writes to world-writable places such as ``/tmp`` when the guard is off (as a
+non-root user, also anywhere that user may write); a program that tampers with the harness
+in its own interpreter to forge a passing result for ``humaneval``-type tests (the audit hook runs
+in the same interpreter and can be evaded by a determined program). Without root, steps 1 and 3
+may be unavailable: the result's ``isolation`` field and a log warning say which layers were on.
+
+Example::
+
+    result = run_task_tests(task, task.reference, SandboxConfig(sandbox_timeout_s=5))
+    result.status  # Status.PASSED
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cache
+from pathlib import Path
+
+from empower.configs import option
+from empower.tasks import Task, TestCase, TestType
+
+logger = logging.getLogger(__name__)
+
+TRUNCATE = 300  # characters kept of a failing test's input / expected / actual, as LiveCodeBench does
+ISOLATION_LAYERS = ("netns", "rlimits", "uid", "guard")
+
+# LiveCodeBench's evaluation runs programs after imports like these; its starter code relies on them.
+PROGRAM_PREAMBLE = (
+    "from typing import *\nfrom collections import *\nfrom functools import *\nfrom itertools import *\n"
+    "from heapq import *\nfrom bisect import *\nfrom math import *\nfrom string import *\n"
+    "import bisect, collections, copy, functools, heapq, itertools, math, random, re, string, sys\n"
+)
+
+
+class Status(str, Enum):
+    PASSED = "passed"
+    FAILED = "failed"  # ran, but a test's answer was wrong
+    TIMEOUT = "timeout"  # wall-clock or CPU limit
+    ERROR = "error"  # syntax error, exception, or blocked by the sandbox
+    MEMORY = "memory"  # address-space limit
+
+
+@dataclass
+class SandboxConfig:
+    sandbox_timeout_s: float = option(10.0, "wall-clock limit for one program and all its tests (seconds); CPU time is capped the same")
+    sandbox_memory_mb: int = option(1024, "address-space limit of a program (MB)")
+    sandbox_max_processes: int = option(16, "process and thread limit of a program (RLIMIT_NPROC; enforced when running as root)")
+    sandbox_max_file_mb: int = option(16, "largest file a program may write, including its captured output (MB)")
+    sandbox_max_open_files: int = option(64, "open file descriptors of a program")
+    sandbox_workers: int = option(0, "programs run in parallel by run_many (0: one per CPU core)")
+    sandbox_guard: bool = option(True, "audit-hook guard inside the program (defence in depth; the OS limits hold without it)")
+    sandbox_python: str = option("", "Python interpreter for programs (default: this one if the sandbox user may read it, else python3 on PATH)")
+
+    def __post_init__(self):
+        for name in ("sandbox_timeout_s", "sandbox_memory_mb", "sandbox_max_processes", "sandbox_max_file_mb",
+                     "sandbox_max_open_files"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.sandbox_memory_mb < 64:
+            raise ValueError(f"sandbox_memory_mb={self.sandbox_memory_mb} is too small for a Python interpreter (>= 64)")
+        if self.sandbox_workers < 0:
+            raise ValueError(f"sandbox_workers must be >= 0 (0: one per core), got {self.sandbox_workers}")
+        if self.sandbox_python and not shutil.which(self.sandbox_python):
+            raise ValueError(f"sandbox_python={self.sandbox_python!r} is not an executable")
+
+
+@dataclass
+class ExecutionResult:
+    """The outcome of running one program against one task's tests."""
+
+    status: Status
+    message: str
+    duration_s: float
+    first_failure: dict | None = None  # test index, truncated input / expected / actual, error
+    isolation: tuple[str, ...] = field(default=())  # the layers that were on (see ISOLATION_LAYERS)
+
+    @property
+    def passed(self) -> bool:
+        return self.status is Status.PASSED
+
+
+# The harness runs inside the child interpreter. It confines itself (namespace, rlimits, uid, guard)
+# before compiling the program, runs the tests, and writes one JSON line to a private copy of fd 1.
+_HARNESS = r'''
+import io, json, os, sys, traceback
+spec = json.loads(sys.stdin.read())
+result_file = os.fdopen(os.dup(1), "w")
+null = os.open(os.devnull, os.O_RDWR)
+os.dup2(null, 0)
+os.dup2(null, 1)
+isolation = []
+
+def report(**fields):
+    fields["isolation"] = isolation
+    result_file.write(json.dumps(fields) + "\n")
+    result_file.flush()
+    os._exit(0)
+
+def cut(text, limit=2000):
+    return text if len(text) <= limit else text[:limit] + "..."
+
+if spec["netns"]:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    flags = 0x40000000 | (0 if os.geteuid() == 0 else 0x10000000)  # CLONE_NEWNET (+ CLONE_NEWUSER)
+    if libc.unshare(flags) == 0:
+        isolation.append("netns")
+import resource
+for name, value in spec["rlimits"].items():
+    resource.setrlimit(getattr(resource, name), tuple(value))
+isolation.append("rlimits")
+exec(spec["preload"], {})  # stdlib the program may need, imported while still readable
+if spec["uid"] is not None:
+    try:
+        os.setgroups([])
+        os.setgid(spec["uid"])
+        os.setuid(spec["uid"])
+    except OSError as err:
+        report(status="error", message=f"sandbox: could not drop privileges: {err}")
+    isolation.append("uid")
+os.chdir(spec["workdir"])
+
+if spec["guard"]:
+    WORK = os.path.realpath(spec["workdir"])
+    PID = os.getpid()
+    realpath, fsdecode = os.path.realpath, os.fsdecode
+    WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    BLOCKED = {"socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
+               "socket.getaddrinfo", "socket.gethostbyname", "subprocess.Popen", "os.system", "os.exec",
+               "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "pty.spawn", "os.startfile",
+               "os.setuid", "os.chroot", "resource.setrlimit", "resource.prlimit", "sys.remote_exec"}
+    PATHS = {"os.remove": 1, "os.rmdir": 1, "os.rename": 2, "os.replace": 2, "os.mkdir": 1, "os.chmod": 1,
+             "os.chown": 1, "os.link": 2, "os.symlink": 2, "os.truncate": 1, "os.utime": 1, "shutil.rmtree": 1,
+             "os.mkfifo": 1, "os.mknod": 1}
+
+    def inside(path):
+        if isinstance(path, int):
+            return True
+        try:
+            full = realpath(fsdecode(path))
+        except (TypeError, ValueError):
+            return False
+        return full == WORK or full.startswith(WORK + os.sep)
+
+    def guard(event, args):
+        if event in BLOCKED or event.startswith("ctypes."):
+            raise PermissionError(f"blocked by sandbox: {event}")
+        if event == "open":
+            path, mode, flags = args
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & WRITE
+            if path is not None and writing and not inside(path):
+                raise PermissionError(f"blocked by sandbox: writing {path!r} outside the working directory")
+        elif event in PATHS:
+            for path in args[: PATHS[event]]:
+                if not inside(path):
+                    raise PermissionError(f"blocked by sandbox: {event} {path!r} outside the working directory")
+        elif event in ("os.kill", "os.killpg") and args[0] not in (PID, 0):
+            raise PermissionError(f"blocked by sandbox: {event} of pid {args[0]}")
+
+    sys.addaudithook(guard)
+    isolation.append("guard")
+
+def run(code, namespace):
+    """None on success, else (status, message) of the exception the program raised."""
+    try:
+        exec(code, namespace)
+    except SystemExit:
+        return None
+    except MemoryError:
+        return ("memory", "MemoryError")
+    except BaseException as err:
+        return ("error", cut(f"{type(err).__name__}: {err}"))
+    return None
+
+def fresh():
+    return {"__name__": "__main__", "__builtins__": __builtins__}
+
+try:
+    program = compile(spec["program"], "<program>", "exec")
+    preamble = compile(spec["preamble"], "<preamble>", "exec")
+except (SyntaxError, ValueError) as err:
+    report(status="error", message=f"{type(err).__name__}: {err}")
+kind = spec["test_type"]
+if kind == "humaneval":
+    namespace = fresh()
+    problem = run(program, namespace)
+    if problem:
+        report(status=problem[0], message=problem[1])
+    if spec["public"]:
+        for index, (expression, expected) in enumerate(spec["inputs"]):
+            try:
+                actual = eval(expression, namespace)
+                wanted = eval(expected, namespace)
+            except MemoryError:
+                report(status="memory", message="MemoryError", failed_index=index)
+            except BaseException as err:
+                report(status="error", message=cut(f"{type(err).__name__}: {err}"), failed_index=index)
+            if actual != wanted:
+                report(status="failed", message="wrong answer", failed_index=index, actual=cut(repr(actual)))
+        report(status="ok", outputs=[])
+    try:
+        exec(compile(spec["test_code"], "<tests>", "exec"), namespace)
+    except BaseException as err:
+        lines = [f.lineno for f in traceback.extract_tb(err.__traceback__) if f.filename == "<tests>"]
+        line = spec["test_code"].splitlines()[lines[-1] - 1].strip() if lines else ""
+        status = "failed" if isinstance(err, AssertionError) else "memory" if isinstance(err, MemoryError) else "error"
+        report(status=status, message=cut(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__),
+               test_line=cut(line))
+    report(status="ok", outputs=[])
+outputs = []
+if kind == "functional":
+    namespace = fresh()
+    problem = run(preamble, namespace) or run(program, namespace)
+    if problem:
+        report(status=problem[0], message=problem[1])
+    if not isinstance(namespace.get("Solution"), type):
+        report(status="error", message="the program defines no class Solution")
+    for index, text in enumerate(spec["inputs"]):
+        args = [json.loads(line) for line in text.split("\n") if line.strip()]
+        try:
+            value = getattr(namespace["Solution"](), spec["entry_point"])(*args)
+        except MemoryError:
+            report(status="memory", message="MemoryError", failed_index=index, outputs=outputs)
+        except BaseException as err:
+            report(status="error", message=cut(f"{type(err).__name__}: {err}"), failed_index=index, outputs=outputs)
+        try:
+            outputs.append(["json", json.dumps(value)])
+        except (TypeError, ValueError):
+            outputs.append(["repr", cut(repr(value))])
+    report(status="ok", outputs=outputs)
+real_stdin, real_stdout = sys.stdin, sys.stdout
+for index, text in enumerate(spec["inputs"]):
+    path = f".stdin-{index}"
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    fd = os.open(path, os.O_RDONLY)
+    os.dup2(fd, 0)
+    os.close(fd)
+    captured = io.BytesIO()
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, closefd=False), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(captured, encoding="utf-8", write_through=True)
+    namespace = fresh()
+    problem = run(preamble, namespace) or run(program, namespace)
+    sys.stdout.flush()
+    output = captured.getvalue().decode("utf-8", "replace")
+    sys.stdin, sys.stdout = real_stdin, real_stdout
+    if problem:
+        report(status=problem[0], message=problem[1], failed_index=index, outputs=outputs, actual=cut(output))
+    outputs.append(output)
+report(status="ok", outputs=outputs)
+'''
+
+_PRELOAD = "import " + ", ".join(
+    sorted(
+        {"bisect", "collections", "copy", "datetime", "decimal", "fractions", "functools", "heapq", "itertools",
+         "json", "math", "operator", "random", "re", "statistics", "string", "typing", "hashlib"}
+    )
+)
+
+
+# --------------------------------------------------------------------------- evaluator side
+
+
+def _world_readable(path: str) -> bool:
+    """Whether a user with no rights but "other" can reach and read ``path``."""
+    import stat
+
+    current = Path(path)
+    try:
+        if not current.stat().st_mode & stat.S_IROTH:
+            return False
+        return all(parent.stat().st_mode & stat.S_IXOTH for parent in current.parents)
+    except OSError:
+        return False
+
+
+@cache
+def _interpreter(requested: str) -> str:
+    """An interpreter whose binary and stdlib the dropped uid can read (the harness imports after
+    dropping privileges, so e.g. a pyenv Python under a 0700 /root would fail)."""
+    if requested:
+        return shutil.which(requested) or requested
+    candidates = [os.path.realpath(sys.executable)]
+    if os.geteuid() == 0:
+        candidates += [p for p in (shutil.which("python3"), "/usr/bin/python3") if p]
+    for candidate in candidates:
+        stdlib = subprocess.run(
+            [candidate, "-I", "-S", "-c", "import os; print(os.__file__)"], capture_output=True, text=True
+        ).stdout.strip()
+        if os.geteuid() != 0 or (_world_readable(candidate) and stdlib and _world_readable(stdlib)):
+            return candidate
+    logger.warning("no Python interpreter readable by an unprivileged user; programs keep root's uid")
+    return candidates[0]
+
+
+@cache
+def _warn_isolation(layers: tuple[str, ...]) -> None:
+    missing = [layer for layer in ISOLATION_LAYERS if layer not in layers]
+    if missing:
+        logger.warning("sandbox runs without %s (see empower.sandbox docs for what that allows)", ", ".join(missing))
+
+
+def _sandbox_uid() -> int | None:
+    """A fresh uid per program when root (so its processes are its own), else None."""
+    if os.geteuid() != 0:
+        return None
+    return random.SystemRandom().randrange(1_000_000, 2_000_000_000)
+
+
+def _kill_all(proc: subprocess.Popen, uid: int | None, python: str) -> None:
+    """SIGKILL the process group and, with a dropped uid, every process of that uid."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    if uid is None or not _uid_has_processes(uid):
+        return
+    # kill(-1) from inside the uid reaches every process of that uid, including ones that left the
+    # group with setsid(), atomically enough to stop a fork bomb.
+    for _ in range(5):
+        subprocess.run([python, "-I", "-S", "-c", "import os; os.kill(-1, 9)"], user=uid, group=uid,
+                       extra_groups=[], env={}, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not _uid_has_processes(uid):
+            return
+        time.sleep(0.05)
+    logger.error("processes of sandbox uid %d survived SIGKILL", uid)
+
+
+def _uid_has_processes(uid: int) -> bool:
+    """Whether a live (not zombie) process of ``uid`` exists."""
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    state = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state != "Z":
+                        return True
+            except (OSError, IndexError):
+                continue
+    return False
+
+
+def _execute(spec: dict, config: SandboxConfig) -> tuple[dict | None, bool, int, str, float]:
+    """Run the harness on ``spec``; returns (report, timed_out, returncode, stderr tail, seconds)."""
+    python = _interpreter(config.sandbox_python)
+    uid = _sandbox_uid() if _world_readable(python) or config.sandbox_python else None
+    workdir = tempfile.mkdtemp(prefix="empower-sandbox-")
+    private = tempfile.mkdtemp(prefix="empower-sandbox-io-")  # root-only: the program cannot reach it
+    megabyte = 1 << 20
+    cpu = math.ceil(config.sandbox_timeout_s) + 1
+    spec |= {
+        "workdir": workdir,
+        "uid": uid,
+        "netns": True,
+        "guard": config.sandbox_guard,
+        "preload": _PRELOAD,
+        "rlimits": {
+            "RLIMIT_CPU": [cpu, cpu + 1],
+            "RLIMIT_AS": [config.sandbox_memory_mb * megabyte] * 2,
+            "RLIMIT_FSIZE": [config.sandbox_max_file_mb * megabyte] * 2,
+            "RLIMIT_NPROC": [config.sandbox_max_processes] * 2,
+            "RLIMIT_NOFILE": [config.sandbox_max_open_files] * 2,
+            "RLIMIT_CORE": [0, 0],
+        },
+    }
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+           "LC_ALL": "C.UTF-8"}
+    try:
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        with open(Path(private) / "out", "w+b") as out, open(Path(private) / "err", "w+b") as err:
+            start = time.monotonic()
+            proc = subprocess.Popen([python, "-I", "-S", "-B", "-c", _HARNESS], stdin=subprocess.PIPE, stdout=out,
+                                    stderr=err, cwd=workdir, env=env, start_new_session=True)
+            timed_out = False
+            try:
+                proc.communicate(json.dumps(spec).encode(), timeout=config.sandbox_timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                _kill_all(proc, uid, python)
+            duration = time.monotonic() - start
+            out.seek(0)
+            first_line = out.readline(config.sandbox_max_file_mb * megabyte).decode("utf-8", "replace")
+            err.seek(max(0, err.seek(0, os.SEEK_END) - 2000))
+            stderr_tail = err.read().decode("utf-8", "replace")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
+    try:
+        report = json.loads(first_line) if first_line.strip() else None
+    except json.JSONDecodeError:
+        report = None
+    return report, timed_out, proc.returncode, stderr_tail, duration
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= TRUNCATE else text[:TRUNCATE] + "..."
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def outputs_match(actual: str, expected: str, tolerance: float = 1e-6) -> bool:
+    """Whitespace-normalised token comparison; tokens that are both decimal numbers (not both
+    integers) compare within ``tolerance`` (absolute or relative), as judges accept float answers."""
+    got, want = actual.split(), expected.split()
+    if len(got) != len(want):
+        return False
+    for a, b in zip(got, want, strict=True):
+        if a == b:
+            continue
+        if not (_NUMBER.fullmatch(a) and _NUMBER.fullmatch(b)) or (a.lstrip("+-").isdigit() and b.lstrip("+-").isdigit()):
+            return False
+        if not math.isclose(float(a), float(b), rel_tol=tolerance, abs_tol=tolerance):
+            return False
+    return True
+
+
+def _values_match(actual, expected, tolerance: float = 1e-6) -> bool:
+    """Equality of JSON values, with float tolerance (functional tests)."""
+    if isinstance(actual, float) or isinstance(expected, float):
+        if isinstance(actual, bool) or isinstance(expected, bool):
+            return actual == expected
+        try:
+            return math.isclose(float(actual), float(expected), rel_tol=tolerance, abs_tol=tolerance)
+        except (TypeError, ValueError):
+            return False
+    if isinstance(actual, list) and isinstance(expected, list):
+        return len(actual) == len(expected) and all(_values_match(a, b, tolerance) for a, b in zip(actual, expected, strict=True))
+    if isinstance(actual, dict) and isinstance(expected, dict):
+        return actual.keys() == expected.keys() and all(_values_match(actual[k], expected[k], tolerance) for k in actual)
+    return actual == expected
+
+
+def _failure(index: int | None, case: TestCase | None, actual: str | None, error: str | None) -> dict:
+    return {
+        "test": index,
+        "input": _cut(case.input) if case else None,
+        "expected": _cut(case.output) if case else None,
+        "actual": _cut(actual) if actual is not None else None,
+        "error": error,
+    }
+
+
+def _compare(task: Task, cases: tuple[TestCase, ...], outputs: list) -> tuple[int, str] | None:
+    """(index, actual) of the first wrong output, or None when all match."""
+    for index, (case, output) in enumerate(zip(cases, outputs, strict=True)):
+        if task.test_type is TestType.STDIN:
+            if not outputs_match(output, case.output):
+                return index, output
+            continue
+        kind, text = output
+        try:
+            expected = json.loads(case.output)
+        except json.JSONDecodeError:
+            expected = case.output
+        if kind != "json" or not _values_match(json.loads(text), expected):
+            return index, text
+    return None
+
+
+def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None, public_only: bool = False) -> ExecutionResult:
+    """Run ``program`` against the task's tests (or only its public ones, for the editor's run button).
+
+    Args:
+        task: the problem; its ``test_type`` picks the harness.
+        program: the whole program text (for humaneval-type tasks, the tests run after it).
+        config: limits; default ``SandboxConfig()``.
+        public_only: run ``task.public_test_cases`` only. With none, the program just runs.
+
+    Returns:
+        ExecutionResult: PASSED / FAILED / TIMEOUT / ERROR / MEMORY, a message, the wall time, and the
+        first failing test (truncated input, expected and actual output) when there is one.
+
+    Example::
+
+        run_task_tests(task, "def add(a, b):\\n    return a + b\\n").status  # Status.PASSED
+    """
+    config = config or SandboxConfig()
+    cases = task.public_test_cases if public_only else task.test_cases
+    humaneval = task.test_type is TestType.HUMANEVAL
+    spec = {
+        "program": program,
+        "test_type": task.test_type.value,
+        "test_code": task.test_code,
+        "entry_point": task.entry_point,
+        "public": public_only,
+        "inputs": [[c.input, c.output] for c in cases] if humaneval else [c.input for c in cases],
+        "preamble": "" if humaneval else PROGRAM_PREAMBLE,
+    }
+    report, timed_out, returncode, stderr_tail, duration = _execute(spec, config)
+    layers = tuple(report.get("isolation", ())) if report else ()
+    if report:
+        _warn_isolation(layers)
+
+    def result(status: Status, message: str, failure: dict | None = None) -> ExecutionResult:
+        return ExecutionResult(status, message, round(duration, 4), failure, layers)
+
+    if timed_out:
+        return result(Status.TIMEOUT, f"killed after the {config.sandbox_timeout_s:g}s wall-clock limit")
+    if report is None:
+        return _crash_result(returncode, stderr_tail, result)
+    index = report.get("failed_index")
+    case = cases[index] if index is not None and index < len(cases) else None
+    status = report["status"]
+    if status in ("error", "memory", "failed"):
+        failure = None
+        if case is not None or report.get("test_line"):
+            failure = _failure(index, case, report.get("actual"), report["message"])
+            if report.get("test_line"):
+                failure["input"] = report["test_line"]
+        kind = {"error": Status.ERROR, "memory": Status.MEMORY, "failed": Status.FAILED}[status]
+        return result(kind, report["message"], failure)
+    if humaneval:
+        if public_only and not cases:
+            return result(Status.PASSED, "ran without error; this task has no public tests")
+        return result(Status.PASSED, f"passed {len(cases) if public_only else 'all'} tests")
+    wrong = _compare(task, cases, report["outputs"])
+    if wrong is not None:
+        index, actual = wrong
+        return result(Status.FAILED, f"wrong answer on test {index}", _failure(index, cases[index], actual, None))
+    return result(Status.PASSED, f"passed {len(cases)} tests")
+
+
+def _crash_result(returncode: int, stderr_tail: str, result) -> ExecutionResult:
+    """The process died without a report: a resource limit's signal, or a crash of the interpreter."""
+    if returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+        return result(Status.TIMEOUT, "killed at the CPU time limit")
+    if returncode == -signal.SIGXFSZ:
+        return result(Status.ERROR, "exceeded the file size limit")
+    if "MemoryError" in stderr_tail or returncode == -signal.SIGSEGV:
+        return result(Status.MEMORY, f"died at the memory limit (exit {returncode}): {stderr_tail[-300:]}")
+    return result(Status.ERROR, f"the program's interpreter exited with {returncode}: {stderr_tail[-300:]}".strip())
+
+
+def run_many(items: list[tuple[Task, str]], config: SandboxConfig | None = None, public_only: bool = False) -> list[ExecutionResult]:
+    """Run many (task, program) pairs with a pool of ``sandbox_workers`` threads, each driving one
+    child process; results come back in the order of ``items``."""
+    config = config or SandboxConfig()
+    workers = config.sandbox_workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda item: run_task_tests(item[0], item[1], config, public_only), items))
+
+
+def validate_references(tasks: list[Task], config: SandboxConfig | None = None) -> tuple[list[Task], list[tuple[Task, ExecutionResult]]]:
+    """Run each task's reference against its tests; tasks whose own reference fails are excluded.
+
+    Returns:
+        (good, excluded): tasks that pass (and tasks without a reference, which cannot be checked),
+        and (task, result) for each excluded task, so callers can report the count and the reasons.
+    """
+    checked = [t for t in tasks if t.reference is not None]
+    results = dict(zip((t.task_id for t in checked), run_many([(t, t.reference) for t in checked], config), strict=True))
+    good = [t for t in tasks if t.task_id not in results or results[t.task_id].passed]
+    excluded = [(t, results[t.task_id]) for t in checked if not results[t.task_id].passed]
+    if excluded:
+        logger.warning(
+            "excluded %d of %d tasks whose tests fail on their own reference: %s",
+            len(excluded), len(tasks), ", ".join(f"{t.task_id} ({r.status.value})" for t, r in excluded[:10]),
+        )
+    return good, excluded
