@@ -1,0 +1,160 @@
+"""Per-token negative log-likelihood (bits) of whole documents under an estimator LM.
+
+For a causal LM, ``-log2 p(d_j | d_<j)`` does not depend on where a prefix was cut, so ONE forward pass
+over a document gives the NLL every prefix needs; Empower's ``k*`` then follows from a cumulative sum
+(:mod:`empower.labeling`). This module runs those passes:
+
+- documents are buffered, sorted by length and packed into batches of at most ``batch_tokens`` padded
+  tokens, so memory is bounded by the batch and the buffer, never by the corpus;
+- a document longer than ``max_tokens`` is scored in windows that overlap by ``overlap`` tokens; each
+  window contributes only the tokens that had at least ``overlap`` tokens of context (the first window
+  contributes all of its tokens), the usual sliding-window perplexity scheme;
+- the softmax runs in fp32 whatever the model dtype, because threshold decisions compare sums of
+  these numbers with ``eta``.
+
+Example::
+
+    model, tokenizer = load_model("smollm2-135m")
+    ids = tokenizer("def f(x):\\n    return x\\n", add_special_tokens=False).input_ids
+    [(key, nll)] = score_documents(model, [("doc", ids)], progress=False)
+    # nll[j] = -log2 p(ids[j] | ids[:j]); nll[0] is NaN unless the tokenizer adds a BOS token
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class _Row:
+    """One model input row: ``tokens`` = context[start:start+len]; NLLs kept for positions >= keep_from."""
+
+    doc: int
+    start: int
+    tokens: list[int]
+    keep_from: int
+
+
+def context_prefix(tokenizer) -> list[int]:
+    """Special tokens the tokenizer puts before text (e.g. BOS); scoring gives the model the same context."""
+    with_special = tokenizer("a", add_special_tokens=True).input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    return (
+        list(with_special[: len(with_special) - len(plain)]) if with_special[-len(plain) :] == plain else []
+    )
+
+
+def _windows(doc: int, context: list[int], max_tokens: int, overlap: int) -> list[_Row]:
+    if len(context) < 2:  # nothing to predict
+        return []
+    if len(context) <= max_tokens:
+        return [_Row(doc, 0, context, 1)]
+    rows, start = [], 0
+    while True:
+        end = min(start + max_tokens, len(context))
+        rows.append(_Row(doc, start, context[start:end], 1 if start == 0 else start + overlap))
+        if end == len(context):
+            return rows
+        start = end - overlap
+
+
+def _batches(rows: list[_Row], batch_tokens: int) -> Iterator[list[_Row]]:
+    """Rows sorted by length, packed so that rows x longest row <= batch_tokens (at least one row)."""
+    batch: list[_Row] = []
+    for row in sorted(rows, key=lambda r: len(r.tokens)):
+        if batch and (len(batch) + 1) * len(row.tokens) > batch_tokens:
+            yield batch
+            batch = []
+        batch.append(row)
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def _score_batch(model, batch: list[_Row], pad_id: int) -> list[np.ndarray]:
+    """NLL in bits of tokens 1..len-1 of each row (row-local positions), one forward pass."""
+    device = next(model.parameters()).device
+    width = max(len(r.tokens) for r in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, row in enumerate(batch):
+        input_ids[i, : len(row.tokens)] = torch.tensor(row.tokens)
+        mask[i, : len(row.tokens)] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+    nats = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+    bits = (nats / LN2).cpu().numpy()
+    return [bits[i, : len(row.tokens) - 1] for i, row in enumerate(batch)]
+
+
+def score_documents(
+    model,
+    documents: Iterable[tuple[Hashable, list[int]]],
+    *,
+    prefix: list[int] | None = None,
+    batch_tokens: int = 4096,
+    max_tokens: int = 2048,
+    overlap: int = 256,
+    buffer_documents: int = 64,
+    progress: bool = True,
+) -> Iterator[tuple[Hashable, np.ndarray]]:
+    """Stream ``(key, nll_bits)`` for ``(key, token_ids)`` documents, in input order.
+
+    Args:
+        model: a causal LM (eval mode); its dtype is used as is, the softmax is fp32.
+        documents: ``(key, ids)`` pairs, ids WITHOUT special tokens; consumed lazily.
+        prefix: context placed before every document (see :func:`context_prefix`); not scored.
+        batch_tokens: padded tokens per forward pass (memory bound).
+        max_tokens: longest row the model sees; longer documents are split into windows.
+        overlap: tokens of context each later window re-reads from the previous one.
+        buffer_documents: documents sorted together by length (more = less padding).
+        progress: show a progress bar (tokens scored).
+
+    Returns:
+        An iterator of ``(key, nll)`` with ``nll`` float32 of length ``len(ids)``:
+        ``nll[j] = -log2 p(ids[j] | prefix + ids[:j])``; ``nll[0]`` is NaN when ``prefix`` is empty.
+    """
+    if not 0 <= overlap < max_tokens:
+        raise ValueError(f"overlap must be in [0, max_tokens={max_tokens}), got {overlap}")
+    prefix = list(prefix or [])
+    pad_id = getattr(model.config, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else pad_id  # padded positions are masked and never read
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="scoring", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    buffer: list[tuple[Hashable, list[int]]] = []
+
+    def flush() -> Iterator[tuple[Hashable, np.ndarray]]:
+        results = [np.full(len(prefix) + len(ids), np.nan, dtype=np.float32) for _, ids in buffer]
+        rows = [
+            row
+            for i, (_, ids) in enumerate(buffer)
+            for row in _windows(i, prefix + list(ids), max_tokens, overlap)
+        ]
+        for batch in _batches(rows, batch_tokens):
+            for row, bits in zip(batch, _score_batch(model, batch, pad_id), strict=True):
+                # bits[t] scores context position row.start + t + 1
+                keep = slice(max(row.keep_from - row.start - 1, 0), len(bits))
+                positions = np.arange(keep.start, keep.stop) + row.start + 1
+                results[row.doc][positions] = bits[keep]
+                bar.update(keep.stop - keep.start)
+        for (key, _), nll in zip(buffer, results, strict=True):
+            yield key, nll[len(prefix) :]
+        buffer.clear()
+
+    try:
+        for key, ids in documents:
+            buffer.append((key, ids))
+            if len(buffer) >= buffer_documents:
+                yield from flush()
+        if buffer:
+            yield from flush()
+    finally:
+        bar.close()
