@@ -14,7 +14,7 @@ Policies (:class:`Policy`):
   inside ``generate`` (:class:`ThresholdStopping`); another estimator scores the generated tokens
   in one forward pass and the text is cut afterwards.
 
-Generation is batched over many requests (left padding), greedy unless ``temperature > 0``.
+Generation is batched over many requests (left padding), greedy unless ``assistant_temperature > 0``.
 
 Pieces a streaming server reuses: :func:`threshold_length` (the rule), :class:`StepLogProbs` +
 :class:`ThresholdStopping` (the rule as ``transformers`` logits processor + stopping criterion),
@@ -105,8 +105,8 @@ class AssistantConfig:
     eta: float = option(4.0, "threshold: cumulative NLL budget in BITS of one suggestion")
     estimator: str = option("", "threshold: model spec scoring the tokens (empty: the assistant itself)")
     max_new_tokens: int = option(64, "generation budget per suggestion (tokens added to the code)")
-    temperature: float = option(0.0, "0 = greedy; > 0 samples at this temperature")
-    seed: int = option(0, "random seed when sampling")
+    assistant_temperature: float = option(0.0, "0 = greedy; > 0 samples at this temperature")
+    assistant_seed: int = option(0, "random seed when sampling")
     prompt_template: PromptTemplate = option(
         PromptTemplate.PLAIN, "model/threshold: how the state becomes input (plain | statement)"
     )
@@ -116,7 +116,7 @@ class AssistantConfig:
         "base: start the model's reply with a code fence and the current code, so it retypes nothing "
         "(same text as asking it to retype, without generating the retyped part)",
     )
-    device: str = option("", "torch device (empty: CUDA when present, else CPU)")
+    assistant_device: str = option("", "torch device (empty: CUDA when present, else CPU)")
 
     def __post_init__(self):
         self.policy = Policy(self.policy)
@@ -126,8 +126,8 @@ class AssistantConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.eta > 0:
             raise ValueError(f"eta must be > 0 bits, got {self.eta}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.assistant_temperature < 0:
+            raise ValueError(f"assistant_temperature must be >= 0, got {self.assistant_temperature}")
         if self.estimator and self.policy is not Policy.THRESHOLD:
             raise ValueError(
                 f"estimator={self.estimator!r} only applies to policy threshold, not {self.policy.value}"
@@ -467,7 +467,7 @@ class TransformersAssistant:
             prompts,
             max_new_tokens=cfg.max_new_tokens,
             eta_bits=cfg.eta if threshold and self.estimator is None else math.inf,
-            temperature=cfg.temperature,
+            temperature=cfg.assistant_temperature,
         )
         if threshold and self.estimator is not None and not self._same_vocab:
             return self._cut_by_foreign_estimator(requests, gens)
@@ -518,7 +518,7 @@ class TransformersAssistant:
             self.tokenizer,
             prompts,
             max_new_tokens=budget,
-            temperature=cfg.temperature,
+            temperature=cfg.assistant_temperature,
             stop_strings=["```"],
             add_special_tokens=False,  # the chat template already holds the special tokens
         )
@@ -566,7 +566,7 @@ def build_assistant(config: AssistantConfig, *, model=None, tokenizer=None) -> A
     Raises ValueError for a model spec that does not resolve, or policy base on a model without a
     chat template.
     """
-    device = config.device or None
+    device = config.assistant_device or None
     if model is None:
         model, tokenizer = models.load_model(config.assistant, device=device)
     tokenizer.padding_side = "left"
@@ -575,6 +575,6 @@ def build_assistant(config: AssistantConfig, *, model=None, tokenizer=None) -> A
     estimator = None
     if config.policy is Policy.THRESHOLD and config.estimator and config.estimator != config.assistant:
         estimator = models.load_model(config.estimator, device=device)
-    if config.temperature > 0:
-        torch.manual_seed(config.seed)
+    if config.assistant_temperature > 0:
+        torch.manual_seed(config.assistant_seed)
     return TransformersAssistant(config, model, tokenizer, estimator)
