@@ -7,10 +7,20 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.empower-installed
+EDITOR_DIR := src/empower/serve/study/web
+EDITOR_JS := src/empower/serve/study/static/editor.js
 
-.PHONY: install install-human install-vllm test lint demo bench clean
+.PHONY: install install-human install-vllm test lint demo bench clean browser
 
-install: $(STAMP)
+install: $(STAMP) $(EDITOR_JS)
+
+# The study editor (CodeMirror 6 from npm), bundled by esbuild into one file the server serves.
+$(EDITOR_JS): $(EDITOR_DIR)/package.json $(EDITOR_DIR)/package-lock.json $(wildcard $(EDITOR_DIR)/src/*.js)
+	cd $(EDITOR_DIR) && npm ci --no-audit --no-fund && npm run build
+
+# Debian's chromium for the study's browser test (Playwright drives it; no browser download).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
