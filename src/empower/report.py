@@ -24,11 +24,28 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from empower.configs import option
 from empower.metrics import Estimate, Summary, compare_runs, run_episodes, summarize_run
 
 # The paper's order of methods in its tables (ours, the threshold policy, last).
 METHOD_ORDER = ("Empower", "SFT-10", "SFT-20", "SFT-RAND-1-30", "Base", "Base-10", "Base-20", "Threshold")
 REFERENCE_METHOD = "Empower"
+
+
+@dataclass
+class ReportConfig:
+    """What ``empower report`` reads and where it writes."""
+
+    runs: list[Path] = option(help="run folders, or folders holding them (e.g. a reproduce folder)")
+    out: Path | None = option(None, "report folder (default: RUN/report for one folder, else ./report)")
+
+    def __post_init__(self):
+        if not self.runs:
+            raise ValueError("runs is empty: give at least one run folder")
+        self.runs = [Path(r) for r in self.runs]
+        if self.out is None:
+            self.out = self.runs[0] / "report" if len(self.runs) == 1 else Path("report")
+        self.out = Path(self.out)
 
 
 @dataclass

