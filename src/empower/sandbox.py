@@ -42,6 +42,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,7 @@ from empower.tasks import Task, TestCase, TestType
 
 logger = logging.getLogger(__name__)
 
+HARNESS = Path(__file__).with_name("sandbox_harness.py")  # runs in the child, stdlib only
 TRUNCATE = 300  # characters kept of a failing test's input / expected / actual, as LiveCodeBench does
 ISOLATION_LAYERS = ("netns", "rlimits", "uid", "guard")
 
@@ -115,192 +117,11 @@ class ExecutionResult:
         return self.status is Status.PASSED
 
 
-# The harness runs inside the child interpreter. It confines itself (namespace, rlimits, uid, guard)
-# before compiling the program, runs the tests, and writes one JSON line to a private copy of fd 1.
-_HARNESS = r'''
-import io, json, os, sys, traceback
-spec = json.loads(sys.stdin.read())
-result_file = os.fdopen(os.dup(1), "w")
-null = os.open(os.devnull, os.O_RDWR)
-os.dup2(null, 0)
-os.dup2(null, 1)
-isolation = []
-
-def report(**fields):
-    fields["isolation"] = isolation
-    result_file.write(json.dumps(fields) + "\n")
-    result_file.flush()
-    os._exit(0)
-
-def cut(text, limit=2000):
-    return text if len(text) <= limit else text[:limit] + "..."
-
-if spec["netns"]:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    flags = 0x40000000 | (0 if os.geteuid() == 0 else 0x10000000)  # CLONE_NEWNET (+ CLONE_NEWUSER)
-    if libc.unshare(flags) == 0:
-        isolation.append("netns")
-import resource
-for name, value in spec["rlimits"].items():
-    resource.setrlimit(getattr(resource, name), tuple(value))
-isolation.append("rlimits")
-exec(spec["preload"], {})  # stdlib the program may need, imported while still readable
-if spec["uid"] is not None:
-    try:
-        os.setgroups([])
-        os.setgid(spec["uid"])
-        os.setuid(spec["uid"])
-    except OSError as err:
-        report(status="error", message=f"sandbox: could not drop privileges: {err}")
-    isolation.append("uid")
-os.chdir(spec["workdir"])
-
-if spec["guard"]:
-    WORK = os.path.realpath(spec["workdir"])
-    PID = os.getpid()
-    realpath, fsdecode = os.path.realpath, os.fsdecode
-    WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    BLOCKED = {"socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
-               "socket.getaddrinfo", "socket.gethostbyname", "subprocess.Popen", "os.system", "os.exec",
-               "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "pty.spawn", "os.startfile",
-               "os.setuid", "os.chroot", "resource.setrlimit", "resource.prlimit", "sys.remote_exec"}
-    PATHS = {"os.remove": 1, "os.rmdir": 1, "os.rename": 2, "os.replace": 2, "os.mkdir": 1, "os.chmod": 1,
-             "os.chown": 1, "os.link": 2, "os.symlink": 2, "os.truncate": 1, "os.utime": 1, "shutil.rmtree": 1,
-             "os.mkfifo": 1, "os.mknod": 1}
-
-    def inside(path):
-        if isinstance(path, int):
-            return True
-        try:
-            full = realpath(fsdecode(path))
-        except (TypeError, ValueError):
-            return False
-        return full == WORK or full.startswith(WORK + os.sep)
-
-    def guard(event, args):
-        if event in BLOCKED or event.startswith("ctypes."):
-            raise PermissionError(f"blocked by sandbox: {event}")
-        if event == "open":
-            path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & WRITE
-            if path is not None and writing and not inside(path):
-                raise PermissionError(f"blocked by sandbox: writing {path!r} outside the working directory")
-        elif event in PATHS:
-            for path in args[: PATHS[event]]:
-                if not inside(path):
-                    raise PermissionError(f"blocked by sandbox: {event} {path!r} outside the working directory")
-        elif event in ("os.kill", "os.killpg") and args[0] not in (PID, 0):
-            raise PermissionError(f"blocked by sandbox: {event} of pid {args[0]}")
-
-    sys.addaudithook(guard)
-    isolation.append("guard")
-
-def run(code, namespace):
-    """None on success, else (status, message) of the exception the program raised."""
-    try:
-        exec(code, namespace)
-    except SystemExit:
-        return None
-    except MemoryError:
-        return ("memory", "MemoryError")
-    except BaseException as err:
-        return ("error", cut(f"{type(err).__name__}: {err}"))
-    return None
-
-def fresh():
-    return {"__name__": "__main__", "__builtins__": __builtins__}
-
-try:
-    program = compile(spec["program"], "<program>", "exec")
-    preamble = compile(spec["preamble"], "<preamble>", "exec")
-except (SyntaxError, ValueError) as err:
-    report(status="error", message=f"{type(err).__name__}: {err}")
-kind = spec["test_type"]
-if kind == "humaneval":
-    namespace = fresh()
-    problem = run(program, namespace)
-    if problem:
-        report(status=problem[0], message=problem[1])
-    if spec["public"]:
-        for index, (expression, expected) in enumerate(spec["inputs"]):
-            try:
-                actual = eval(expression, namespace)
-                wanted = eval(expected, namespace)
-            except MemoryError:
-                report(status="memory", message="MemoryError", failed_index=index)
-            except BaseException as err:
-                report(status="error", message=cut(f"{type(err).__name__}: {err}"), failed_index=index)
-            if actual != wanted:
-                report(status="failed", message="wrong answer", failed_index=index, actual=cut(repr(actual)))
-        report(status="ok", outputs=[])
-    try:
-        exec(compile(spec["test_code"], "<tests>", "exec"), namespace)
-    except BaseException as err:
-        lines = [f.lineno for f in traceback.extract_tb(err.__traceback__) if f.filename == "<tests>"]
-        line = spec["test_code"].splitlines()[lines[-1] - 1].strip() if lines else ""
-        status = "failed" if isinstance(err, AssertionError) else "memory" if isinstance(err, MemoryError) else "error"
-        report(status=status, message=cut(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__),
-               test_line=cut(line))
-    report(status="ok", outputs=[])
-outputs = []
-if kind == "functional":
-    namespace = fresh()
-    problem = run(preamble, namespace) or run(program, namespace)
-    if problem:
-        report(status=problem[0], message=problem[1])
-    if not isinstance(namespace.get("Solution"), type):
-        report(status="error", message="the program defines no class Solution")
-    for index, text in enumerate(spec["inputs"]):
-        args = [json.loads(line) for line in text.split("\n") if line.strip()]
-        try:
-            value = getattr(namespace["Solution"](), spec["entry_point"])(*args)
-        except MemoryError:
-            report(status="memory", message="MemoryError", failed_index=index, outputs=outputs)
-        except BaseException as err:
-            report(status="error", message=cut(f"{type(err).__name__}: {err}"), failed_index=index, outputs=outputs)
-        try:
-            outputs.append(["json", json.dumps(value)])
-        except (TypeError, ValueError):
-            outputs.append(["repr", cut(repr(value))])
-    report(status="ok", outputs=outputs)
-real_stdin, real_stdout = sys.stdin, sys.stdout
-for index, text in enumerate(spec["inputs"]):
-    path = f".stdin-{index}"
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    fd = os.open(path, os.O_RDONLY)
-    os.dup2(fd, 0)
-    os.close(fd)
-    captured = io.BytesIO()
-    sys.stdin = io.TextIOWrapper(io.FileIO(0, closefd=False), encoding="utf-8")
-    sys.stdout = io.TextIOWrapper(captured, encoding="utf-8", write_through=True)
-    namespace = fresh()
-    problem = run(preamble, namespace) or run(program, namespace)
-    sys.stdout.flush()
-    output = captured.getvalue().decode("utf-8", "replace")
-    sys.stdin, sys.stdout = real_stdin, real_stdout
-    if problem:
-        report(status=problem[0], message=problem[1], failed_index=index, outputs=outputs, actual=cut(output))
-    outputs.append(output)
-report(status="ok", outputs=outputs)
-'''
-
-_PRELOAD = "import " + ", ".join(
-    sorted(
-        {"bisect", "collections", "copy", "datetime", "decimal", "fractions", "functools", "heapq", "itertools",
-         "json", "math", "operator", "random", "re", "statistics", "string", "typing", "hashlib"}
-    )
-)
-
-
 # --------------------------------------------------------------------------- evaluator side
 
 
 def _world_readable(path: str) -> bool:
     """Whether a user with no rights but "other" can reach and read ``path``."""
-    import stat
-
     current = Path(path)
     try:
         if not current.stat().st_mode & stat.S_IROTH:
@@ -311,35 +132,35 @@ def _world_readable(path: str) -> bool:
 
 
 @cache
-def _interpreter(requested: str) -> str:
-    """An interpreter whose binary and stdlib the dropped uid can read (the harness imports after
-    dropping privileges, so e.g. a pyenv Python under a 0700 /root would fail)."""
-    if requested:
-        return shutil.which(requested) or requested
-    candidates = [os.path.realpath(sys.executable)]
-    if os.geteuid() == 0:
+def _interpreter(requested: str) -> tuple[str, bool]:
+    """(interpreter, whether programs may drop to a fresh uid with it).
+
+    The program imports the stdlib after the harness dropped privileges, so the dropped uid must be
+    able to read it: a pyenv Python under a 0700 /root cannot serve, the system python3 can.
+    """
+    candidates = [shutil.which(requested) or requested] if requested else [os.path.realpath(sys.executable)]
+    if os.geteuid() != 0:
+        return candidates[0], False
+    if not requested:
         candidates += [p for p in (shutil.which("python3"), "/usr/bin/python3") if p]
     for candidate in candidates:
-        stdlib = subprocess.run(
-            [candidate, "-I", "-S", "-c", "import os; print(os.__file__)"], capture_output=True, text=True
-        ).stdout.strip()
-        if os.geteuid() != 0 or (_world_readable(candidate) and stdlib and _world_readable(stdlib)):
-            return candidate
-    logger.warning("no Python interpreter readable by an unprivileged user; programs keep root's uid")
-    return candidates[0]
+        stdlib = subprocess.run([candidate, "-I", "-S", "-c", "import os; print(os.__file__)"],
+                                capture_output=True, text=True).stdout.strip()
+        if _world_readable(candidate) and stdlib and _world_readable(stdlib):
+            return candidate, True
+    logger.warning("no Python interpreter whose stdlib an unprivileged user can read: programs keep root's "
+                   "uid (set sandbox_python to a world-readable interpreter to fix this)")
+    return candidates[0], False
 
 
-@cache
 def _warn_isolation(layers: tuple[str, ...]) -> None:
     missing = [layer for layer in ISOLATION_LAYERS if layer not in layers]
     if missing:
         logger.warning("sandbox runs without %s (see empower.sandbox docs for what that allows)", ", ".join(missing))
 
 
-def _sandbox_uid() -> int | None:
-    """A fresh uid per program when root (so its processes are its own), else None."""
-    if os.geteuid() != 0:
-        return None
+def _sandbox_uid() -> int:
+    """A fresh uid (and gid) per program, so that its processes, and only they, are that uid's."""
     return random.SystemRandom().randrange(1_000_000, 2_000_000_000)
 
 
@@ -379,8 +200,8 @@ def _uid_has_processes(uid: int) -> bool:
 
 def _execute(spec: dict, config: SandboxConfig) -> tuple[dict | None, bool, int, str, float]:
     """Run the harness on ``spec``; returns (report, timed_out, returncode, stderr tail, seconds)."""
-    python = _interpreter(config.sandbox_python)
-    uid = _sandbox_uid() if _world_readable(python) or config.sandbox_python else None
+    python, can_drop = _interpreter(config.sandbox_python)
+    uid = _sandbox_uid() if can_drop else None
     workdir = tempfile.mkdtemp(prefix="empower-sandbox-")
     private = tempfile.mkdtemp(prefix="empower-sandbox-io-")  # root-only: the program cannot reach it
     megabyte = 1 << 20
@@ -390,7 +211,6 @@ def _execute(spec: dict, config: SandboxConfig) -> tuple[dict | None, bool, int,
         "uid": uid,
         "netns": True,
         "guard": config.sandbox_guard,
-        "preload": _PRELOAD,
         "rlimits": {
             "RLIMIT_CPU": [cpu, cpu + 1],
             "RLIMIT_AS": [config.sandbox_memory_mb * megabyte] * 2,
@@ -407,7 +227,7 @@ def _execute(spec: dict, config: SandboxConfig) -> tuple[dict | None, bool, int,
             os.chown(workdir, uid, uid)
         with open(Path(private) / "out", "w+b") as out, open(Path(private) / "err", "w+b") as err:
             start = time.monotonic()
-            proc = subprocess.Popen([python, "-I", "-S", "-B", "-c", _HARNESS], stdin=subprocess.PIPE, stdout=out,
+            proc = subprocess.Popen([python, "-I", "-S", "-B", str(HARNESS)], stdin=subprocess.PIPE, stdout=out,
                                     stderr=err, cwd=workdir, env=env, start_new_session=True)
             timed_out = False
             try:
