@@ -6,6 +6,18 @@ them to real people. See README.md for the pipeline and commands.
 """
 
 from empower.models import load_model, load_tokenizer
+from empower.sandbox import (
+    ExecutionResult,
+    SandboxConfig,
+    Status,
+    run_many,
+    run_task_tests,
+    validate_references,
+)
+from empower.tasks import Task, TestCase, TestType, load_tasks
 
-__all__ = ["load_model", "load_tokenizer"]
+__all__ = [
+    "ExecutionResult", "SandboxConfig", "Status", "Task", "TestCase", "TestType", "load_tasks", "run_many",
+    "run_task_tests", "validate_references", "load_model", "load_tokenizer",
+]
 __version__ = "0.1.0"
