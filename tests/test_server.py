@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from empower.assistant import Policy, threshold_length
-from empower.serve.engine import Engine, PolicyRule, SamplingParams
+from empower.serve.engine import Engine, PolicyRule, SamplingParams, _scan_stops
 from empower.serve.server import ServeConfig
 
 KEY = "test-key"
@@ -269,6 +269,12 @@ def test_threshold_keeps_the_tokens_the_labeling_rule_keeps(tiny, prompt_ids):
     assert 0 < threshold_length(bits, 40.0) < 10  # the case is informative: eta cuts inside the budget
     assert sum(d.token_count for d in kept) == threshold_length(bits, 40.0)
     assert kept[-1].finish_reason == "stop"
+
+
+def test_stop_scan_cuts_at_the_earliest_stop_and_holds_back_a_partial_one():
+    assert _scan_stops("x = 1\n\ny = 2", 0, ("\n\n", "y")) == (5, 0)
+    assert _scan_stops("x = 1\n", 0, ("\n\n",)) == (None, 1)  # "\n" may start "\n\n": not sent yet
+    assert _scan_stops("x = 1", 0, ("\n\n",)) == (None, 0)
 
 
 def test_config_refuses_a_nonpositive_limit():

@@ -192,10 +192,12 @@ class _BatchStreamer(BaseStreamer):
                 self.engine._finish(row, None)
                 continue
             if row.stop_now:  # the policy ends the suggestion BEFORE this token
+                self._flush(row)
                 self.engine._finish(row, "stop")
                 continue
             token = int(value[i])
             if token in self.engine.eos_ids:
+                self._flush(row)
                 self.engine._finish(row, "stop")
                 continue
             row.tokens.append(token)
@@ -215,7 +217,7 @@ class _BatchStreamer(BaseStreamer):
                 row.pending.text += text[row.sent_chars : end]
                 row.sent_chars = end
             if len(row.tokens) >= row.job.params.max_tokens:
-                row.pending.text += text[row.sent_chars :]
+                self._flush(row, text)
                 self.engine._finish(row, "length")
             elif row.pending.text:
                 row.job.post(row.pending)
@@ -224,9 +226,14 @@ class _BatchStreamer(BaseStreamer):
     def end(self) -> None:
         for row in self.rows:
             if row.finish_reason is None:
-                text = self.engine._decode(row)
-                row.pending.text += text[row.sent_chars :]
+                self._flush(row)
                 self.engine._finish(row, None if row.job.cancelled else "length")
+
+    def _flush(self, row: _Row, text: str | None = None) -> None:
+        """Release the text held back as a possible stop-string prefix: the suggestion is complete."""
+        text = self.engine._decode(row) if text is None else text
+        row.pending.text += text[row.sent_chars :]
+        row.sent_chars = len(text)
 
     def _add_logprobs(self, row: _Row, i: int, token: int) -> None:
         want = row.job.params.logprobs
