@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,8 +294,10 @@ def _two_sample(metric: str, a: ArmMetrics, b: ArmMetrics) -> list[TestResult]:
     arms, n = [a.label, b.label], [len(x), len(y)]
     if len(x) < 2 or len(y) < 2:
         return [TestResult(metric, "welch_t", arms, None, None, n), TestResult(metric, "mann_whitney_u", arms, None, None, n)]
-    t = stats.ttest_ind(x, y, equal_var=False)
-    u = stats.mannwhitneyu(x, y, alternative="two-sided")
+    with warnings.catch_warnings():  # identical samples: scipy warns and returns nan, reported as n/a
+        warnings.simplefilter("ignore", RuntimeWarning)
+        t = stats.ttest_ind(x, y, equal_var=False)
+        u = stats.mannwhitneyu(x, y, alternative="two-sided")
     return [
         TestResult(metric, "welch_t", arms, _finite(t.statistic), _finite(t.pvalue), n),
         TestResult(metric, "mann_whitney_u", arms, _finite(u.statistic), _finite(u.pvalue), n),
