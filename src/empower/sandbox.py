@@ -48,13 +48,13 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from functools import cache
 from pathlib import Path
 
 from empower.configs import option
-from empower.tasks import Task, TestCase, TestType
+from empower.tasks import Task, TestCase, TestType, load_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ def _interpreter(requested: str) -> tuple[str, bool]:
     return candidates[0], False
 
 
+@cache
 def _warn_isolation(layers: tuple[str, ...]) -> None:
     missing = [layer for layer in ISOLATION_LAYERS if layer not in layers]
     if missing:
@@ -368,11 +369,12 @@ def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None
             if report.get("test_line"):
                 failure["input"] = report["test_line"]
         kind = {"error": Status.ERROR, "memory": Status.MEMORY, "failed": Status.FAILED}[status]
-        return result(kind, report["message"], failure)
+        where = f" on test {index}" if index is not None else f" at `{_cut(report['test_line'])}`" if report.get("test_line") else ""
+        return result(kind, report["message"] + where, failure)
     if humaneval:
         if public_only and not cases:
             return result(Status.PASSED, "ran without error; this task has no public tests")
-        return result(Status.PASSED, f"passed {len(cases) if public_only else 'all'} tests")
+        return result(Status.PASSED, f"passed {len(cases)} public tests" if public_only else "passed the tests")
     wrong = _compare(task, cases, report["outputs"])
     if wrong is not None:
         index, actual = wrong
@@ -417,3 +419,25 @@ def validate_references(tasks: list[Task], config: SandboxConfig | None = None) 
             len(excluded), len(tasks), ", ".join(f"{t.task_id} ({r.status.value})" for t, r in excluded[:10]),
         )
     return good, excluded
+
+
+@dataclass
+class TaskCheckConfig(SandboxConfig):
+    """A problem set to check before evaluating on it: does it load, and do its references pass?"""
+
+    tasks: str = option("humaneval", "problem set format: humaneval, mbpp, livecodebench or leetcode")
+    tasks_path: str | None = option(None, "file or folder of the problem set, or hf:DATASET[:SPLIT]")
+    limit: int | None = option(None, "check only the first N tasks")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+
+def check_tasks(config: TaskCheckConfig) -> tuple[list[Task], list[Task], list[tuple[Task, ExecutionResult]]]:
+    """Load a problem set and run its references: (all tasks, good tasks, excluded with results)."""
+    tasks = load_tasks(config.tasks, config.tasks_path, config.limit)
+    sandbox = SandboxConfig(**{f.name: getattr(config, f.name) for f in fields(SandboxConfig)})
+    good, excluded = validate_references(tasks, sandbox)
+    return tasks, good, excluded

@@ -46,9 +46,10 @@ logger = logging.getLogger(__name__)
 # LeetCode code uses List, Optional, deque, ... without importing them; LeetCodeDataset's own
 # evaluation prepends a preamble like this one, and so do we, as part of the starter code.
 LEETCODE_IMPORTS = (
-    "import bisect, collections, functools, heapq, itertools, math, string\n"
-    "from collections import *\nfrom functools import *\nfrom itertools import *\n"
-    "from heapq import *\nfrom math import *\nfrom typing import *\n\n"
+    "import bisect, collections, datetime, functools, heapq, itertools, math, operator, random, string\n"
+    "from bisect import *\nfrom collections import *\nfrom functools import *\nfrom heapq import *\n"
+    "from itertools import *\nfrom math import *\nfrom operator import *\nfrom string import *\n"
+    "from typing import *\n\n"
 )
 # Linked-list and tree problems annotate with ListNode / TreeNode (so these must exist before the
 # Solution class: they join the starter code) and their tests build inputs with list_node /
