@@ -70,10 +70,12 @@ CASES = [
     (ADD, "def add(a, b):\n    return a + b\nraise RuntimeError('boom')\n", Status.ERROR),
     (ECHO_SUM, "print(sum(map(int, input().split())))", Status.PASSED),
     (ECHO_SUM, "import sys\nprint(sum(map(int, sys.stdin.read().split())))", Status.PASSED),
+    (ECHO_SUM, "print(sum(map(int, open(0).read().split())))", Status.PASSED),
     (ECHO_SUM, "print(6.0000000001)", Status.PASSED),
     (ECHO_SUM, "print(7)", Status.FAILED),
     (ECHO_SUM, "print(1/0)", Status.ERROR),
     (TWICE, TWICE.prompt + "        return [2 * x for x in nums]\n", Status.PASSED),
+    (TWICE, TWICE.prompt + "        return tuple(2 * x for x in nums)\n", Status.PASSED),
     (TWICE, TWICE.prompt + "        return nums\n", Status.FAILED),
     (TWICE, TWICE.prompt + "        return nums[5]\n", Status.ERROR),
     (TWICE, "def twice(nums):\n    return nums\n", Status.ERROR),
@@ -233,14 +235,18 @@ def test_cannot_read_environment_secrets(guard, monkeypatch):
 
 
 @pytest.mark.parametrize("guard", GUARDS)
-def test_cannot_read_the_evaluators_environment_through_proc(guard, monkeypatch):
+def test_cannot_read_another_processes_environment_through_proc(guard):
     if not ROOT:
-        pytest.skip("without root the program has the tester's uid and may read its /proc entries")
+        pytest.skip("without root the program has the tester's uid and may read its processes' /proc entries")
     secret = "sk-" + secrets.token_hex(8)
-    monkeypatch.setenv("EMPOWER_TEST_SECRET", secret)  # os.environ writes through to /proc/self/environ
-    program = f"raise RuntimeError(open('/proc/{os.getpid()}/environ', 'rb').read())\n"
-    result = run(program, guard)
-    assert result.status is Status.ERROR and secret not in result.message
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                              env={**os.environ, "EMPOWER_TEST_SECRET": secret})
+    try:
+        result = run(f"raise RuntimeError(open('/proc/{holder.pid}/environ', 'rb').read())\n", guard)
+        assert result.status is Status.ERROR and secret not in result.message
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_evaluator_and_machine_unharmed_after_hostile_programs():

@@ -110,6 +110,24 @@ def test_livecodebench_has_both_test_types(shared_data, file, kinds):
     assert {t.test_type for t in tasks} == kinds
 
 
+def test_livecodebench_hub_style_record(tmp_path):
+    row = {
+        "question_title": "Twice", "question_id": "abc123", "question_content": "Double each number.",
+        "starter_code": "class Solution:\n    def twice(self, nums: List[int]) -> List[int]:\n        ",
+        "public_test_cases": json.dumps([{"input": "[1, 2]", "output": "[2, 4]", "testtype": "functional"}]),
+        "metadata": json.dumps({"func_name": "twice"}),
+    }
+    (task,) = load_tasks("livecodebench", write_jsonl(tmp_path / "lcb.jsonl", [row]))
+    assert (task.task_id, task.entry_point, task.test_type, task.prompt.endswith(":\n")) == (
+        "abc123", "twice", TestType.FUNCTIONAL, True)
+
+
+def test_livecodebench_mixed_test_types_are_refused(tmp_path):
+    tests = [{"input": "1", "output": "1", "testtype": "stdin"}, {"input": "1", "output": "1", "testtype": "functional"}]
+    with pytest.raises(ValueError, match=r"lcb\.jsonl line 1: test types"):
+        load_tasks("livecodebench", write_jsonl(tmp_path / "lcb.jsonl", [{"problem": "p", "tests": tests}]))
+
+
 def test_livecodebench_functional_entry_point_from_starter(shared_data):
     tasks = load_tasks("livecodebench", shared_data / "livecodebench" / "lcb_2408_2501_279_public_tests.json")
     task = next(t for t in tasks if t.test_type is TestType.FUNCTIONAL)

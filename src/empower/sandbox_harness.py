@@ -189,8 +189,9 @@ def run_stdin(spec, program, preamble):
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(text)
         fd = os.open(path, os.O_RDONLY)
-        os.dup2(fd, 0)  # so open(0) and os.read(0, ...) see the input too
-        os.close(fd)
+        if fd != 0:  # 0 itself is free when the previous run closed it, e.g. with open(0).read()
+            os.dup2(fd, 0)  # so open(0) and os.read(0, ...) see the input too
+            os.close(fd)
         captured = io.BytesIO()
         sys.stdin = io.TextIOWrapper(io.FileIO(0, closefd=False), encoding="utf-8")
         sys.stdout = io.TextIOWrapper(captured, encoding="utf-8", write_through=True)
