@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import os
 import re
 import sysconfig
 from collections.abc import Iterator
@@ -194,13 +195,14 @@ def _read_file(path: Path) -> str | None:
 
 def _stdlib() -> Iterator[Document]:
     root = stdlib_root()
-    for path in sorted(root.glob("**/*.py")):
-        relative = path.relative_to(root)
-        if _STDLIB_SKIP & set(relative.parts[:-1]) or relative.name.startswith("test_"):
-            continue
-        text = _read_file(path)
-        if text is not None:
-            yield Document(f"stdlib:{relative.as_posix()}", text)
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in _STDLIB_SKIP)  # prune, and walk in order
+        for name in sorted(files):
+            if name.endswith(".py") and not name.startswith("test_"):
+                path = Path(folder) / name
+                text = _read_file(path)
+                if text is not None:
+                    yield Document(f"stdlib:{path.relative_to(root).as_posix()}", text)
 
 
 def _folder(root: Path, pattern: str) -> Iterator[Document]:

@@ -37,7 +37,7 @@ import torch
 
 from empower import models
 from empower.configs import option, save_config, to_dict
-from empower.corpus import CorpusConfig, Document, iter_documents
+from empower.corpus import CorpusConfig, Document, iter_documents, resolve_format
 from empower.scoring import context_prefix, score_documents
 
 log = logging.getLogger(__name__)
@@ -393,6 +393,10 @@ def build_data(config: DataConfig, *, model=None, tokenizer=None) -> Path:
         build_data(DataConfig(out=Path("runs/data/sft"), method=Method.SFT, sft_n=10, corpus_limit=50))
     """
     out = Path(config.out)
+    # Bad input (missing corpus, unknown model) fails before anything is written.
+    resolve_format(config)
+    if model is None:
+        models.resolve(config.estimator)
     done = _prepare_out(config)
     save_config(config, out / "config.json")
     if model is None or tokenizer is None:

@@ -23,7 +23,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,15 +88,20 @@ def _score_batch(model, batch: list[_Row], pad_id: int) -> list[np.ndarray]:
         input_ids[i, : len(row.tokens)] = torch.tensor(row.tokens)
         mask[i, : len(row.tokens)] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
-    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-    nats = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+    logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, T, V), contiguous
+    # Targets are the inputs shifted left; the flat (B*T, V) view avoids copying the logits (the
+    # last position has no target and is dropped below).
+    targets = input_ids.roll(-1, dims=1)
+    nats = torch.nn.functional.cross_entropy(
+        logits.view(-1, logits.shape[-1]).float(), targets.view(-1), reduction="none"
+    ).view(len(batch), width)[:, :-1]
     bits = (nats / LN2).cpu().numpy()
     return [bits[i, : len(row.tokens) - 1] for i, row in enumerate(batch)]
 
 
 def score_documents(
     model,
-    documents: Iterable[tuple[Hashable, list[int]]],
+    documents: Iterable[tuple[object, list[int]]],
     *,
     prefix: list[int] | None = None,
     batch_tokens: int = 4096,
@@ -104,7 +109,7 @@ def score_documents(
     overlap: int = 256,
     buffer_documents: int = 64,
     progress: bool = True,
-) -> Iterator[tuple[Hashable, np.ndarray]]:
+) -> Iterator[tuple[object, np.ndarray]]:
     """Stream ``(key, nll_bits)`` for ``(key, token_ids)`` documents, in input order.
 
     Args:
@@ -129,9 +134,9 @@ def score_documents(
     from tqdm.auto import tqdm
 
     bar = tqdm(desc="scoring", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
-    buffer: list[tuple[Hashable, list[int]]] = []
+    buffer: list[tuple[object, list[int]]] = []
 
-    def flush() -> Iterator[tuple[Hashable, np.ndarray]]:
+    def flush() -> Iterator[tuple[object, np.ndarray]]:
         results = [np.full(len(prefix) + len(ids), np.nan, dtype=np.float32) for _, ids in buffer]
         rows = [
             row
@@ -149,12 +154,21 @@ def score_documents(
             yield key, nll[len(prefix) :]
         buffer.clear()
 
+    documents = iter(documents)
     try:
-        for key, ids in documents:
+        while True:
+            try:
+                key, ids = next(documents)
+            except StopIteration:
+                break
+            except Exception:
+                # The input failed part-way (a bad record): score what was read before the error
+                # propagates, so no finished work is lost.
+                yield from flush()
+                raise
             buffer.append((key, ids))
             if len(buffer) >= buffer_documents:
                 yield from flush()
-        if buffer:
-            yield from flush()
+        yield from flush()
     finally:
         bar.close()
