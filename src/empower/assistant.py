@@ -243,7 +243,7 @@ def extract_code(reply: str) -> str:
 def strip_retyped(state: str, code: str) -> str:
     """What ``code`` adds to ``state`` when the model retyped (part of) the state first.
 
-    In order: an exact retype; a retype without the state's trailing whitespace; an approximate
+    In order: an exact retype; a partial retype (nothing added); a retype without the state's trailing whitespace; an approximate
     retype (difflib, >= 80% similar), cut where the state's end aligns; a retype of only the last
     lines of the state; otherwise the whole ``code`` is new.
     """
@@ -251,6 +251,8 @@ def strip_retyped(state: str, code: str) -> str:
         return code
     if code.startswith(state):
         return code[len(state) :]
+    if state.startswith(code):  # a retype cut off before it got past the state: nothing added
+        return ""
     core = state.rstrip()
     if code.startswith(core):
         rest = code[len(core) :]

@@ -1,0 +1,302 @@
+"""Simulated humans: the reference human's rule on hand-made cases, the LLM human's parsing, its local
+backend on the tiny model, and its server backend against a real llama.cpp server (integration).
+
+Run: .venv/bin/pytest tests/test_humans.py  (add -m integration for the server test only)
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from empower import models
+from empower.humans import (
+    Decision,
+    HumanConfig,
+    HumanServerError,
+    HumanView,
+    LLMHuman,
+    LocalChat,
+    ReferenceHuman,
+    agrees,
+    align,
+    build_human,
+    edit_distance,
+    parse_appended,
+    parse_decision,
+)
+from empower.tasks import Task, TestType
+
+PROMPT = 'def add(a, b):\n    """Return the sum of a and b."""\n'
+REFERENCE = PROMPT + "    total = a + b\n    return total\n"
+
+
+def make_task(reference: str | None = REFERENCE, task_id: str = "toy/add") -> Task:
+    return Task(
+        task_id=task_id,
+        statement="Return the sum of a and b.",
+        prompt=PROMPT,
+        test_type=TestType.HUMANEVAL,
+        test_code="def check(candidate):\n    assert candidate(1, 2) == 3\n",
+        entry_point="add",
+        reference=reference,
+    )
+
+
+@pytest.fixture(scope="module")
+def counter():
+    return models.load_tokenizer(models.DEFAULT_MODEL)
+
+
+def n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@pytest.fixture
+def reference_human(counter):
+    """Builds reference humans sharing one loaded counting tokenizer."""
+
+    def build(tolerance=0.0, k=10) -> ReferenceHuman:
+        return ReferenceHuman(
+            HumanConfig(human="reference", human_tolerance=tolerance, human_max_tokens=k), counter
+        )
+
+    return build
+
+
+def respond(human, state, suggestion, task=None):
+    [turn] = human.respond([HumanView(task=task or make_task(), state=state, suggestion=suggestion)])
+    return turn
+
+
+# ---------------------------------------------------------------------------------- pure pieces
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "distance"),
+    [("", "", 0), ("abc", "abc", 0), ("abc", "abd", 1), ("ab", "abc", 1), ("kitten", "sitting", 3)],
+)
+def test_edit_distance(a, b, distance):
+    assert edit_distance(a, b) == distance
+
+
+def test_agrees_exactly_only_with_prefixes_at_tolerance_zero():
+    assert agrees("    total", "    total = a + b\n", 0.0)
+    assert agrees("    total = a + b\n", "    total = a + b\n", 0.0)
+    assert not agrees("    total = a - b\n", "    total = a + b\n", 0.0)
+    assert not agrees("    total = a + b\n\n", "    total = a + b\n", 0.0)  # runs past the intent
+
+
+def test_agrees_with_near_misses_within_tolerance():
+    suggestion, remaining = (
+        "    total = a - b\n",
+        "    total = a + b\n    return total\n",
+    )  # 1 edit in 18 chars
+    assert agrees(suggestion, remaining, 0.1)
+    assert not agrees(suggestion, remaining, 0.05)
+
+
+def test_align_finds_the_end_of_a_prefix():
+    assert align(PROMPT + "    to", REFERENCE) == len(PROMPT) + 6
+
+
+def test_align_maps_a_near_miss_tail_onto_the_intent_text_it_replaced():
+    state = PROMPT + "    total = a - b"  # '-' stands where the intent has '+'
+    assert REFERENCE[align(state, REFERENCE) :] == "\n    return total\n"
+
+
+def test_align_skips_nothing_for_text_the_intent_lacks():
+    state = PROMPT + "    total = a + b\n    # extra\n"  # nothing in the intent corresponds to the comment
+    assert REFERENCE[align(state, REFERENCE) :] == "    return total\n"
+
+
+# ---------------------------------------------------------------------------------- reference human
+
+
+def test_reference_accepts_a_prefix_of_its_intent_and_writes_on_after_it(reference_human):
+    turn = respond(reference_human(), PROMPT, "    total")
+    assert turn.decision is Decision.ACCEPT
+    assert REFERENCE.startswith(PROMPT + "    total" + turn.written)
+    assert turn.written
+
+
+def test_reference_accepts_the_whole_remaining_intent_and_writes_nothing(reference_human):
+    turn = respond(reference_human(), PROMPT, REFERENCE[len(PROMPT) :])
+    assert (turn.decision, turn.written) == (Decision.ACCEPT, "")
+
+
+def test_reference_rejects_a_wrong_suggestion_and_writes_its_own_chunk(reference_human):
+    turn = respond(reference_human(), PROMPT, "    return a * b\n")
+    assert turn.decision is Decision.REJECT
+    assert REFERENCE.startswith(PROMPT + turn.written) and turn.written
+
+
+def test_reference_chunk_is_at_most_k_tokens(counter, reference_human):
+    turn = respond(reference_human(k=3), PROMPT, "")
+    assert n_tokens(counter, turn.written) == 3
+    assert REFERENCE.startswith(PROMPT + turn.written)
+
+
+def test_reference_takes_in_a_near_miss_at_tolerance_and_continues_after_it(reference_human):
+    suggestion = "    total = a - b\n"
+    assert respond(reference_human(0.0), PROMPT, suggestion).decision is Decision.REJECT
+    turn = respond(reference_human(0.1), PROMPT, suggestion)
+    assert turn.decision is Decision.ACCEPT
+    assert turn.written == "    return total\n"  # re-aligned: the bug stays, the intent goes on after it
+
+
+def test_align_re_anchors_on_lines_written_after_a_difference():
+    intent = "def f(x):\n    y = x + 1\n    z = y * 2\n    w = z - 3\n    return w\n"
+    state = "def f(x):\n    y = x + 2\n    z = y * 2\n    w ="
+    assert intent[align(state, intent) :] == " z - 3\n    return w\n"
+
+
+def test_reference_treats_an_empty_suggestion_as_a_no_op_accept(reference_human):
+    turn = respond(reference_human(), PROMPT, "")
+    assert turn.decision is Decision.ACCEPT
+    assert REFERENCE.startswith(PROMPT + turn.written) and turn.written
+
+
+def test_reference_finishes_when_its_intent_is_written(reference_human):
+    assert respond(reference_human(), REFERENCE, "    print(1)\n").decision is Decision.FINISH
+
+
+def test_reference_alone_writes_exactly_its_reference_then_finishes(reference_human):
+    human, state = reference_human(k=4), PROMPT
+    for _ in range(50):
+        turn = respond(human, state, "")
+        if turn.decision is Decision.FINISH:
+            break
+        state += turn.written
+    assert turn.decision is Decision.FINISH
+    assert state == REFERENCE
+
+
+def test_reference_without_a_reference_solution_is_a_clear_error(reference_human):
+    with pytest.raises(ValueError, match="toy/none has no reference"):
+        respond(reference_human(), PROMPT, "", task=make_task(reference=None, task_id="toy/none"))
+
+
+def test_config_rejects_a_tolerance_outside_zero_one():
+    with pytest.raises(ValueError, match="human_tolerance"):
+        HumanConfig(human_tolerance=1.5)
+
+
+# ---------------------------------------------------------------------------------- LLM human: parsing
+
+
+@pytest.mark.parametrize(
+    ("answer", "decision"),
+    [
+        ("ACCEPT", Decision.ACCEPT),
+        ("Reject.", Decision.REJECT),
+        (" accepted\n", Decision.ACCEPT),
+        ("I ACCEPT it", Decision.ACCEPT),
+        ("maybe", None),
+        ("", None),
+        ("accept or reject", None),
+    ],
+)
+def test_parse_decision(answer, decision):
+    assert parse_decision(answer) is decision
+
+
+def test_parse_appended_strips_the_fence_and_the_retyped_code():
+    reply = "Sure! Here it is:\n```python\n" + PROMPT + "    total = a + b\n```\nThis adds."
+    assert parse_appended(PROMPT, reply, closed=True) == ("    total = a + b\n", False)
+
+
+def test_parse_appended_reads_done_as_finished():
+    assert parse_appended(REFERENCE, "DONE", closed=True) == ("", True)
+
+
+def test_parse_appended_calls_a_cut_off_retype_malformed():
+    assert parse_appended(PROMPT, "```python\n" + PROMPT[:20], closed=False) == (None, False)
+
+
+# ---------------------------------------------------------------------------------- LLM human: backends
+
+
+def test_local_llm_human_counts_malformed_answers_without_crashing(tiny, tiny_model_path, counter):
+    """The random tiny model cannot answer ACCEPT/REJECT: every such answer is counted, none crashes."""
+    config = HumanConfig(human="llm", human_model=tiny_model_path, human_max_tokens=5)
+    human = LLMHuman(config, LocalChat(tiny_model_path, config, *tiny))
+    views = [HumanView(make_task(), PROMPT, "    total = a + b\n"), HumanView(make_task(), PROMPT, "")]
+    turns = human.respond(views)
+    assert len(turns) == 2
+    assert turns[0].malformed and human.malformed == sum(t.malformed for t in turns)
+    assert turns[0].decision in (Decision.REJECT, Decision.FINISH)  # unreadable: never accepted
+    assert all(n_tokens(counter, t.written) <= 5 for t in turns)
+    assert json.loads(turns[0].raw)["acceptor"] is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_is_a_clear_error_naming_the_url():
+    url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    with pytest.raises(HumanServerError, match=url.replace(".", r"\.")):
+        build_human(HumanConfig(human="llm", human_url=url, human_retries=1, human_timeout_s=2))
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    """A real llama.cpp server (llama-cpp-python) serving the embedded SmolLM2 GGUF on 127.0.0.1."""
+    pytest.importorskip(
+        "llama_cpp.server", reason="llama-cpp-python[server] not installed (make install-servers)"
+    )
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(models.embedded_gguf("smollm2-135m")),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "2048",
+        "--model_alias",
+        "smollm2",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        while True:  # wait for the port; a dead process fails the fixture with its stderr
+            if process.poll() is not None:
+                pytest.fail(f"llama_cpp.server exited {process.returncode}: {process.stderr.read()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.integration
+def test_llm_human_plays_turns_against_a_real_llama_cpp_server(llama_server, counter):
+    human = build_human(
+        HumanConfig(human="llm", human_url=llama_server, human_model="smollm2", human_max_tokens=10)
+    )
+    assert human.name.endswith("#smollm2")
+    views = [HumanView(make_task(), PROMPT, "    total = a + b\n"), HumanView(make_task(), PROMPT, "")]
+    turns = human.respond(views)
+    assert len(turns) == 2
+    for turn in turns:
+        raw = json.loads(turn.raw)
+        assert raw["appender"] is not None  # the server answered both calls
+        assert n_tokens(counter, turn.written) <= 10
+    assert human.malformed == sum(t.malformed for t in turns)
