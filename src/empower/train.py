@@ -459,11 +459,12 @@ def _sft_config(config: TrainConfig):
     )
 
 
-def build_trainer(config: TrainConfig, data: TrainData | None = None):
+def build_trainer(config: TrainConfig, data: TrainData | None = None, callbacks: list | None = None):
     """The configured SFTTrainer (model, LoRA, tokenized splits), before training.
 
     Exposed so that tests and benchmarks can inspect exactly what :func:`train` runs (its batches,
-    labels and speed). ``data`` defaults to ``load_pairs(config.data)``.
+    labels and speed). ``data`` defaults to ``load_pairs(config.data)``; ``callbacks`` are extra
+    ``transformers.TrainerCallback`` objects (early stopping, experiment trackers).
     """
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
@@ -502,11 +503,12 @@ def build_trainer(config: TrainConfig, data: TrainData | None = None):
     )
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
-    trainer.add_callback(_Progress())
+    for callback in [_Progress(), *(callbacks or [])]:
+        trainer.add_callback(callback)
     return trainer, data
 
 
-def train(config: TrainConfig) -> Path:
+def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     """Fine-tune ``config.base`` on the pairs in ``config.data``; returns the output folder.
 
     The folder loads with ``empower.models.load_model(out)`` and holds the adapter (or full weights),
@@ -529,7 +531,7 @@ def train(config: TrainConfig) -> Path:
     if state.is_main_process:
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / RUN_FILE).write_text(json.dumps(identity, indent=2) + "\n")
-    trainer, data = build_trainer(config, data)
+    trainer, data = build_trainer(config, data, callbacks)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     seconds = time.perf_counter() - started

@@ -1,0 +1,327 @@
+"""Fine-tuning (empower.train) on the tiny random model: labels, data handling, outputs, resume, CLI.
+
+Run: .venv/bin/pytest tests/test_train.py
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from typer.testing import CliRunner
+
+from empower import models
+from empower.cli import app
+from empower.train import (
+    TrainConfig,
+    build_trainer,
+    load_pairs,
+    merge_adapter,
+    split_by_document,
+    tokenize_pairs,
+    train,
+)
+
+
+def write_data_folder(out: Path, tokenizer, n_docs: int = 10, cuts: int = 4, seed: int = 0) -> list[dict]:
+    """A data folder in the `empower data build` format, from real code (the stdlib) cut on token boundaries.
+
+    Every pair's prompt and completion re-tokenize to exactly the tokens of the document; one pair in
+    four has k = 0 (completion = nothing, the model must learn to stop at once).
+    """
+    rng = random.Random(seed)
+    rows = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[: n_docs * 3]:
+        ids = tokenizer(path.read_text(errors="replace"), add_special_tokens=False)["input_ids"][:160]
+        kept = 0
+        for attempt in range(60):
+            if kept == cuts or len(ids) < 20:
+                break
+            cut = rng.randrange(1, len(ids) - 12)
+            k = 0 if attempt % 4 == 0 else rng.randrange(1, 12)
+            prompt, completion = tokenizer.decode(ids[:cut]), tokenizer.decode(ids[cut : cut + k])
+            if tokenizer(prompt, add_special_tokens=False)["input_ids"] != ids[:cut]:
+                continue
+            if tokenizer(completion, add_special_tokens=False)["input_ids"] != ids[cut : cut + k]:
+                continue
+            rows.append(
+                {"prompt": prompt, "completion": completion, "doc_id": path.name, "cut": cut, "k": k,
+                 "cum_bits": 0.0, "method": "empower", "eta": 0.32, "estimator": models.TINY_MODEL,
+                 "tokenizer": models.TINY_MODEL}
+            )  # fmt: skip
+            kept += 1
+        if len({row["doc_id"] for row in rows}) == n_docs:
+            break
+    out.mkdir(parents=True, exist_ok=True)
+    Dataset.from_list(rows).save_to_disk(str(out / "dataset"))
+    (out / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    manifest = {"tokenizer": models.TINY_MODEL, "estimator": models.TINY_MODEL, "fingerprint": f"test-{seed}",
+                "complete": True, "pairs": len(rows)}  # fmt: skip
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return models.load_tokenizer(models.TINY_MODEL)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    write_data_folder(folder, tokenizer)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def rows(data_dir) -> list[dict]:
+    return [json.loads(line) for line in (data_dir / "pairs.jsonl").read_text().splitlines()]
+
+
+def quick(data: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(data=data, out=out, base=models.TINY_MODEL, max_steps=2, batch_size=4, logging_steps=1)
+    return TrainConfig(**{**values, **overrides})
+
+
+def _segments(batch) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each sequence in a collated batch, padded or padding-free."""
+    if "position_ids" in batch:  # padding-free: one row, sequences start where positions restart at 0
+        ids, labels, positions = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]
+        starts = [*(positions == 0).nonzero().flatten().tolist(), len(ids)]
+        return [(ids[a:b].tolist(), labels[a:b].tolist()) for a, b in zip(starts, starts[1:], strict=False)]
+    mask = batch["attention_mask"].bool()
+    return [
+        (i[m].tolist(), lab[m].tolist())
+        for i, lab, m in zip(batch["input_ids"], batch["labels"], mask, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_labels_are_completion_plus_eos_only(data_dir, rows, tokenizer, tmp_path, padding_free):
+    trainer, _ = build_trainer(quick(data_dir, tmp_path / "m", padding_free=padding_free))
+    by_prompt = {tuple(tokenizer(row["prompt"])["input_ids"]): row for row in rows}
+    checked = 0
+    for batch in trainer.get_train_dataloader():
+        for ids, labels in _segments(batch):
+            n_prompt = next(i for i, label in enumerate(labels) if label != -100)
+            row = by_prompt[tuple(ids[:n_prompt])]  # the masked part is exactly one row's whole prompt
+            completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+            assert labels[n_prompt:] == completion + [tokenizer.eos_token_id]
+            assert labels[:n_prompt] == [-100] * n_prompt
+            checked += 1
+    assert checked == len(trainer.train_dataset) > 0
+
+
+def test_k0_pairs_train_only_the_stop(data_dir, rows, tokenizer):
+    empty = [row for row in rows if row["k"] == 0]
+    assert empty, "the fixture must contain k=0 pairs"
+    tokenized = tokenize_pairs(Dataset.from_list(empty), tokenizer, max_length=1024)
+    for ids, mask in zip(tokenized["input_ids"], tokenized["completion_mask"], strict=True):
+        assert sum(mask) == 1 and mask[-1] == 1 and ids[-1] == tokenizer.eos_token_id
+
+
+def test_prompt_and_completion_are_tokenized_separately(tokenizer):
+    """Tokenizing the joined text would merge "\\n" + "\\n" into one token and move it into the prompt."""
+    pair = Dataset.from_list([{"prompt": "x = 1\n", "completion": "\n"}])
+    (ids,) = tokenize_pairs(pair, tokenizer, max_length=64)["input_ids"]
+    expected = tokenizer("x = 1\n")["input_ids"] + tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert ids == expected + [tokenizer.eos_token_id]
+    assert tokenizer("x = 1\n\n")["input_ids"] != expected  # the merge this avoids
+
+
+def test_long_prompts_lose_their_start_not_the_completion(tokenizer):
+    pair = Dataset.from_list([{"prompt": "a = 1\n" * 50, "completion": "b = 2"}])
+    tokenized = tokenize_pairs(pair, tokenizer, max_length=16)
+    (ids,), (mask,) = tokenized["input_ids"], tokenized["completion_mask"]
+    completion = tokenizer("b = 2", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 16 and ids[-len(completion) - 1 :] == completion + [tokenizer.eos_token_id]
+    assert sum(mask) == len(completion) + 1
+
+
+def test_token_count_mismatch_is_warned(tokenizer, caplog):
+    pair = Dataset.from_list([{"prompt": "def f():\n", "completion": " pass", "cut": 99, "k": 1}])
+    with caplog.at_level(logging.WARNING, logger="empower.train"):
+        tokenize_pairs(pair, tokenizer, max_length=64, source="pairs.jsonl")
+    assert "1 of 1 pairs do not re-tokenize" in caplog.text
+
+
+def test_split_holds_out_whole_documents_reproducibly(data_dir, tokenizer):
+    tokenized = tokenize_pairs(load_pairs(data_dir).dataset, tokenizer, max_length=1024)
+    tokenized = tokenized.add_column("doc_copy", tokenized["doc"])
+
+    def docs(split):
+        return set(split["doc_copy"])
+
+    train_a, val_a = split_by_document(tokenized, 0.2, seed=0)
+    train_b, val_b = split_by_document(tokenized, 0.2, seed=0)
+    assert docs(train_a).isdisjoint(docs(val_a)) and len(docs(val_a)) == 2  # 20% of 10 documents
+    assert docs(val_a) == docs(val_b) and len(train_a) + len(val_a) == len(tokenized)
+
+
+@pytest.mark.parametrize("form", ["folder", "dataset", "jsonl"])
+def test_data_accepted_as_folder_dataset_or_jsonl(data_dir, rows, form):
+    path = {"folder": data_dir, "dataset": data_dir / "dataset", "jsonl": data_dir / "pairs.jsonl"}[form]
+    data = load_pairs(path)
+    assert data.dataset["prompt"] == [row["prompt"] for row in rows]
+    assert data.method == "empower" and data.tokenizer_name == models.TINY_MODEL
+
+
+def test_bad_data_gives_clear_errors(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        load_pairs(tmp_path / "empty.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl line 2"):
+        load_pairs(tmp_path / "bad.jsonl")
+    (tmp_path / "nocol.jsonl").write_text('{"prompt": "a", "text": "b"}\n')
+    with pytest.raises(ValueError, match="'completion'"):
+        load_pairs(tmp_path / "nocol.jsonl")
+    Dataset.from_list([{"prompt": "a", "text": "b"}]).save_to_disk(str(tmp_path / "d" / "dataset"))
+    with pytest.raises(ValueError, match=r"no column\(s\) \['completion'\]"):
+        load_pairs(tmp_path / "d")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_pairs(tmp_path / "missing")
+
+
+def test_unfinished_data_build_is_refused(data_dir, tmp_path):
+    shutil.copytree(data_dir, tmp_path / "d")
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps({"complete": False}))
+    with pytest.raises(ValueError, match="not complete"):
+        load_pairs(tmp_path / "d")
+
+
+def test_tokenizer_mismatch_is_warned_naming_both(data_dir, tokenizer, tmp_path, caplog):
+    other = tmp_path / "other-tokenizer"
+    changed = models.load_tokenizer(models.TINY_MODEL)
+    changed.add_tokens(["<not-in-the-base-vocab>"])
+    changed.save_pretrained(other)
+    shutil.copy(Path(models.resolve(models.TINY_MODEL)) / "config.json", other)
+    shutil.copytree(data_dir, tmp_path / "d")
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": str(other)}))
+    with caplog.at_level(logging.WARNING, logger="empower.train"):
+        build_trainer(quick(tmp_path / "d", tmp_path / "m"))
+    assert (
+        "tokenizer mismatch" in caplog.text and str(other) in caplog.text and models.TINY_MODEL in caplog.text
+    )
+
+
+def test_config_values_are_validated():
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainConfig(data=Path("d"), out=Path("o"), val_fraction=1.0)
+    with pytest.raises(ValueError, match="lora_rank"):
+        TrainConfig(data=Path("d"), out=Path("o"), lora_rank=0)
+    with pytest.raises(ValueError, match="resume and overwrite"):
+        TrainConfig(data=Path("d"), out=Path("o"), resume=True, overwrite=True)
+
+
+def test_gguf_base_is_refused(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="GGUF"):
+        build_trainer(quick(data_dir, tmp_path / "m", base=str(tmp_path / "model.gguf")))
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory) -> Path:
+    return train(quick(data_dir, tmp_path_factory.mktemp("run") / "model", max_steps=3))
+
+
+def test_output_folder_records_the_run(trained):
+    meta = json.loads((trained / "empower-model.json").read_text())
+    assert (
+        meta["base_model"] == models.TINY_MODEL and meta["method"] == "empower" and meta["finetune"] == "lora"
+    )
+    assert meta["data"] == "test-0" and meta["config"]["lora_rank"] == 16
+    assert (trained / "adapter_config.json").exists() and (trained / "trainer_state.json").exists()
+    assert not list(trained.glob("checkpoint-*"))  # optimizer state is only kept while a run is unfinished
+
+
+def test_validation_loss_is_reported(trained):
+    metrics = json.loads((trained / "empower-model.json").read_text())["metrics"]
+    assert 0 < metrics["eval_loss"] < 20 and metrics["train_tokens"] > 0
+
+
+def test_trained_adapter_loads_through_models(trained, tiny):
+    model, _ = models.load_model(trained, device="cpu")
+    base, tokenizer = tiny
+    ids = tokenizer("def f(x):\n    return", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, base(ids).logits)  # the adapter is applied
+
+
+def test_finished_or_different_run_is_not_overwritten(data_dir, trained):
+    before = (trained / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="finished run"):
+        train(quick(data_dir, trained, max_steps=3))
+    with pytest.raises(ValueError, match="different run.*lr"):
+        train(quick(data_dir, trained, max_steps=3, lr=1e-3))
+    assert (trained / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_foreign_output_folder_is_refused(data_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no empower training run"):
+        train(quick(data_dir, tmp_path, overwrite=True))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+class _StopAt(TrainerCallback):
+    """Interrupts training after ``step`` (as a crash or Ctrl-C would) and counts the steps it saw."""
+
+    def __init__(self, step: int | None = None):
+        self.step, self.steps = step, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_from_the_last_checkpoint(data_dir, tmp_path):
+    config = quick(data_dir, tmp_path / "m", max_steps=4, save_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, callbacks=[_StopAt(3)])
+    assert (tmp_path / "m" / "checkpoint-2").is_dir() and not (tmp_path / "m" / "empower-model.json").exists()
+    with pytest.raises(ValueError, match="--resume"):
+        train(config)
+    counter = _StopAt()
+    train(quick(data_dir, tmp_path / "m", max_steps=4, save_steps=2, resume=True), callbacks=[counter])
+    assert counter.steps == 2  # steps 3 and 4 only
+    assert json.loads((tmp_path / "m" / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_cli_trains_full_weights_and_merges(data_dir, tmp_path, trained):
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["train", "--data", str(data_dir), "--out", str(tmp_path / "full"), "--base", models.TINY_MODEL,
+         "--full", "--max-steps", "1", "--val-fraction", "0"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "full" / "empower-model.json").read_text())["finetune"] == "full"
+    assert (tmp_path / "full" / "config.json").exists() and not models.is_adapter(tmp_path / "full")
+
+    result = runner.invoke(app, ["train", "merge", str(trained), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    assert not models.is_adapter(tmp_path / "merged")
+    merged, tokenizer = models.load_model(tmp_path / "merged", device="cpu")
+    adapted, _ = models.load_model(trained, device="cpu")
+    ids = tokenizer("import os\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_refuses_full_weights_and_nonempty_out(trained, tmp_path):
+    with pytest.raises(ValueError, match="not a LoRA adapter"):
+        merge_adapter(models.resolve(models.TINY_MODEL), tmp_path / "x")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep").write_text("")
+    with pytest.raises(ValueError, match="not empty"):
+        merge_adapter(trained, tmp_path / "x")
