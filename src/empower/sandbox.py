@@ -19,7 +19,8 @@ uid was dropped, every process of that uid (so a fork bomb that called ``setsid`
 deletes the directory. Outputs are compared here, in the evaluator, not by the program.
 
 What it does NOT protect against: kernel exploits and CPU side channels (this is not a VM or a
-container); reads of world-readable files (the program can read ``/etc``, the Python stdlib, any
+container); filling the disk with many files within the time limit (``RLIMIT_FSIZE`` caps each
+file); reads of world-readable files (the program can read ``/etc``, the Python stdlib, any
 file others may read); writes to world-writable places such as ``/tmp`` when the guard is off (as a
 non-root user, also anywhere that user may write); a program that tampers with the harness
 in its own interpreter to forge a passing result for ``humaneval``-type tests (the audit hook runs
@@ -80,14 +81,23 @@ class Status(str, Enum):
 
 @dataclass
 class SandboxConfig:
-    sandbox_timeout_s: float = option(10.0, "wall-clock limit for one program and all its tests (seconds); CPU time is capped the same")
+    """Limits for running one program (and all its tests), and the size of the worker pool."""
+
+    sandbox_timeout_s: float = option(
+        10.0, "wall-clock limit for one program and all its tests (seconds); CPU time is capped the same")
     sandbox_memory_mb: int = option(1024, "address-space limit of a program (MB)")
-    sandbox_max_processes: int = option(16, "process and thread limit of a program (RLIMIT_NPROC; enforced when running as root)")
+    sandbox_max_processes: int = option(
+        16, "processes and threads (RLIMIT_NPROC, counted per uid: a program's own when the evaluator is "
+        "root, else all of the user's)")
     sandbox_max_file_mb: int = option(16, "largest file a program may write, including its captured output (MB)")
     sandbox_max_open_files: int = option(64, "open file descriptors of a program")
-    sandbox_workers: int = option(0, "programs run in parallel by run_many (0: one per CPU core)")
-    sandbox_guard: bool = option(True, "audit-hook guard inside the program (defence in depth; the OS limits hold without it)")
-    sandbox_python: str = option("", "Python interpreter for programs (default: this one if the sandbox user may read it, else python3 on PATH)")
+    sandbox_workers: int = option(
+        0, "programs run in parallel by run_many (0: two per CPU core, as each waits on process start-up "
+        "more than it computes)")
+    sandbox_guard: bool = option(
+        True, "audit-hook guard inside the program (defence in depth; the OS limits hold without it)")
+    sandbox_python: str = option(
+        "", "Python for programs (default: this one if an unprivileged user can read it, else python3 on PATH)")
 
     def __post_init__(self):
         for name in ("sandbox_timeout_s", "sandbox_memory_mb", "sandbox_max_processes", "sandbox_max_file_mb",
@@ -97,7 +107,7 @@ class SandboxConfig:
         if self.sandbox_memory_mb < 64:
             raise ValueError(f"sandbox_memory_mb={self.sandbox_memory_mb} is too small for a Python interpreter (>= 64)")
         if self.sandbox_workers < 0:
-            raise ValueError(f"sandbox_workers must be >= 0 (0: one per core), got {self.sandbox_workers}")
+            raise ValueError(f"sandbox_workers must be >= 0 (0: two per core), got {self.sandbox_workers}")
         if self.sandbox_python and not shutil.which(self.sandbox_python):
             raise ValueError(f"sandbox_python={self.sandbox_python!r} is not an executable")
 
@@ -397,7 +407,7 @@ def run_many(items: list[tuple[Task, str]], config: SandboxConfig | None = None,
     """Run many (task, program) pairs with a pool of ``sandbox_workers`` threads, each driving one
     child process; results come back in the order of ``items``."""
     config = config or SandboxConfig()
-    workers = config.sandbox_workers or os.cpu_count() or 1
+    workers = config.sandbox_workers or 2 * (os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda item: run_task_tests(item[0], item[1], config, public_only), items))
 

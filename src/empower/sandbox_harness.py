@@ -213,8 +213,8 @@ def main():
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
+    os.chdir(spec["workdir"])  # before dropping privileges: the folder's parents may be closed to the uid
     confine(spec)
-    os.chdir(spec["workdir"])
     if spec["guard"]:
         install_guard(spec["workdir"])
     try:
