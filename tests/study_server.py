@@ -59,9 +59,10 @@ def free_port() -> int:
 
 
 class StudyServer:
-    """A real `empower study serve` process on 127.0.0.1 (stopped by the caller)."""
+    """A real `empower study serve` process on 127.0.0.1 (stopped by the caller); waits for the models
+    unless ``assistants=False`` (tests that never ask for suggestions)."""
 
-    def __init__(self, db: Path, port: int | None = None, log: Path | None = None):
+    def __init__(self, db: Path, port: int | None = None, log: Path | None = None, assistants: bool = True):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or db.with_suffix(".serve.log")
@@ -69,15 +70,18 @@ class StudyServer:
             [*EMPOWER, "study", "serve", "--db", str(db), "--port", str(self.port), "--debounce-ms", "150"],
             stdout=self.log.open("w"), stderr=subprocess.STDOUT,
         )
-        self._wait_ready()
+        self._wait_ready(assistants)
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, assistants: bool) -> None:
         # Readiness, not a time limit on the test: the loop ends as soon as the server answers or dies.
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"study server exited with {self.process.returncode}:\n{self.log.read_text()}")
             try:
-                if httpx.get(self.url + "/health").json()["assistants_loaded"] == 2:
+                health = httpx.get(self.url + "/health").json()
+                if health["assistant_error"]:
+                    raise RuntimeError(f"assistants failed to load: {health['assistant_error']}")
+                if not assistants or health["assistants_loaded"] == health["assistants"]:
                     return
             except httpx.HTTPError:
                 pass

@@ -214,14 +214,14 @@ def test_suggestion_from_another_session_is_refused(client, study_db):
 def test_events_survive_a_killed_server_and_retries_do_not_duplicate(study_db, tmp_path):
     db = tmp_path / "study.sqlite"
     token = _tokens(study_db)[0]
-    server = StudyServer(db)
+    server = StudyServer(db, assistants=False)
     state = httpx.get(f"{server.url}/api/participant/{token}").json()["current"]
     session, start = state["session_id"], len(state["code"])
     first = [_event(session, f"before-{i:04d}", i, start + i - 1) for i in range(1, 6)]
     assert httpx.post(f"{server.url}/api/events", json={"token": token, "events": first}).status_code == 200
     server.kill()  # SIGKILL right after the acknowledgement
 
-    server = StudyServer(db)
+    server = StudyServer(db, assistants=False)
     try:
         # the client never saw the acknowledgement of `first`: it re-sends it with the next batch
         second = [_event(session, f"after-{i:04d}", i, start + i - 1) for i in range(6, 9)]

@@ -206,14 +206,20 @@ class StudyServer:
         # loop stays free while it generates.
         self.workers = {a: ThreadPoolExecutor(1, thread_name_prefix=f"assistant-{a}") for a in self.assistant_configs}
         self.latest_request: dict[int, int] = {}
+        self.load_error: str | None = None
 
     def load_assistants(self) -> None:
-        from empower.assistant import AssistantConfig, build_assistant
+        """Build every arm's assistant; a failure is kept and reported by /health and /api/suggest."""
+        try:
+            from empower.assistant import AssistantConfig, build_assistant
 
-        for assistant_id, (label, fields) in self.assistant_configs.items():
-            config = config_from_dict(AssistantConfig, fields, where=f"assistant {label}")
-            self.assistants[assistant_id] = build_assistant(config)
-            logger.info("assistant %s loaded (%s)", label, fields.get("assistant"))
+            for assistant_id, (label, fields) in self.assistant_configs.items():
+                config = config_from_dict(AssistantConfig, fields, where=f"assistant {label}")
+                self.assistants[assistant_id] = build_assistant(config)
+                logger.info("assistant %s loaded (%s)", label, fields.get("assistant"))
+        except Exception as err:  # noqa: BLE001 - any loading failure must reach the researcher, not kill the server
+            self.load_error = f"{type(err).__name__}: {err}"
+            logger.error("assistants failed to load: %s", self.load_error)
 
     def session_of(self, db, token: str, session_id: int | None = None):
         participant = db.scalars(
@@ -388,9 +394,13 @@ def create_app(config: StudyServeConfig, load_assistants: bool = True) -> FastAP
 
     @asynccontextmanager
     async def lifespan(_app):
-        if load_assistants:
-            await asyncio.to_thread(server.load_assistants)
+        # Assistants load in the background: the page, the event log and the run button work at
+        # once (a restarted server takes back queued events immediately); /api/suggest answers
+        # 503 until the models are in memory.
+        loading = asyncio.create_task(asyncio.to_thread(server.load_assistants)) if load_assistants else None
         yield
+        if loading is not None and not loading.done():
+            loading.cancel()
         for worker in server.workers.values():
             worker.shutdown(wait=False, cancel_futures=True)
 
@@ -409,7 +419,13 @@ def create_app(config: StudyServeConfig, load_assistants: bool = True) -> FastAP
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "study": server.study_name, "assistants_loaded": len(server.assistants)}
+        return {
+            "status": "ok",
+            "study": server.study_name,
+            "assistants_loaded": len(server.assistants),
+            "assistants": len(server.assistant_configs),
+            "assistant_error": server.load_error,
+        }
 
     @app.get("/")
     def index():
@@ -431,8 +447,10 @@ def create_app(config: StudyServeConfig, load_assistants: bool = True) -> FastAP
 
     @app.post("/api/suggest")
     async def suggest(body: SuggestIn):
-        if not server.assistants:
-            raise HTTPException(503, "assistants are not loaded on this server")
+        if server.load_error:
+            raise HTTPException(503, f"the assistants failed to load: {server.load_error}")
+        if len(server.assistants) < len(server.assistant_configs):
+            raise HTTPException(503, "the assistants are still loading; try again in a few seconds")
         return await server.suggest(body)
 
     @app.post("/api/run")

@@ -50,7 +50,7 @@ class Session {
           lineNumbers(), highlightActiveLineGutter(), highlightActiveLine(), history(), drawSelection(),
           indentOnInput(), bracketMatching(), indentUnit.of("    "), python(),
           syntaxHighlighting(defaultHighlightStyle, { fallback: true }),
-          ghostText(), keymap.of([...defaultKeymap, ...historyKeymap]),
+          ghostText(), keymap.of([...defaultKeymap, ...historyKeymap]), EditorView.lineWrapping,
           EditorView.updateListener.of((update) => this.onUpdate(update)),
         ],
       }),
