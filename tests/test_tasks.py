@@ -157,3 +157,15 @@ def test_leetcode_linked_list_reference_passes(shared_data):
                        limit=3)
     task = next(t for t in tasks if "ListNode" in t.prompt)
     assert run_task_tests(task, task.reference).status is Status.PASSED
+
+
+def test_cli_tasks_check_reports_excluded_tasks(tmp_path):
+    from typer.testing import CliRunner
+
+    from empower.cli import app
+
+    broken = {**HUMANEVAL_ROW, "task_id": "mine/1", "canonical_solution": "    return x\n"}
+    path = write_jsonl(tmp_path / "mine.jsonl", [HUMANEVAL_ROW, broken])
+    result = CliRunner().invoke(app, ["tasks", "check", "--tasks-path", str(path), "--sandbox-workers", "2"])
+    output = " ".join(result.output.split())  # rich wraps lines at the terminal width
+    assert result.exit_code == 0 and "1 excluded" in output and "mine/1" in output
