@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from study_server import EMPOWER, SOLUTIONS, StudyServer, create_study
 
 CHROMIUM = "/usr/bin/chromium"
@@ -78,6 +79,7 @@ def test_participant_session_end_to_end(study, page, tmp_path):
     page.goto(f"{server.url}/p/{token}")
     page.wait_for_selector(".cm-content")
     assert page.inner_text("#assistant-name") == "Assistant 1"
+    assert page.is_hidden("#survey-view") and page.is_hidden("#thanks-view")
     prompt = _editor_text(page)
 
     # 1. type; a ghost suggestion appears after the debounce; Tab accepts it
