@@ -96,7 +96,9 @@ class GridConfig:
         "and an optional label",
     )
     task_sets: list[dict] = option(
-        [{"tasks": "humaneval"}], "one entry per task set: tasks, tasks_path, limit, and an optional label"
+        [{"tasks": "humaneval"}],
+        "one entry per task set: tasks, tasks_path, limit, an optional label, and optionally humans: the "
+        "labels of the humans that play it (e.g. the reference human needs reference solutions)",
     )
 
     def __post_init__(self):
@@ -112,6 +114,18 @@ class GridConfig:
             labels = [_entry_label(e, name) for e in entries]
             if len(set(labels)) != len(labels):
                 raise ValueError(f"grid.{name}: labels {labels} repeat; give each entry a distinct 'label'")
+        known = {_entry_label(h, "humans") for h in self.humans}
+        for task_set in self.task_sets:
+            unknown = sorted(set(task_set.get("humans", known)) - known)
+            if unknown:
+                raise ValueError(f"grid.task_sets ({_entry_label(task_set, 'task_sets')}): humans {unknown} are not "
+                                 f"grid humans; labels: {', '.join(sorted(known))}")
+
+    def cells(self) -> list[tuple[dict, dict, GridMethod]]:
+        """(task set, human, method) of every evaluation run, task sets outermost."""
+        return [(t, h, m) for t in self.task_sets for h in self.humans
+                if _entry_label(h, "humans") in t.get("humans", [_entry_label(h, "humans")])
+                for m in self.methods]
 
 
 @dataclass
@@ -144,6 +158,8 @@ class ReproduceConfig:
                              "lr, lora_*, ...); max_steps is required so every method trains equally long")
     eval: dict = option({}, "empower.env.EvalConfig fields shared by all runs (sim_*, sandbox_*, dpr_*, "
                             "max_new_tokens, ...)")
+    data_fallback: dict = option({}, "data fields used instead of data's corpus_* settings when data.corpus names "
+                                     "a path that does not exist (e.g. {corpus: stdlib}: the offline default)")
     grid: GridConfig = option(default_factory=GridConfig, help="methods, eta, humans and task sets")
     calibration: CalibrationConfig | None = option(None, "how to choose eta (needed when grid.eta is null)")
     report: bool = option(True, "write the report at the end")
@@ -154,13 +170,18 @@ class ReproduceConfig:
             self.grid = config_from_dict(GridConfig, self.grid, where="grid")
         if isinstance(self.calibration, dict):
             self.calibration = config_from_dict(CalibrationConfig, self.calibration, where="calibration")
-        for section, owned in _OWNED.items():
+        for section, owned in {**_OWNED, "data_fallback": _OWNED["data"]}.items():
             values = getattr(self, section)
             if not isinstance(values, dict):
                 raise ValueError(f"{section}: expected a mapping of fields, got {values!r}")
             clash = sorted(owned & set(values))
             if clash:
                 raise ValueError(f"{section}: {', '.join(clash)} are set by the grid per method; remove them")
+        corpus = str(self.data.get("corpus", "stdlib"))
+        if self.data_fallback and corpus != "stdlib" and not Path(corpus).exists():
+            console.print(f"[yellow]data.corpus {corpus} does not exist; using data_fallback {self.data_fallback}[/]")
+            kept = {k: v for k, v in self.data.items() if not k.startswith("corpus")}
+            self.data, self.data_fallback = {**kept, **self.data_fallback}, {}
         if self.grid.eta is None and self.calibration is None:
             raise ValueError("grid.eta is null (calibrate) but there is no calibration section")
         if any(m in _DATA for m in self.grid.methods) and not self.train.get("max_steps"):
@@ -174,9 +195,8 @@ class ReproduceConfig:
             if method in _DATA:
                 data = data_config(self, method, eta)
                 train_config(self, method, data.out)
-            for human in self.grid.humans:
-                for task_set in self.grid.task_sets:
-                    eval_config(self, method, human, task_set, eta)
+        for task_set, human, method in self.grid.cells():
+            eval_config(self, method, human, task_set, eta)
         if self.calibration:
             calibration_human(self)
             _eval_fields(self.eval, self.calibration_task_set(), where="calibration")
@@ -197,7 +217,7 @@ def _entry_label(entry: dict, kind: str) -> str:
 
 
 def _without_label(entry: dict) -> dict:
-    return {k: v for k, v in entry.items() if k != "label"}
+    return {k: v for k, v in entry.items() if k not in ("label", "humans")}
 
 
 def _eval_fields(*parts: dict, where: str):
@@ -495,7 +515,7 @@ def reproduce(config: ReproduceConfig, *, command: str | None = None) -> Path:
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
     trained = [m for m in config.grid.methods if m in _DATA]
-    cells = [(t, h, m) for t in config.grid.task_sets for h in config.grid.humans for m in config.grid.methods]
+    cells = config.grid.cells()
     calibration_stages = 0
     if config.grid.eta is None:
         assert config.calibration is not None
