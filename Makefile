@@ -57,5 +57,9 @@ test: install lint
 bench: install
 	$(PY) -m bench
 
+# The whole pipeline on the embedded model, ~15 min on 2 CPU cores; rerun to resume (docs/reproduce.md).
+demo: install
+	$(VENV)/bin/empower reproduce --config configs/demo.yaml
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
