@@ -26,6 +26,7 @@ from empower.cli import data as _data  # noqa: E402,F401
 from empower.cli import models as _models  # noqa: E402,F401
 from empower.cli import tasks as _tasks  # noqa: E402,F401
 from empower.cli import train as _train  # noqa: E402,F401
+from empower.cli import eval as _eval  # noqa: E402,F401
 from empower.cli import serve as _serve  # noqa: E402,F401
 from empower.cli import study as _study  # noqa: E402,F401
 from empower.cli import reproduce as _reproduce  # noqa: E402,F401

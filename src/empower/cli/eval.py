@@ -1,0 +1,71 @@
+"""`empower eval ...`: run an evaluation, or summarize saved runs.
+
+    empower eval --assistant smollm2-135m --policy base-n --n 10 --human reference --tasks humaneval
+    empower eval summary runs/eval/*                    # table with 95% CIs
+    empower eval summary runs/eval/* --baseline runs/eval/base-ref   # plus paired tests
+
+``empower eval FLAGS`` is short for ``empower eval run FLAGS``; the flags come from
+:class:`empower.env.EvalConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from empower import metrics
+from empower.cli import app
+from empower.configs import config_command, option
+from empower.env import EvalConfig, run_eval
+
+
+class _RunByDefault(TyperGroup):
+    """A group whose first argument, when it names no subcommand, starts the default `run` command."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(cls=_RunByDefault, no_args_is_help=True,
+                       help="Evaluate assistants with simulated humans; summarize saved runs.")
+app.add_typer(eval_app, name="eval")
+
+
+@dataclass
+class SummaryConfig:
+    """Which run folders to tabulate (and compare against a baseline)."""
+
+    runs: list[Path] = option(help="run folders written by `empower eval`")
+    baseline: Path | None = option(None, "run folder to compare every other run with (paired tests)")
+    write: bool = option(True, "also rewrite each run's summary.json from its traces")
+
+
+@config_command(eval_app, SummaryConfig, "summary", positional=("runs",))
+def summary(config: SummaryConfig) -> None:
+    """Table of runs: Pass@1, acceptance, DPR with 95% CIs, tokens read/written, suggestions, lengths."""
+    console = Console()
+    runs = [r for r in config.runs if r != config.baseline]
+    if config.write:
+        for folder in [*runs, *([config.baseline] if config.baseline else [])]:
+            metrics.write_summary(folder)
+    summaries = [metrics.summarize_run(r) for r in ([config.baseline] if config.baseline else []) + runs]
+    console.print(metrics.summary_table(summaries))
+    for s in summaries:
+        if s.excluded:
+            console.print(f"{s.run}: {s.excluded} task(s) excluded (no reference, or it fails its own tests; see config.json)")
+    if config.baseline:
+        console.print(metrics.comparison_table([metrics.compare_runs(r, config.baseline) for r in runs]))
+
+
+@config_command(eval_app, EvalConfig, "run")
+def run(config: EvalConfig) -> None:
+    """Play one episode per task with an assistant and a simulated human; write the run folder."""
+    out = run_eval(config)
+    Console().print(metrics.summary_table([metrics.summarize_run(out)]))
+    typer.echo(f"run folder: {out}")

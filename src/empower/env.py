@@ -1,0 +1,351 @@
+"""The simulated multi-turn code-assistance environment: batched episodes, traces, run folders, resume.
+
+An episode starts from a task's starter code (the *state*). Each turn the assistant suggests text to
+append; the simulated human sees it and decides (ACCEPT appends it, then the human's own text; REJECT
+appends only the human's text; FINISH ends the episode after the human's text). Episodes end on
+FINISH, after ``sim_max_rounds`` turns, or when the program reaches ``sim_max_tokens``; the final
+program then runs in the sandbox against all tests.
+
+Model calls dominate the cost and batched generation is several times faster per token than batch 1,
+so up to ``sim_batch_size`` episodes are stepped together: each step sends every live episode's
+request to ``Assistant.suggest`` as one batch and every human view to ``Human.respond`` as one batch.
+A finished episode's place is refilled from the queue at once, so batches stay full.
+
+Run folder (docs/design.md): ``config.json`` (the resolved config, the tokenizer that counted tokens
+read/written, the tasks excluded and why), ``traces.jsonl`` (one line per finished episode, appended
+and flushed as it finishes), ``summary.json`` (rebuilt from the traces by ``metrics.write_summary``).
+``--resume`` skips the episodes already in ``traces.jsonl``, so an interrupted run continues and no
+episode is counted twice. Usage::
+
+    empower eval --assistant smollm2-135m --policy base-n --n 10 --human reference --tasks humaneval
+    run_eval(EvalConfig(assistant="smollm2-135m", tasks="humaneval", limit=16))  # -> Path of the run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from empower import models
+from empower.assistant import Assistant, AssistantConfig, SuggestionRequest, assistant_name, build_assistant
+from empower.configs import option, to_dict
+from empower.humans import Decision, Human, HumanConfig, HumanView, build_human
+from empower.metrics import MetricsConfig, discounted_pass, read_traces, write_summary
+from empower.sandbox import SandboxConfig, Status, run_many
+from empower.tasks import TASK_SETS, Task, load_tasks
+
+log = logging.getLogger(__name__)
+
+# Fields that change how fast a run goes, not what it measures: a resumed run may change them.
+_RESUMABLE_CHANGES = {"resume", "limit", "out", "sim_batch_size", "sandbox_workers"}
+
+
+@dataclass
+class EvalConfig(MetricsConfig, SandboxConfig, HumanConfig, AssistantConfig):
+    """One evaluation run: an assistant, a simulated human, a problem set and the episode limits.
+
+    The assistant, human, sandbox and metric fields are inherited from their own configs (declared
+    once there), so ``empower eval --help`` lists them all and ``config.json`` holds them all.
+    """
+
+    tasks: str = option("humaneval", "problem set: humaneval, mbpp or livecodebench")
+    tasks_path: str | None = option(None, "local file of the problem set (e.g. your own HumanEval-format JSONL)")
+    limit: int | None = option(None, "evaluate only the first N tasks")
+    out: Path | None = option(None, "run folder; default runs/eval/<assistant>-<policy>-<human>-<tasks>")
+    resume: bool = option(False, "continue the run in --out, skipping episodes already in traces.jsonl")
+    sim_max_rounds: int = option(50, "turns per episode before it is cut off")
+    sim_max_tokens: int = option(1024, "program length (counted tokens) at which an episode is cut off")
+    sim_batch_size: int = option(8, "episodes stepped together; their model calls go out as one batch")
+    sim_count_tokenizer: str = option(
+        models.DEFAULT_MODEL, "tokenizer that counts tokens read/written (keep it fixed across compared runs)"
+    )
+
+    def __post_init__(self):
+        for base in (AssistantConfig, HumanConfig, SandboxConfig, MetricsConfig):
+            if hasattr(base, "__post_init__"):
+                base.__post_init__(self)
+        if self.tasks not in TASK_SETS:
+            raise ValueError(f"tasks must be one of {', '.join(TASK_SETS)}, got {self.tasks!r}")
+        for name in ("sim_max_rounds", "sim_max_tokens", "sim_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.out is None:
+            name = assistant_name(self.part(AssistantConfig)).replace(":", "-")
+            self.out = Path("runs/eval") / f"{name}-{getattr(self.human, 'value', self.human)}-{self.tasks}"
+        self.out = Path(self.out)
+
+    def part(self, cls):
+        """The sub-config (AssistantConfig, HumanConfig, ...) holding this run's values of its fields."""
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if f.init})
+
+
+class TokenCounter:
+    """Counts tokens with one tokenizer for every run of a comparison (assistants' own tokenizers differ)."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.tokenizer = models.load_tokenizer(spec)
+
+    def __call__(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+@dataclass
+class Episode:
+    """The state and bookkeeping of one episode in flight."""
+
+    task: Task
+    state: str
+    events: list[dict] = field(default_factory=list)
+    turns: int = 0
+    tokens_read: int = 0
+    tokens_written: int = 0
+    accepted: int = 0
+    malformed: int = 0
+    suggestion_tokens: list[int] = field(default_factory=list)
+    suggestion_chars: list[int] = field(default_factory=list)
+    end_reason: str | None = None
+
+    def event(self, kind: str, text: str, tokens: int, **extra) -> None:
+        self.events.append({"turn": self.turns, "kind": kind, "text": text, "tokens": tokens,
+                            "chars": len(text), **extra})
+
+
+@dataclass
+class RunStats:
+    """Where the wall time of a run went (for the benchmark and the log)."""
+
+    episodes: int = 0
+    steps: int = 0
+    total_s: float = 0.0
+    assistant_s: float = 0.0
+    human_s: float = 0.0
+    sandbox_s: float = 0.0
+
+    @property
+    def other_s(self) -> float:
+        """Time outside the assistant, human and sandbox calls: the loop's own bookkeeping."""
+        return self.total_s - self.assistant_s - self.human_s - self.sandbox_s
+
+
+def _step(live: list[Episode], assistant: Assistant, human: Human, count: TokenCounter,
+          config: EvalConfig, stats: RunStats) -> None:
+    """One turn of every live episode: one batched assistant call, then one batched human call."""
+    start = time.perf_counter()
+    suggestions = assistant.suggest([SuggestionRequest(state=e.state, statement=e.task.statement) for e in live])
+    stats.assistant_s += time.perf_counter() - start
+    if len(suggestions) != len(live):
+        raise RuntimeError(f"assistant {assistant.name} returned {len(suggestions)} suggestions for {len(live)} requests")
+    start = time.perf_counter()
+    turns = human.respond([HumanView(task=e.task, state=e.state, suggestion=s.text) for e, s in zip(live, suggestions, strict=True)])
+    stats.human_s += time.perf_counter() - start
+    if len(turns) != len(live):
+        raise RuntimeError(f"human {human.name} returned {len(turns)} turns for {len(live)} views")
+    suggestion_counts = count([s.text for s in suggestions])
+    written_counts = count([t.written for t in turns])
+    for episode, suggestion, shown_tokens, turn, written_tokens in zip(
+        live, suggestions, suggestion_counts, turns, written_counts, strict=True
+    ):
+        episode.turns += 1
+        if suggestion.text:
+            episode.event("suggested", suggestion.text, shown_tokens, stop_reason=suggestion.stop_reason)
+            episode.tokens_read += shown_tokens
+            episode.suggestion_tokens.append(shown_tokens)
+            episode.suggestion_chars.append(len(suggestion.text))
+            if turn.decision is Decision.ACCEPT:
+                episode.event("accepted", suggestion.text, shown_tokens)
+                episode.accepted += 1
+                episode.state += suggestion.text
+            elif turn.decision is Decision.REJECT:
+                episode.event("rejected", "", 0)
+        episode.malformed += bool(turn.malformed)
+        if turn.written:
+            episode.event("wrote", turn.written, written_tokens, **({"malformed": True} if turn.malformed else {}))
+            episode.tokens_written += written_tokens
+            episode.state += turn.written
+        if turn.decision is Decision.FINISH:
+            episode.event("finished", "", 0)
+            episode.end_reason = "finish"
+        elif episode.turns >= config.sim_max_rounds:
+            episode.end_reason = "max_rounds"
+    for episode, length in zip(live, count([e.state for e in live]), strict=True):
+        if episode.end_reason is None and length >= config.sim_max_tokens:
+            episode.end_reason = "max_tokens"
+    stats.steps += 1
+
+
+def _trace(episode: Episode, result, assistant: Assistant, human: Human, config: EvalConfig) -> dict:
+    passed = result.status is Status.PASSED
+    return {
+        "task_id": episode.task.task_id, "assistant": assistant.name, "human": human.name,
+        "events": episode.events, "program": episode.state, "status": result.status.value,
+        "message": result.message[:2000], "passed": passed,
+        "tokens_read": episode.tokens_read, "tokens_written": episode.tokens_written,
+        "suggestions": len(episode.suggestion_tokens), "accepted": episode.accepted,
+        "suggestion_tokens": episode.suggestion_tokens, "suggestion_chars": episode.suggestion_chars,
+        # Simulated humans never edit an accepted suggestion; the field is kept for human studies.
+        "chars_deleted_from_accepted": 0,
+        "dpr": discounted_pass(passed, episode.tokens_read, episode.tokens_written, config),
+        "turns": episode.turns, "end_reason": episode.end_reason, "malformed_human_answers": episode.malformed,
+    }
+
+
+def run_episodes(
+    tasks: list[Task], assistant: Assistant, human: Human, config: EvalConfig, count: TokenCounter,
+    on_finished: Callable[[dict], None],
+) -> RunStats:
+    """Play one episode per task, ``sim_batch_size`` at a time; call ``on_finished(trace)`` per episode.
+
+    Finished programs are tested in the sandbox (worker pool) in groups of ``sim_batch_size``, so a
+    trace is handed over only once the episode is completely scored.
+    """
+    stats = RunStats()
+    begin = time.perf_counter()
+    queue, live, scoring = deque(tasks), [], []
+
+    def score(group: list[Episode]) -> None:
+        start = time.perf_counter()
+        results = run_many([(e.task, e.state) for e in group], config.part(SandboxConfig))
+        stats.sandbox_s += time.perf_counter() - start
+        traces = [_trace(e, r, assistant, human, config) for e, r in zip(group, results, strict=True)]
+        for trace in traces:
+            on_finished(trace)
+        stats.episodes += len(traces)
+
+    while queue or live:
+        while queue and len(live) < config.sim_batch_size:
+            task = queue.popleft()
+            live.append(Episode(task=task, state=task.prompt))
+        _step(live, assistant, human, count, config, stats)
+        scoring += [e for e in live if e.end_reason]
+        live = [e for e in live if not e.end_reason]
+        if len(scoring) >= config.sim_batch_size or (scoring and not queue and not live):
+            score(scoring)
+            scoring = []
+    stats.total_s = time.perf_counter() - begin
+    return stats
+
+
+def exclude_broken_references(tasks: list[Task], config: EvalConfig) -> tuple[list[Task], list[dict]]:
+    """Tasks whose reference solution is missing or fails its own tests, which a human who intends
+    the reference cannot play; returned as (kept, excluded with reasons) so the run can report them."""
+    missing = [t for t in tasks if not t.reference]
+    candidates = [t for t in tasks if t.reference]
+    results = run_many([(t, t.reference) for t in candidates], config.part(SandboxConfig))
+    failing = [(t, r) for t, r in zip(candidates, results, strict=True) if r.status is not Status.PASSED]
+    excluded = [{"task_id": t.task_id, "reason": "no reference solution"} for t in missing]
+    excluded += [{"task_id": t.task_id, "reason": f"reference {r.status.value}: {r.message[:200]}"} for t, r in failing]
+    dropped = {e["task_id"] for e in excluded}
+    return [t for t in tasks if t.task_id not in dropped], excluded
+
+
+def _needs_reference(config: EvalConfig) -> bool:
+    return str(getattr(config.human, "value", config.human)) == "reference"
+
+
+def _prepare_folder(config: EvalConfig) -> tuple[set[str], dict | None]:
+    """Check the run folder against ``--resume``; returns (task ids already done, saved config)."""
+    out = config.out
+    traces_path, config_path = out / "traces.jsonl", out / "config.json"
+    has_traces = traces_path.is_file() and traces_path.stat().st_size > 0
+    if not config.resume:
+        if has_traces:
+            raise ValueError(f"run folder {out} already holds episodes ({traces_path}); "
+                             "pass --resume to continue it, or choose another --out")
+        return set(), None
+    if not config_path.is_file():
+        if has_traces:
+            raise ValueError(f"cannot resume {out}: {traces_path} exists but {config_path} does not")
+        return set(), None
+    saved = json.loads(config_path.read_text())
+    current = to_dict(config)
+    changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        detail = "; ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume {out} with a different configuration ({detail})")
+    if not has_traces:
+        return set(), saved
+    text = traces_path.read_text()
+    if not text.endswith("\n"):  # torn last line of a killed run: drop it, that episode runs again
+        with open(traces_path, "r+") as f:
+            f.truncate(text.rfind("\n") + 1)
+    return {t["task_id"] for t in read_traces(traces_path)}, saved
+
+
+def run_eval(config: EvalConfig, progress: bool = True) -> Path:
+    """Evaluate ``config.assistant`` with ``config.human`` on ``config.tasks``; returns the run folder.
+
+    Args:
+        config: the run (see :class:`EvalConfig`); ``config.out`` is created if needed.
+        progress: show a progress bar (episodes done, Pass@1 and acceptance so far) on stderr.
+
+    Returns:
+        the run folder with config.json, traces.jsonl and summary.json.
+    """
+    done, saved = _prepare_folder(config)
+    tasks = load_tasks(config.tasks, path=config.tasks_path, limit=config.limit)
+    ids = {t.task_id for t in tasks}
+    excluded: list[dict] = []
+    if _needs_reference(config):
+        if saved is not None and "excluded_tasks" in saved:
+            excluded = [e for e in saved["excluded_tasks"] if e["task_id"] in ids]
+            tasks = [t for t in tasks if t.task_id not in {e["task_id"] for e in excluded}]
+        else:
+            tasks, excluded = exclude_broken_references(tasks, config)
+        if excluded:
+            log.warning("excluded %d task(s) whose reference is missing or fails its own tests: %s",
+                        len(excluded), ", ".join(e["task_id"] for e in excluded[:10]))
+    if not tasks:
+        raise ValueError(f"no task left to evaluate in {config.tasks} (excluded: {len(excluded)})")
+    count = TokenCounter(config.sim_count_tokenizer)
+    config.out.mkdir(parents=True, exist_ok=True)
+    record = {**to_dict(config), "count_tokenizer": count.spec, "n_tasks": len(tasks), "excluded_tasks": excluded}
+    (config.out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    todo = [t for t in tasks if t.task_id not in done]
+    log.info("%s: %d task(s), %d already done, %d to run", config.out, len(tasks), len(tasks) - len(todo), len(todo))
+    if todo:
+        stats = _play(todo, config, count, already_done=len(tasks) - len(todo), total=len(tasks), progress=progress)
+        log.info("%d episode(s) in %.1fs: assistant %.1fs, human %.1fs, sandbox %.1fs, other %.1fs",
+                 stats.episodes, stats.total_s, stats.assistant_s, stats.human_s, stats.sandbox_s, stats.other_s)
+    write_summary(config.out)
+    return config.out
+
+
+def _play(todo: list[Task], config: EvalConfig, count: TokenCounter, *, already_done: int, total: int,
+          progress: bool) -> RunStats:
+    """Build the assistant and human, run the episodes, append each trace as it finishes."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    assistant = build_assistant(config.part(AssistantConfig))
+    human = build_human(config.part(HumanConfig))
+    totals = {"passed": 0, "shown": 0, "accepted": 0, "done": 0}
+    bar = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                   TimeElapsedColumn(), console=Console(stderr=True), disable=not progress)
+    with open(config.out / "traces.jsonl", "a") as traces, bar:
+        job = bar.add_task("", total=total, completed=already_done)
+
+        def on_finished(trace: dict) -> None:
+            traces.write(json.dumps(trace) + "\n")
+            traces.flush()
+            os.fsync(traces.fileno())
+            totals["done"] += 1
+            totals["passed"] += trace["passed"]
+            totals["shown"] += trace["suggestions"]
+            totals["accepted"] += trace["accepted"]
+            acceptance = totals["accepted"] / totals["shown"] if totals["shown"] else float("nan")
+            bar.update(job, advance=1, description=f"pass {totals['passed'] / totals['done']:.2f} "
+                                                   f"acceptance {acceptance:.2f}")
+
+        return run_episodes(todo, assistant, human, config, count, on_finished)

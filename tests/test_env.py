@@ -1,0 +1,230 @@
+"""The episode loop end to end: the real tiny-model assistant, the real reference human, the real sandbox.
+
+Tasks are a hand-written HumanEval-format file read by the real loader (the user path).
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from empower.assistant import AssistantConfig, build_assistant
+from empower.env import EvalConfig, TokenCounter, run_episodes, run_eval
+from empower.humans import HumanConfig, build_human
+from empower.metrics import summarize_run
+from empower.tasks import load_tasks
+
+PROBLEMS = {
+    "add": ("def add(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n", "    return a + b\n", "assert candidate(1, 2) == 3"),
+    "double": ("def double(x):\n    \"\"\"Twice x.\"\"\"\n", "    y = x * 2\n    return y\n",
+               "assert candidate(4) == 8"),
+    "greet": ("def greet(name):\n    \"\"\"Hello, name!\"\"\"\n", "    return 'Hello, ' + name + '!'\n",
+              "assert candidate('Bo') == 'Hello, Bo!'"),
+}
+
+
+def _write_tasks(path: Path, copies: int = 1, broken: tuple[str, ...] = ()) -> Path:
+    rows = []
+    for i in range(copies):
+        for name, (prompt, solution, check) in PROBLEMS.items():
+            rows.append({
+                "task_id": f"toy/{name}{i or ''}", "prompt": prompt, "entry_point": name,
+                "canonical_solution": "    return None\n" if name in broken else solution,
+                "test": f"def check(candidate):\n    {check}\n",
+            })
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tasks_file(tmp_path_factory):
+    return _write_tasks(tmp_path_factory.mktemp("tasks") / "toy.jsonl")
+
+
+@pytest.fixture(scope="module")
+def make_config(tmp_path_factory, tiny_model_path, tasks_file):
+    def make(**overrides):
+        values = dict(assistant=tiny_model_path, policy="model", max_new_tokens=6, human="reference",
+                      tasks="humaneval", tasks_path=str(tasks_file), out=tmp_path_factory.mktemp("eval") / "run",
+                      sim_batch_size=4, sandbox_workers=2, metrics_resamples=200)
+        return EvalConfig(**{**values, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def finished_run(make_config):
+    """One complete run shared by the tests that only read it (runs cost seconds even with the tiny model)."""
+    config = make_config()
+    return run_eval(config, progress=False), config
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A private copy of the finished run, for tests that interrupt or resume it."""
+    run, config = finished_run
+    copy = shutil.copytree(run, tmp_path / "run")
+    return copy, dataclasses.replace(config, out=copy, resume=True)
+
+
+def _traces(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "traces.jsonl").read_text().splitlines()]
+
+
+def test_run_folder_holds_config_traces_and_summary(finished_run):
+    run, _ = finished_run
+    assert {p.name for p in run.iterdir()} >= {"config.json", "traces.jsonl", "summary.json"}
+
+
+def test_config_records_the_tokenizer_that_counted(finished_run):
+    run, config = finished_run
+    assert json.loads((run / "config.json").read_text())["count_tokenizer"] == config.sim_count_tokenizer
+
+
+def test_one_trace_per_task(finished_run):
+    run, _ = finished_run
+    assert sorted(t["task_id"] for t in _traces(run)) == ["toy/add", "toy/double", "toy/greet"]
+
+
+def test_reference_human_completes_every_task_despite_a_random_assistant(finished_run):
+    run, _ = finished_run
+    assert [t["passed"] for t in _traces(run)] == [True, True, True]
+    assert summarize_run(run).pass_at_1.value == 1.0
+
+
+def test_program_is_the_prompt_plus_the_appended_text(finished_run):
+    run, _ = finished_run
+    for trace in _traces(run):
+        appended = "".join(e["text"] for e in trace["events"] if e["kind"] in ("accepted", "wrote"))
+        assert trace["program"] == PROBLEMS[trace["task_id"].split("/")[1]][0] + appended
+
+
+def test_tokens_read_are_the_shown_suggestions_counted_by_the_fixed_tokenizer(finished_run):
+    run, config = finished_run
+    count = TokenCounter(config.sim_count_tokenizer)
+    for trace in _traces(run):
+        shown = [e for e in trace["events"] if e["kind"] == "suggested"]
+        assert trace["tokens_read"] == sum(count([e["text"] for e in shown]))
+        assert trace["suggestion_tokens"] == [e["tokens"] for e in shown]
+
+
+def test_tokens_written_are_the_humans_text(finished_run):
+    run, config = finished_run
+    count = TokenCounter(config.sim_count_tokenizer)
+    for trace in _traces(run):
+        wrote = [e["text"] for e in trace["events"] if e["kind"] == "wrote"]
+        assert trace["tokens_written"] == sum(count(wrote)) > 0
+
+
+def test_existing_run_is_not_overwritten_without_resume(run_copy):
+    _, config = run_copy
+    with pytest.raises(ValueError, match="--resume"):
+        run_eval(dataclasses.replace(config, resume=False), progress=False)
+
+
+def test_resume_runs_only_the_missing_episodes(run_copy):
+    run, config = run_copy
+    lines = (run / "traces.jsonl").read_text().splitlines(keepends=True)
+    (run / "traces.jsonl").write_text("".join(lines[:2]))
+    run_eval(config, progress=False)
+    traces = _traces(run)
+    assert [json.dumps(t) + "\n" for t in traces[:2]] == lines[:2] and len(traces) == 3
+    assert traces[2]["task_id"] == json.loads(lines[2])["task_id"]
+
+
+def test_resume_refuses_a_different_configuration(run_copy):
+    _, config = run_copy
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        run_eval(dataclasses.replace(config, max_new_tokens=7), progress=False)
+
+
+def test_torn_trace_line_is_played_again_on_resume(run_copy):
+    run, config = run_copy
+    lines = (run / "traces.jsonl").read_text().splitlines(keepends=True)
+    (run / "traces.jsonl").write_text("".join(lines[:2]) + lines[2][:40])
+    run_eval(config, progress=False)
+    assert sorted(t["task_id"] for t in _traces(run)) == ["toy/add", "toy/double", "toy/greet"]
+
+
+def test_task_whose_reference_fails_is_excluded_and_counted(tmp_path, make_config):
+    broken = _write_tasks(tmp_path / "broken.jsonl", broken=("double",))
+    run = run_eval(make_config(tasks_path=str(broken)), progress=False)
+    saved = json.loads((run / "config.json").read_text())
+    assert [e["task_id"] for e in saved["excluded_tasks"]] == ["toy/double"]
+    assert "toy/double" not in {t["task_id"] for t in _traces(run)}
+    assert summarize_run(run).excluded == 1
+
+
+@pytest.mark.parametrize("field,value", [("sim_max_rounds", 0), ("sim_batch_size", 0), ("limit", 0)])
+def test_invalid_limit_is_refused_by_name(make_config, field, value):
+    with pytest.raises(ValueError, match=field):
+        make_config(**{field: value})
+
+
+def test_default_run_folder_names_assistant_policy_human_and_tasks():
+    config = EvalConfig(assistant="smollm2-135m", policy="base-n", n=10, human="reference", tasks="mbpp")
+    assert config.out == Path("runs/eval/smollm2-135m-base-10-reference-mbpp")
+
+
+@pytest.fixture(scope="module")
+def players(make_config, tiny, tasks_file):
+    config = make_config()
+    assistant = build_assistant(config.part(AssistantConfig), model=tiny[0], tokenizer=tiny[1])
+    human = build_human(config.part(HumanConfig))
+    count = TokenCounter(config.sim_count_tokenizer)
+
+    def play(**overrides):
+        traces = []
+        stats = run_episodes(load_tasks("humaneval", str(tasks_file)), assistant, human,
+                             dataclasses.replace(config, **overrides), count, traces.append)
+        return stats, traces
+
+    return play
+
+
+def test_round_limit_cuts_episodes(players):
+    _, traces = players(sim_max_rounds=1)
+    assert {(t["turns"], t["end_reason"]) for t in traces} == {(1, "max_rounds")}
+
+
+def test_length_cap_cuts_episodes(players):
+    _, traces = players(sim_max_tokens=1)
+    assert {t["end_reason"] for t in traces} == {"max_tokens"}
+
+
+def test_live_episodes_are_stepped_together(players):
+    stats, traces = players()
+    assert stats.steps == max(t["turns"] for t in traces)
+
+
+def test_one_by_one_takes_a_step_per_turn(players):
+    stats, traces = players(sim_batch_size=1)
+    assert stats.steps == sum(t["turns"] for t in traces)
+
+
+def test_killed_run_resumes_without_counting_an_episode_twice(tmp_path, tiny_model_path):
+    tasks = _write_tasks(tmp_path / "many.jsonl", copies=2)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "empower", "eval", "--assistant", tiny_model_path, "--policy", "model",
+               "--max-new-tokens", "6", "--tasks", "humaneval", "--tasks-path", str(tasks), "--out", str(out),
+               "--sim-batch-size", "1", "--sandbox-workers", "1", "--metrics-resamples", "200"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    traces = out / "traces.jsonl"
+    while process.poll() is None and not (traces.is_file() and traces.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = traces.read_text().count("\n")
+    assert 1 <= done_before < 6, "the run must be interrupted mid-way for this test to mean anything"
+    assert not (out / "summary.json").exists()
+    subprocess.run([*command, "--resume"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ids = [t["task_id"] for t in _traces(out)]
+    assert len(ids) == len(set(ids)) == 6

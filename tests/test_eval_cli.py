@@ -1,0 +1,82 @@
+"""`empower eval ...` and `empower eval summary RUN...` through the real command line."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from empower.cli import app, main
+
+
+def _trace(task_id, passed, written=5):
+    return {"task_id": task_id, "passed": passed, "tokens_read": 10, "tokens_written": written, "suggestions": 2,
+            "accepted": 1, "suggestion_tokens": [4, 6], "suggestion_chars": [12, 20],
+            "chars_deleted_from_accepted": 0, "turns": 3, "end_reason": "finish",
+            "status": "passed" if passed else "failed"}
+
+
+def _run(path, passes, **config):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"assistant": "smollm2-135m", "human": "reference",
+                                                  "tasks": "humaneval", "n_tasks": len(passes), **config}))
+    (path / "traces.jsonl").write_text("".join(json.dumps(_trace(f"t{i}", p)) + "\n" for i, p in enumerate(passes)))
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path):
+    return (_run(tmp_path / "empower-ref", [True, True, False, True]),
+            _run(tmp_path / "base-ref", [False, True, False, False]))
+
+
+def _invoke(*args):
+    # rich sizes its tables from COLUMNS; wide enough that no run name wraps.
+    return CliRunner(env={"COLUMNS": "300"}).invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_summary_tabulates_every_run(runs):
+    result = _invoke("eval", "summary", *runs)
+    assert result.exit_code == 0, result.output
+    assert "empower-ref" in result.output and "base-ref" in result.output and "0.750" in result.output
+
+
+def test_summary_rebuilds_summary_json(runs):
+    _invoke("eval", "summary", *runs)
+    assert json.loads((runs[0] / "summary.json").read_text())["pass_at_1"]["value"] == 0.75
+
+
+def test_summary_with_a_baseline_prints_paired_tests(runs):
+    result = _invoke("eval", "summary", runs[0], "--baseline", runs[1])
+    assert result.exit_code == 0, result.output
+    assert "McNemar" in result.output
+
+
+def test_summary_of_a_folder_that_is_no_run_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "summary", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_eval_help_lists_run_and_summary():
+    result = _invoke("eval", "--help")
+    assert "summary" in result.output and "run" in result.output
+
+
+def test_eval_flags_start_a_run(tmp_path, tiny_model_path):
+    tasks = tmp_path / "one.jsonl"
+    tasks.write_text(json.dumps({"task_id": "toy/inc", "prompt": "def inc(x):\n", "entry_point": "inc",
+                                 "canonical_solution": "    return x + 1\n",
+                                 "test": "def check(candidate):\n    assert candidate(1) == 2\n"}) + "\n")
+    out = tmp_path / "run"
+    result = _invoke("eval", "--assistant", tiny_model_path, "--policy", "base-n", "--n", "4", "--human",
+                     "reference", "--tasks", "humaneval", "--tasks-path", tasks, "--out", out,
+                     "--metrics-resamples", "200")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["episodes"] == 1
+
+
+def test_unknown_task_set_is_refused_by_name(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--tasks", "nonsense", "--out", str(tmp_path / "run")])
+    assert "nonsense" in capsys.readouterr().err
