@@ -173,14 +173,28 @@ def test_fork_bomb_blocked_by_guard_says_so():
     assert "os.fork" in run("import os\nos.fork()\n").message
 
 
+WRITES = {
+    "open": "open({target!r}, 'w').write('x')\n",
+    "os.open": "import os\nos.close(os.open({target!r}, os.O_WRONLY | os.O_CREAT))\n",
+    "mkdir": "import os\nos.mkdir({target!r})\n",
+    "sqlite": "import sqlite3\nsqlite3.connect({target!r}).execute('create table t (x)')\n",
+}
+
+
+@pytest.mark.parametrize("how", list(WRITES))
 @pytest.mark.parametrize(("guard", "where"), [(True, "tmp"), (True, "private"), (False, "private")])
-def test_cannot_write_outside_its_directory(guard, where, tmp_path):
+def test_cannot_write_outside_its_directory(guard, where, how, tmp_path):
     if not guard and not ROOT:
         pytest.skip("without root the program writes with the tester's own rights")
     folder = Path("/tmp") if where == "tmp" else tmp_path  # pytest's tmp_path is a root-only folder
     target = folder / f"escape-{secrets.token_hex(4)}"
-    result = run(f"open({str(target)!r}, 'w').write('x')\n", guard)
+    result = run(WRITES[how].format(target=str(target)), guard)
     assert (result.status, target.exists()) == (Status.ERROR, False)
+
+
+def test_may_write_inside_its_directory():
+    program = "open('scratch.txt', 'w').write('x')\nimport tempfile\ntempfile.mkstemp()\n" + ADD.reference
+    assert run(program).status is Status.PASSED
 
 
 @pytest.fixture

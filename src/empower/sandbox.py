@@ -389,7 +389,7 @@ def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None
     if wrong is not None:
         index, actual = wrong
         return result(Status.FAILED, f"wrong answer on test {index}", _failure(index, cases[index], actual, None))
-    return result(Status.PASSED, f"passed {len(cases)} tests")
+    return result(Status.PASSED, f"passed {len(cases)} test{'s' if len(cases) != 1 else ''}")
 
 
 def _crash_result(returncode: int, stderr_tail: str, result) -> ExecutionResult:
@@ -398,8 +398,10 @@ def _crash_result(returncode: int, stderr_tail: str, result) -> ExecutionResult:
         return result(Status.TIMEOUT, "killed at the CPU time limit")
     if returncode == -signal.SIGXFSZ:
         return result(Status.ERROR, "exceeded the file size limit")
-    if "MemoryError" in stderr_tail or returncode == -signal.SIGSEGV:
-        return result(Status.MEMORY, f"died at the memory limit (exit {returncode}): {stderr_tail[-300:]}")
+    if "MemoryError" in stderr_tail:
+        return result(Status.MEMORY, f"died at the memory limit: {stderr_tail[-300:]}")
+    if returncode == -signal.SIGSEGV:
+        return result(Status.ERROR, "the interpreter crashed (SIGSEGV: e.g. a C stack overflow or a broken extension)")
     return result(Status.ERROR, f"the program's interpreter exited with {returncode}: {stderr_tail[-300:]}".strip())
 
 

@@ -27,7 +27,7 @@ BLOCKED_EVENTS = frozenset({
 PATH_EVENTS = {
     "os.remove": 1, "os.rmdir": 1, "os.rename": 2, "os.replace": 2, "os.mkdir": 1, "os.chmod": 1, "os.chown": 1,
     "os.link": 2, "os.symlink": 2, "os.truncate": 1, "os.utime": 1, "shutil.rmtree": 1, "os.mkfifo": 1,
-    "os.mknod": 1,
+    "os.mknod": 1, "sqlite3.connect": 1,
 }
 _result = None
 _isolation = []

@@ -374,6 +374,12 @@ def _livecodebench_task(row: dict, where: str, index: int) -> Task:
         metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
         entry_point = metadata.get("func_name") or _method_name(starter, where)
     cases = tuple(TestCase(input=_field(t, where, "input"), output=_field(t, where, "output")) for t in tests)
+    if test_type is TestType.FUNCTIONAL:
+        for number, case in enumerate(cases):
+            try:
+                [json.loads(line) for line in case.input.split("\n") if line.strip()]
+            except json.JSONDecodeError as err:
+                raise TaskFormatError(f"{where}: test {number} input is not one JSON value per line: {err}") from err
     title = _field(row, where, "question_title", "problem_title", default="")
     task_id = _field(row, where, "question_id", "task_id", default=None) or (
         f"lcb/{index}-" + re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") if title else f"lcb/{index}"
