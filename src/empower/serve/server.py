@@ -30,10 +30,12 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from empower.assistant import Policy
 from empower.configs import option
@@ -86,6 +88,11 @@ class ServeConfig:
     )
     serve_max_body_bytes: int = option(1 << 20, "largest request body in bytes", flag="--max-body-bytes")
     serve_max_choices: int = option(16, "largest len(prompt) x n per request", flag="--max-choices")
+    serve_threads: int = option(
+        0,
+        "torch threads for the model (0: torch's default); 1 is faster when other jobs share the cores",
+        flag="--threads",
+    )
     serve_ignore_suffix: bool = option(
         False, "models without FIM tokens: drop 'suffix' instead of a 400", flag="--ignore-suffix"
     )
@@ -107,6 +114,8 @@ class ServeConfig:
             raise ValueError(f"eta must be > 0 bits, got {self.eta}")
         if not 0 < self.serve_port < 65536:
             raise ValueError(f"serve_port must be in 1..65535, got {self.serve_port}")
+        if self.serve_threads < 0:
+            raise ValueError(f"serve_threads must be >= 0, got {self.serve_threads}")
         if self.serve_batch_wait_ms < 0:
             raise ValueError(f"serve_batch_wait_ms must be >= 0, got {self.serve_batch_wait_ms}")
         if self.serve_engine_url and self.serve_engine is not EngineKind.VLLM:
@@ -251,6 +260,10 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(request, err: ApiError):
         return err.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, err: StarletteHTTPException):  # unknown paths, wrong methods
+        return ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}").response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, err: RequestValidationError):
@@ -488,6 +501,9 @@ def build_engine(config: ServeConfig):
         from empower.serve.upstream import start_vllm_engine
 
         return start_vllm_engine(config), models.load_tokenizer(config.assistant)
+    if config.serve_threads:
+        # With more busy threads than free cores, OpenMP threads wait on each other: one is faster.
+        torch.set_num_threads(config.serve_threads)
     model, tokenizer = models.load_model(config.assistant)
     engine = Engine(
         model,

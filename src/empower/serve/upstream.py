@@ -19,6 +19,7 @@ import math
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,13 +38,23 @@ LN2 = math.log(2.0)
 class UpstreamEngine:
     """An OpenAI-compatible completion server used as the engine (same ``stream`` face as ``Engine``)."""
 
-    def __init__(self, url: str, model: str, rule: PolicyRule, process: subprocess.Popen | None = None):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        rule: PolicyRule,
+        process: subprocess.Popen | None = None,
+        api_key: str | None = None,
+    ):
         self.url = url.rstrip("/")
         self.upstream_model = model
         self.rule = rule
         self.process = process
         self.stats = EngineStats()
-        self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10.0))
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._client = httpx.AsyncClient(
+            base_url=self.url, headers=headers, timeout=httpx.Timeout(None, connect=10.0)
+        )
 
     async def stream(self, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator[Delta]:
         """Yield deltas per choice as vLLM streams them; closing early aborts the upstream request."""
@@ -178,7 +189,7 @@ def launch_vllm(
         "2048",
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    log_path = log_path or Path(f"vllm-{port}.log")
+    log_path = log_path or Path(tempfile.gettempdir()) / f"empower-vllm-{port}.log"
     with open(log_path, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     log.info("starting vLLM for %s on %s (log: %s)", model_folder, url, log_path)
@@ -192,11 +203,15 @@ def launch_vllm(
 
 def start_vllm_engine(config) -> UpstreamEngine:
     """The vLLM engine for a ``ServeConfig``: the server at ``serve_engine_url`` or a new one."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per proxied request otherwise
+    # vLLM's own server reads its key from VLLM_API_KEY; the same variable reaches one here.
+    api_key = os.environ.get("VLLM_API_KEY")
     if config.serve_engine_url:
         url = config.serve_engine_url.rstrip("/")
         _wait_healthy(url, None, None, attempts=30)
-        served = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-        return UpstreamEngine(url, served, config.rule)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        served = httpx.get(f"{url}/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
+        return UpstreamEngine(url, served, config.rule, api_key=api_key)
     folder = models.resolve(config.assistant)
     if models.is_adapter(folder) or not Path(folder).is_dir():
         raise ValueError(
@@ -204,4 +219,4 @@ def start_vllm_engine(config) -> UpstreamEngine:
             "merge a LoRA adapter first (empower train merge) or pass an embedded model name"
         )
     url, process = launch_vllm(folder, config.model_id, config.serve_vllm_python)
-    return UpstreamEngine(url, config.model_id, config.rule, process)
+    return UpstreamEngine(url, config.model_id, config.rule, process, api_key=api_key)
