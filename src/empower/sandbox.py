@@ -153,10 +153,14 @@ def _interpreter(requested: str) -> tuple[str, bool]:
         return candidates[0], False
     if not requested:
         candidates += [p for p in (shutil.which("python3"), "/usr/bin/python3") if p]
+    ours = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    script = "import os, sys; print(os.__file__, f'{sys.version_info[0]}.{sys.version_info[1]}')"
     for candidate in candidates:
-        stdlib = subprocess.run([candidate, "-I", "-S", "-c", "import os; print(os.__file__)"],
-                                capture_output=True, text=True).stdout.strip()
-        if _world_readable(candidate) and stdlib and _world_readable(stdlib):
+        probe = subprocess.run([candidate, "-I", "-S", "-c", script], capture_output=True, text=True).stdout.split()
+        if len(probe) == 2 and _world_readable(candidate) and _world_readable(probe[0]):
+            if probe[1] != ours:
+                logger.warning("programs run on Python %s (%s), not this interpreter's %s, which the sandbox user "
+                               "cannot read", probe[1], candidate, ours)
             return candidate, True
     logger.warning("no Python interpreter whose stdlib an unprivileged user can read: programs keep root's "
                    "uid (set sandbox_python to a world-readable interpreter to fix this)")
