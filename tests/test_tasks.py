@@ -5,6 +5,7 @@ Run: ``.venv/bin/pytest tests/test_tasks.py``. Tests on the shared problem sets 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -84,6 +85,12 @@ def test_hub_path_loads_through_datasets(tmp_path):
     write_jsonl(folder / "test.jsonl", [HUMANEVAL_ROW])
     (task,) = load_tasks("humaneval", f"hf:{folder}:test")  # split named after the file
     assert task.reference == HUMANEVAL_ROW["prompt"] + HUMANEVAL_ROW["canonical_solution"]
+
+
+def test_task_round_trips_through_plain_values():
+    task = load_tasks("humaneval", limit=1)[0]
+    plain = json.loads(json.dumps(dataclasses.asdict(task)))
+    assert Task(**plain) == task
 
 
 def test_reference_must_extend_the_prompt():

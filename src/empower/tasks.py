@@ -152,8 +152,14 @@ class Task:
     def __post_init__(self):
         if not self.task_id:
             raise ValueError("task_id is empty")
-        if not isinstance(self.test_type, TestType):
-            raise ValueError(f"task {self.task_id}: test_type {self.test_type!r} is not a TestType")
+        try:  # accept plain values (e.g. a Task rebuilt from JSON) and normalise them once, here
+            object.__setattr__(self, "test_type", TestType(self.test_type))
+        except ValueError as err:
+            raise ValueError(f"task {self.task_id}: test_type {self.test_type!r} is not one of "
+                             f"{[t.value for t in TestType]}") from err
+        for name in ("test_cases", "public_test_cases"):
+            cases = tuple(c if isinstance(c, TestCase) else TestCase(**c) for c in getattr(self, name))
+            object.__setattr__(self, name, cases)
         if self.test_type is TestType.HUMANEVAL and not self.test_code.strip():
             raise ValueError(f"task {self.task_id}: a humaneval-type task needs test_code")
         if self.test_type is not TestType.HUMANEVAL and not self.test_cases:
