@@ -112,6 +112,17 @@ def test_participant_session_end_to_end(study, page, tmp_path):
     page.wait_for_function("document.querySelector('#assistant-name').textContent === 'Assistant 2'")
     second_task = _rows(db, "select task_index from sessions order by id")[1]["task_index"]
     page.wait_for_selector(".cm-content")
+    # events typed while the server is unreachable stay queued; reopening the page loses nothing
+    second_prompt = _editor_text(page)
+    page.route("**/api/events", lambda route: route.abort())
+    _end_of_doc(page)
+    page.keyboard.type("    return")
+    page.wait_for_function("document.querySelector('#save-status').textContent.startsWith('offline')")
+    assert page.evaluate("window.study.queue.items.length") >= len("    return")
+    page.unroute("**/api/events")
+    page.reload()
+    page.wait_for_selector(".cm-content")
+    assert _editor_text(page) == second_prompt + "    return"
     _replace_all(page, list(SOLUTIONS.values())[second_task])
     page.click("#submit")
 

@@ -73,14 +73,15 @@ class StudyServeConfig:
 Text = Annotated[str, Field(max_length=200_000)]
 ClientId = Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Token = Annotated[str, Field(min_length=8, max_length=64)]
-EDIT_KINDS = {EventKind.INSERT, EventKind.DELETE, EventKind.ACCEPTED}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+class _Request(BaseModel):
+    """Unknown fields are refused (422 naming them) rather than silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
-class EventIn(_Strict):
+class EventIn(_Request):
     session_id: int
     client_id: ClientId
     seq: int = Field(ge=0)
@@ -112,18 +113,18 @@ class EventIn(_Strict):
         return self
 
 
-class EventsIn(_Strict):
+class EventsIn(_Request):
     token: Token
     events: list[EventIn] = Field(max_length=1000)
 
 
-class SuggestIn(_Strict):
+class SuggestIn(_Request):
     token: Token
     session_id: int
     state: Text
 
 
-class CodeIn(_Strict):
+class CodeIn(_Request):
     """A run or a submission: the code, plus the event identity so a retry returns the same result."""
 
     token: Token
@@ -135,7 +136,7 @@ class CodeIn(_Strict):
     code: Text
 
 
-class SurveyIn(_Strict):
+class SurveyIn(_Request):
     token: Token
     enjoy: int = Field(ge=1)
     relevant: int = Field(ge=1)
