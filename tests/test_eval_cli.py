@@ -80,3 +80,17 @@ def test_unknown_task_set_is_refused_by_name(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--tasks", "nonsense", "--out", str(tmp_path / "run")])
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_unreachable_human_server_stops_with_a_resume_hint(tmp_path, tiny_model_path, capsys):
+    tasks = tmp_path / "one.jsonl"
+    tasks.write_text(json.dumps({"task_id": "toy/inc", "prompt": "def inc(x):\n", "entry_point": "inc",
+                                 "canonical_solution": "    return x + 1\n",
+                                 "test": "def check(candidate):\n    assert candidate(1) == 2\n"}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--assistant", tiny_model_path, "--max-new-tokens", "4", "--human", "llm",
+              "--human-url", "http://127.0.0.1:9", "--human-retries", "0", "--tasks", "humaneval",
+              "--tasks-path", str(tasks), "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "127.0.0.1:9" in err and "--resume" in err

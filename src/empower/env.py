@@ -43,8 +43,13 @@ from empower.tasks import TASK_SETS, Task, load_tasks
 
 log = logging.getLogger(__name__)
 
-# Fields that change how fast a run goes, not what it measures: a resumed run may change them.
-_RESUMABLE_CHANGES = {"resume", "limit", "out", "sim_batch_size", "sandbox_workers"}
+# Fields that change how fast a run goes (or how its summary is bootstrapped), not what its episodes
+# are: a resumed run may change them.
+_RESUMABLE_CHANGES = {
+    "resume", "limit", "out", "sim_batch_size", "sandbox_workers", "assistant_batch_size", "device",
+    "human_batch_size", "human_concurrency", "human_timeout_s", "human_retries", "human_device",
+    "metrics_resamples", "metrics_seed",
+}
 
 
 @dataclass
@@ -55,7 +60,7 @@ class EvalConfig(MetricsConfig, SandboxConfig, HumanConfig, AssistantConfig):
     once there), so ``empower eval --help`` lists them all and ``config.json`` holds them all.
     """
 
-    tasks: str = option("humaneval", "problem set: humaneval, mbpp or livecodebench")
+    tasks: str = option("humaneval", f"problem set: {' | '.join(TASK_SETS)}")
     tasks_path: str | None = option(None, "local file of the problem set (e.g. your own HumanEval-format JSONL)")
     limit: int | None = option(None, "evaluate only the first N tasks")
     out: Path | None = option(None, "run folder; default runs/eval/<assistant>-<policy>-<human>-<tasks>")

@@ -66,6 +66,15 @@ def summary(config: SummaryConfig) -> None:
 @config_command(eval_app, EvalConfig, "run")
 def run(config: EvalConfig) -> None:
     """Play one episode per task with an assistant and a simulated human; write the run folder."""
-    out = run_eval(config)
+    try:
+        out = run_eval(config)
+    except (ConnectionError, KeyboardInterrupt) as err:  # e.g. humans.HumanServerError after its retries
+        traces = config.out / "traces.jsonl"
+        done = len(metrics.read_traces(traces)) if traces.is_file() else 0
+        Console(stderr=True).print(
+            f"[bold red]stopped:[/] {err or type(err).__name__}\n{done} finished episode(s) are saved in "
+            f"{config.out}; continue with the same command and --resume"
+        )
+        raise typer.Exit(2) from err
     Console().print(metrics.summary_table([metrics.summarize_run(out)]))
     typer.echo(f"run folder: {out}")
