@@ -95,6 +95,12 @@ def test_too_few_tasks_for_the_design_is_refused(tmp_path):
         create_study(open_store(config.db), config)
 
 
+def test_a_second_study_in_the_same_database_is_refused(study_db, tmp_path):
+    config = StudyCreateConfig(assistants=ARMS, tasks_path=str(tmp_path / "toy_tasks.jsonl"), db=study_db)
+    with pytest.raises(ValueError, match="already holds study"):
+        create_study(open_store(study_db), config)
+
+
 # ------------------------------------------------------------------------------ randomisation
 
 

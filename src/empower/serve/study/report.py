@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import statistics
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -144,6 +145,7 @@ class ArmMetrics:
     chars_deleted_per_accepted: float | None
     passed: int
     task_success: float | None
+    latency_ms_median: float | None  # server time to produce a suggestion (all produced, shown or not)
     # per-unit samples for the tests (kept in the JSON so anyone can re-test)
     samples: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
@@ -240,6 +242,8 @@ def _session_metrics(s, session: StudySession, tasks, events, samples, totals, m
         session.final_code is not None and session.final_code != result.text
     ):
         mismatches.append(session.id)
+    latencies = s.scalars(select(Suggestion.latency_ms).where(Suggestion.session_id == session.id)).all()
+    samples[a]["latency_ms"].extend(latencies)
     if shown_ids:
         lengths = s.scalars(select(Suggestion.text).where(Suggestion.id.in_(shown_ids))).all()
         samples[a]["suggestion_chars"].extend(float(len(t)) for t in lengths)
@@ -272,6 +276,7 @@ def _arm(assistant, samples, totals, n_participants: int) -> ArmMetrics:
         chars_deleted_per_accepted=_mean(samples["chars_deleted_per_accepted"]),
         passed=totals["passed"],
         task_success=_mean(samples["task_success"]),
+        latency_ms_median=float(statistics.median(samples["latency_ms"])) if samples["latency_ms"] else None,
         samples={k: list(v) for k, v in samples.items()},
     )
 
@@ -350,15 +355,17 @@ def _markdown(r: StudyReport) -> str:
         f"{r.participants} participants enrolled, {r.finished_participants} finished (survey answered).",
         "",
         "| assistant | spec | participants | shown | accepted | acceptance | shown / participant "
-        "| mean suggestion chars | chars deleted from accepted (total, per accepted) | task success |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| mean suggestion chars | chars deleted from accepted (total, per accepted) | task success "
+        "| median latency (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in r.arms:
         lines.append(
             f"| {a.label} | `{a.spec}` | {a.participants} | {a.shown} | {a.accepted} | {_fmt(a.acceptance_rate)} "
             f"| {_fmt(a.shown_per_participant, 1)} | {_fmt(a.mean_suggestion_chars, 1)} "
             f"| {a.chars_deleted_from_accepted}, {_fmt(a.chars_deleted_per_accepted, 2)} "
-            f"| {a.passed}/{len(a.samples.get('task_success', []))} ({_fmt(a.task_success)}) |"
+            f"| {a.passed}/{len(a.samples.get('task_success', []))} ({_fmt(a.task_success)}) "
+            f"| {_fmt(a.latency_ms_median, 0)} |"
         )
     lines += ["", "## Preferences (binomial test against an even split)", ""]
     lines += ["| question | answers | " + " | ".join(f"{a.label} share (p)" for a in r.arms) + " |"]

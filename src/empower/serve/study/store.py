@@ -299,6 +299,13 @@ def create_study(store: sessionmaker[Session], config: StudyCreateConfig) -> Stu
             f"{config.tasks_per_assistant} task(s) each need {needed}"
         )
     with store.begin() as db:
+        existing = db.scalars(select(Study)).first()
+        if existing is not None:
+            # One study per database: tokens, report and server all refer to "the" study in it.
+            raise ValueError(
+                f"db: {config.db} already holds study '{existing.name}' (created {existing.created_at:%Y-%m-%d}); "
+                "use a new --db file, or `empower study participants` to enrol more people"
+            )
         study = Study(
             name=config.name,
             seed=config.seed,
