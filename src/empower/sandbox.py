@@ -362,8 +362,9 @@ def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None
         "preamble": "" if humaneval else PROGRAM_PREAMBLE,
     }
     report, timed_out, returncode, stderr_tail, duration = _execute(spec, config)
-    layers = tuple(report.get("isolation", ())) if report else ()
-    if report:
+    well_formed = report is not None and _well_formed(report, task.test_type, len(cases))
+    layers = tuple(str(layer) for layer in report.get("isolation", ())) if well_formed else ()
+    if well_formed:
         _warn_isolation(layers)
 
     def result(status: Status, message: str, failure: dict | None = None) -> ExecutionResult:
@@ -373,6 +374,8 @@ def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None
         return result(Status.TIMEOUT, f"killed after the {config.sandbox_timeout_s:g}s wall-clock limit")
     if report is None:
         return _crash_result(returncode, stderr_tail, result)
+    if not well_formed:
+        return result(Status.ERROR, "malformed harness report (did the program write to the harness's channel?)")
     index = report.get("failed_index")
     case = cases[index] if index is not None and index < len(cases) else None
     status = report["status"]
@@ -394,6 +397,37 @@ def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None
         index, actual = wrong
         return result(Status.FAILED, f"wrong answer on test {index}", _failure(index, cases[index], actual, None))
     return result(Status.PASSED, f"passed {len(cases)} test{'s' if len(cases) != 1 else ''}")
+
+
+def _well_formed(report, test_type: TestType, n_cases: int) -> bool:
+    """Whether a report has the harness's shape. The program shares the harness's process and could
+    write to its channel, so nothing in a report may crash the evaluator."""
+    if not isinstance(report, dict) or report.get("status") not in ("ok", "error", "memory", "failed"):
+        return False
+    if not isinstance(report.get("isolation", []), list):
+        return False
+    if report["status"] != "ok" and not isinstance(report.get("message"), str):
+        return False
+    index = report.get("failed_index")
+    if index is not None and not (isinstance(index, int) and 0 <= index < max(n_cases, 1)):
+        return False
+    if report["status"] != "ok" or test_type is TestType.HUMANEVAL:
+        return all(isinstance(report.get(k, ""), str) for k in ("actual", "test_line"))
+    outputs = report.get("outputs")
+    if not isinstance(outputs, list) or len(outputs) != n_cases:
+        return False
+    if test_type is TestType.STDIN:
+        return all(isinstance(o, str) for o in outputs)
+    return all(isinstance(o, list) and len(o) == 2 and o[0] in ("json", "repr") and isinstance(o[1], str)
+               for o in outputs) and all(_is_json(o[1]) for o in outputs if o[0] == "json")
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _crash_result(returncode: int, stderr_tail: str, result) -> ExecutionResult:
