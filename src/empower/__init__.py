@@ -5,6 +5,8 @@ pairs from any code corpus, fine-tune assistants, evaluate them with simulated h
 them to real people. See README.md for the pipeline and commands.
 """
 
+from empower.corpus import CorpusConfig, Document, iter_documents
+from empower.labeling import DataConfig, Method, build_data, data_stats, empower_length, empower_lengths
 from empower.models import load_model, load_tokenizer
 from empower.sandbox import (
     ExecutionResult,
@@ -14,10 +16,13 @@ from empower.sandbox import (
     run_task_tests,
     validate_references,
 )
+from empower.scoring import score_documents
 from empower.tasks import Task, TestCase, TestType, load_tasks
 
 __all__ = [
     "ExecutionResult", "SandboxConfig", "Status", "Task", "TestCase", "TestType", "load_tasks", "run_many",
     "run_task_tests", "validate_references", "load_model", "load_tokenizer",
+    "CorpusConfig", "Document", "iter_documents", "DataConfig", "Method", "build_data", "data_stats",
+    "empower_length", "empower_lengths", "score_documents",
 ]
 __version__ = "0.1.0"

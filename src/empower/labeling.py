@@ -142,25 +142,6 @@ def empower_lengths(nll_bits: np.ndarray, cuts: np.ndarray, eta_bits: float) -> 
     return np.minimum(first_over - 1, len(nll)) - cuts
 
 
-@torch.inference_mode()
-def empower_length_literal(model, ids: list[int], cut: int, eta_bits: float, prefix: list[int] = ()) -> int:
-    """The paper's loop, literally: grow ``k`` and re-score prompt + completion each time.
-
-    Quadratic in the completion length; kept as the reference that the one-pass rule is tested and
-    benchmarked against.
-    """
-    device = next(model.parameters()).device
-    k = 0
-    while cut + k < len(ids):
-        context = torch.tensor([list(prefix) + list(ids[: cut + k + 1])], device=device)
-        logits = model(input_ids=context).logits[0, len(prefix) + cut - 1 : -1].float()
-        bits = torch.nn.functional.cross_entropy(logits, context[0, len(prefix) + cut :], reduction="none")
-        if float(bits.sum()) / np.log(2.0) >= eta_bits:
-            break
-        k += 1
-    return k
-
-
 # ---------------------------------------------------------------- cuts and pairs
 
 

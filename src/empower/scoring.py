@@ -88,13 +88,14 @@ def _score_batch(model, batch: list[_Row], pad_id: int) -> list[np.ndarray]:
         input_ids[i, : len(row.tokens)] = torch.tensor(row.tokens)
         mask[i, : len(row.tokens)] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
-    logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, T, V), contiguous
-    # Targets are the inputs shifted left; the flat (B*T, V) view avoids copying the logits (the
-    # last position has no target and is dropped below).
-    targets = input_ids.roll(-1, dims=1)
-    nats = torch.nn.functional.cross_entropy(
-        logits.view(-1, logits.shape[-1]).float(), targets.view(-1), reduction="none"
-    ).view(len(batch), width)[:, :-1]
+    logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, T, V)
+    # One row at a time: the fp32 log-softmax temporary stays (T, V) instead of (B, T, V).
+    nats = torch.stack(
+        [
+            torch.nn.functional.cross_entropy(row[:-1].float(), ids[1:], reduction="none")
+            for row, ids in zip(logits, input_ids, strict=True)
+        ]
+    )
     bits = (nats / LN2).cpu().numpy()
     return [bits[i, : len(row.tokens) - 1] for i, row in enumerate(batch)]
 
@@ -172,3 +173,22 @@ def score_documents(
         yield from flush()
     finally:
         bar.close()
+
+
+@torch.inference_mode()
+def empower_length_literal(model, ids: list[int], cut: int, eta_bits: float, prefix: list[int] = ()) -> int:
+    """Empower's ``k*`` by the paper's loop, literally: grow ``k``, re-score prompt + completion each time.
+
+    One forward pass per candidate ``k``; kept as the reference that the one-pass rule
+    (:func:`empower.labeling.empower_lengths`) is tested and benchmarked against.
+    """
+    device = next(model.parameters()).device
+    k = 0
+    while cut + k < len(ids):
+        context = torch.tensor([list(prefix) + list(ids[: cut + k + 1])], device=device)
+        logits = model(input_ids=context).logits[0, len(prefix) + cut - 1 : -1].float()
+        bits = torch.nn.functional.cross_entropy(logits, context[0, len(prefix) + cut :], reduction="none")
+        if float(bits.sum()) / LN2 >= eta_bits:
+            break
+        k += 1
+    return k
