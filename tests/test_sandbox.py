@@ -192,8 +192,18 @@ def test_cannot_write_outside_its_directory(guard, where, how, tmp_path):
     assert (result.status, target.exists()) == (Status.ERROR, False)
 
 
+@pytest.mark.parametrize("folder", ["/tmp", "/dev/shm"])
+def test_unguarded_writes_to_shared_tmp_stay_private(folder):
+    target = Path(folder) / f"escape-{secrets.token_hex(4)}"
+    result = run(f"open({str(target)!r}, 'w').write('x')\n" + ADD.reference, guard=False)
+    if "tmpfs" not in result.isolation:
+        pytest.skip("no private /tmp here (needs root for a mount namespace)")
+    assert (result.status, target.exists()) == (Status.PASSED, False)
+
+
 def test_may_write_inside_its_directory():
-    program = "open('scratch.txt', 'w').write('x')\nimport tempfile\ntempfile.mkstemp()\n" + ADD.reference
+    program = ("import os, tempfile\nopen('scratch.txt', 'w').write('x')\ntempfile.mkstemp()\n"
+               "open(os.path.join(os.getcwd(), 'by-absolute-path'), 'w').write('x')\n" + ADD.reference)
     assert run(program).status is Status.PASSED
 
 

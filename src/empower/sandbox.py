@@ -5,7 +5,8 @@ Each program runs in its own Python process (``python -I -S -B``, started with
 harness, passed on the command line, confines its own process before it reads the program:
 
 1. ``unshare(CLONE_NEWNET)``: a network namespace with no interfaces (no network at all, not even
-   the host's 127.0.0.1). Needs root or unprivileged user namespaces; otherwise skipped.
+   the host's 127.0.0.1). Needs root or unprivileged user namespaces; otherwise skipped. As root,
+   also a mount namespace with private, size-capped tmpfs on /tmp, /var/tmp and /dev/shm.
 2. rlimits: CPU seconds, address space, file size (also caps the captured output), processes
    (counted per user, so it only bites with step 3), open files, no core dumps.
 3. When the evaluator runs as root: drop to a fresh random uid/gid with no supplementary groups,
@@ -21,8 +22,7 @@ deletes the directory. Outputs are compared here, in the evaluator, not by the p
 What it does NOT protect against: kernel exploits and CPU side channels (this is not a VM or a
 container); filling the disk with many files within the time limit (``RLIMIT_FSIZE`` caps each
 file); reads of world-readable files (the program can read ``/etc``, the Python stdlib, any
-file others may read); writes to world-writable places such as ``/tmp`` when the guard is off (as a
-non-root user, also anywhere that user may write); a program that tampers with the harness
+file others may read); as a non-root user with the guard off, writes anywhere that user may write; a program that tampers with the harness
 in its own interpreter to forge a passing result for ``humaneval``-type tests (the audit hook runs
 in the same interpreter and can be evaded by a determined program). Without root, steps 1 and 3
 may be unavailable: the result's ``isolation`` field and a log warning say which layers were on.
@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 HARNESS = Path(__file__).with_name("sandbox_harness.py")  # runs in the child, stdlib only
 TRUNCATE = 300  # characters kept of a failing test's input / expected / actual, as LiveCodeBench does
-ISOLATION_LAYERS = ("netns", "rlimits", "uid", "guard")
+ISOLATION_LAYERS = ("netns", "tmpfs", "rlimits", "uid", "guard")
 
 # LiveCodeBench's evaluation runs programs after imports like these; its starter code relies on them.
 PROGRAM_PREAMBLE = (
@@ -225,6 +225,7 @@ def _execute(spec: dict, config: SandboxConfig) -> tuple[dict | None, bool, int,
         "workdir": workdir,
         "uid": uid,
         "netns": True,
+        "tmp_mb": config.sandbox_max_file_mb,
         "guard": config.sandbox_guard,
         "rlimits": {
             "RLIMIT_CPU": [cpu, cpu + 1],

@@ -15,7 +15,8 @@ import json
 import os
 import sys
 
-CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
+CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWUSER = 0x00020000, 0x40000000, 0x10000000
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 BLOCKED_EVENTS = frozenset({
     "socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
@@ -49,14 +50,34 @@ def describe(err):
     return cut(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
 
 
+def private_tmp(libc, workdir, size_mb):
+    """A new mount namespace with fresh, size-capped tmpfs on the world-writable folders, so that
+    what a program leaves in /tmp (even with the guard off) vanishes with it. Root only."""
+    if libc.unshare(CLONE_NEWNS) != 0 or libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        return False
+    options = f"size={size_mb}m,mode=1777".encode()
+    for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            if libc.mount(b"tmpfs", folder.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0:
+                return False
+    if not os.path.isdir(workdir):  # the working folder was under a folder now covered: bind it back
+        os.makedirs(workdir, mode=0o700)
+        if libc.mount(b"/proc/self/cwd", workdir.encode(), None, MS_BIND, None) != 0:
+            report(status="error", message="sandbox: could not bind the working folder into the private /tmp")
+        os.chdir(workdir)
+    return True
+
+
 def confine(spec):
-    """Network namespace, rlimits, unprivileged uid: the OS layers, in the order that needs root."""
+    """Namespaces, rlimits, unprivileged uid: the OS layers, in the order that needs root."""
     if spec["netns"]:
         import ctypes  # Python 3.11 has no os.unshare
 
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.unshare(CLONE_NEWNET | (0 if os.geteuid() == 0 else CLONE_NEWUSER)) == 0:
             _isolation.append("netns")
+        if os.geteuid() == 0 and private_tmp(libc, spec["workdir"], spec["tmp_mb"]):
+            _isolation.append("tmpfs")
     import resource
 
     for name, (soft, hard) in spec["rlimits"].items():
