@@ -6,7 +6,7 @@ harness, passed on the command line, confines its own process before it reads th
 
 1. ``unshare(CLONE_NEWNET)``: a network namespace with no interfaces (no network at all, not even
    the host's 127.0.0.1). Needs root or unprivileged user namespaces; otherwise skipped. As root,
-   also a mount namespace with private, size-capped tmpfs on /tmp, /var/tmp and /dev/shm.
+   also a mount namespace with private, size-capped tmpfs on /tmp, /var/tmp, /dev/shm, /run/lock.
 2. rlimits: CPU seconds, address space, file size (also caps the captured output), processes
    (counted per user, so it only bites with step 3), open files, no core dumps.
 3. When the evaluator runs as root: drop to a fresh random uid/gid with no supplementary groups,

@@ -56,7 +56,7 @@ def private_tmp(libc, workdir, size_mb):
     if libc.unshare(CLONE_NEWNS) != 0 or libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
         return False
     options = f"size={size_mb}m,mode=1777".encode()
-    for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+    for folder in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock"):
         if os.path.isdir(folder) and not os.path.islink(folder):
             if libc.mount(b"tmpfs", folder.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0:
                 return False
