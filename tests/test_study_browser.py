@@ -82,13 +82,18 @@ def test_participant_session_end_to_end(study, page, tmp_path):
     assert page.is_hidden("#survey-view") and page.is_hidden("#thanks-view")
     prompt = _editor_text(page)
 
-    # 1. type; a ghost suggestion appears after the debounce; Tab accepts it
+    # 1. type; a ghost suggestion appears after the debounce; typing its first character keeps
+    #    the rest on screen; Tab accepts the rest
     _end_of_doc(page)
     page.keyboard.type("    return 2")
-    first = _ghost(page)
+    ghost = _ghost(page)
     page.screenshot(path=str(tmp_path / "ghost.png"))
+    assert len(ghost) >= 2, f"the tiny model's suggestion {ghost!r} is too short for this test"
+    page.keyboard.insert_text(ghost[0])
+    first = ghost[1:]
+    assert _ghost(page) == first
     page.keyboard.press("Tab")
-    assert _editor_text(page) == prompt + "    return 2" + first
+    assert _editor_text(page) == prompt + "    return 2" + ghost
     assert page.query_selector(".cm-ghost") is None
     # 2. two characters of the accepted suggestion deleted
     page.keyboard.press("Backspace")
@@ -149,6 +154,7 @@ def _check_database(db: Path, first: str) -> None:
     assert kinds.index("suggestion_shown") < kinds.index("suggestion_accepted") < kinds.index("suggestion_rejected")
     accepted = _rows(db, "select * from events where kind = 'suggestion_accepted'")[0]
     assert accepted["text"] == first and accepted["caret"] == accepted["position"] + len(first)
+    assert json.loads(accepted["data"]) == {"typed": 1}
     # every character of the accepted suggestion was deleted: 2 by Backspace, the rest by the rewrite
     deleted = _rows(db, "select sum(deleted_from_suggestion) as n from events where session_id = ?", first_session)
     assert deleted[0]["n"] == len(first)
