@@ -102,11 +102,11 @@ def _row(
     return row
 
 
-def _start(command: list[str], url: str, log: Path) -> subprocess.Popen:
+def _start(command: list[str], url: str, log: Path, probe: str = "/health") -> subprocess.Popen:
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_healthy(url, process, log, attempts=600)
+        _wait_healthy(url, process, log, attempts=600, probe=probe)
     except BaseException:
         _stop(process)
         raise
@@ -227,7 +227,7 @@ def main() -> str:
         command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--model_alias", "m"]
         command += ["--n_threads", str(THREADS)]
         url = f"http://127.0.0.1:{port}"
-        process = _start(command, url, workdir / "llamacpp.log")
+        process = _start(command, url, workdir / "llamacpp.log", probe="/v1/models")  # it has no /health
         try:
             rows += _measure_external("llama.cpp server (Q4_1 GGUF)", url, False, policies, counts, texts)
         finally:

@@ -136,13 +136,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_healthy(url: str, process: subprocess.Popen | None, log_path: Path | None, attempts: int) -> None:
+def _wait_healthy(
+    url: str, process: subprocess.Popen | None, log_path: Path | None, attempts: int, probe: str = "/health"
+) -> None:
+    """Poll ``url + probe`` once a second until it answers 200 (raise if the process exits first)."""
     for _ in range(attempts):
         if process is not None and process.poll() is not None:
             tail = log_path.read_text()[-3000:] if log_path else ""
             raise RuntimeError(f"vLLM exited with code {process.returncode} while starting:\n{tail}")
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+            if httpx.get(f"{url}{probe}", timeout=5).status_code == 200:
                 return
         except httpx.TransportError:
             pass
