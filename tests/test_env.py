@@ -225,6 +225,8 @@ def test_killed_run_resumes_without_counting_an_episode_twice(tmp_path, tiny_mod
     done_before = traces.read_text().count("\n")
     assert 1 <= done_before < 6, "the run must be interrupted mid-way for this test to mean anything"
     assert not (out / "summary.json").exists()
-    subprocess.run([*command, "--resume"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_eval(EvalConfig(assistant=tiny_model_path, policy="model", max_new_tokens=6, tasks="humaneval",
+                        tasks_path=str(tasks), out=out, sim_batch_size=1, sandbox_workers=1, metrics_resamples=200,
+                        resume=True), progress=False)
     ids = [t["task_id"] for t in _traces(out)]
     assert len(ids) == len(set(ids)) == 6

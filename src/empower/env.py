@@ -38,7 +38,7 @@ from empower.assistant import Assistant, AssistantConfig, SuggestionRequest, ass
 from empower.configs import option, to_dict
 from empower.humans import Decision, Human, HumanConfig, HumanView, build_human
 from empower.metrics import MetricsConfig, discounted_pass, read_traces, write_summary
-from empower.sandbox import SandboxConfig, Status, run_many
+from empower.sandbox import SandboxConfig, Status, run_many, validate_references
 from empower.tasks import TASK_SETS, Task, load_tasks
 
 log = logging.getLogger(__name__)
@@ -243,16 +243,13 @@ def run_episodes(
 
 
 def exclude_broken_references(tasks: list[Task], config: EvalConfig) -> tuple[list[Task], list[dict]]:
-    """Tasks whose reference solution is missing or fails its own tests, which a human who intends
-    the reference cannot play; returned as (kept, excluded with reasons) so the run can report them."""
+    """Tasks a human who intends the reference cannot play: no reference, or one that fails its own
+    tests in the sandbox. Returns (kept, excluded with reasons) so the run can report them."""
     missing = [t for t in tasks if not t.reference]
-    candidates = [t for t in tasks if t.reference]
-    results = run_many([(t, t.reference) for t in candidates], config.part(SandboxConfig))
-    failing = [(t, r) for t, r in zip(candidates, results, strict=True) if r.status is not Status.PASSED]
+    kept, failing = validate_references([t for t in tasks if t.reference], config.part(SandboxConfig))
     excluded = [{"task_id": t.task_id, "reason": "no reference solution"} for t in missing]
     excluded += [{"task_id": t.task_id, "reason": f"reference {r.status.value}: {r.message[:200]}"} for t, r in failing]
-    dropped = {e["task_id"] for e in excluded}
-    return [t for t in tasks if t.task_id not in dropped], excluded
+    return kept, excluded
 
 
 def _needs_reference(config: EvalConfig) -> bool:
