@@ -7,6 +7,7 @@ the policies are checked on the in-process engine. Run: ``pytest tests/test_serv
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import socket
 import subprocess
@@ -17,10 +18,11 @@ import time
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
 from empower.assistant import Policy, threshold_length
 from empower.serve.engine import Engine, PolicyRule, SamplingParams, _scan_stops
-from empower.serve.server import ServeConfig
+from empower.serve.server import ServeConfig, create_app
 from empower.serve.upstream import UpstreamEngine
 
 KEY = "test-key"
@@ -287,6 +289,35 @@ def test_upstream_engine_cuts_the_stream_where_the_threshold_rule_does(server, p
     assert 0 < threshold_length(bits, 40.0) < 10
     assert sum(d.token_count for d in kept) == threshold_length(bits, 40.0)
     assert kept[-1].finish_reason == "stop"
+
+
+def _in_process(model, tokenizer, **options) -> TestClient:
+    config = ServeConfig(assistant=MODEL, **options)
+    return TestClient(create_app(config, Engine(model, tokenizer, config.rule), tokenizer))
+
+
+def test_suffix_is_dropped_when_the_server_is_told_to(tiny):
+    with _in_process(*tiny, serve_ignore_suffix=True) as client:
+        plain = client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2})
+        with_suffix = client.post(
+            "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "suffix": "\n", "max_tokens": 2}
+        )
+    assert with_suffix.status_code == 200
+    assert with_suffix.json()["usage"]["prompt_tokens"] == plain.json()["usage"]["prompt_tokens"]
+
+
+def test_suffix_becomes_a_fill_in_the_middle_prompt_when_the_tokenizer_has_fim_tokens(tiny):
+    model, tokenizer = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]}
+    )
+    model.resize_token_embeddings(len(tokenizer))
+    with _in_process(model, tokenizer) as client:
+        out = client.post(
+            "/v1/completions", json={"model": MODEL, "prompt": "a = ", "suffix": "\nb = a", "max_tokens": 2}
+        )
+    expected = tokenizer("<fim_prefix>a = <fim_suffix>\nb = a<fim_middle>").input_ids
+    assert out.status_code == 200 and out.json()["usage"]["prompt_tokens"] == len(expected)
 
 
 def test_stop_scan_cuts_at_the_earliest_stop_and_holds_back_a_partial_one():
