@@ -124,6 +124,8 @@ def _raw_generate(texts: list[str], rule: PolicyRule, counts: list[int]) -> Timi
 
     torch.set_num_threads(THREADS)
     model, tokenizer = models.load_model(models.DEFAULT_MODEL, device="cpu")
+    with torch.inference_mode():  # warm-up, as the servers had
+        model.generate(**tokenizer(texts[0], return_tensors="pt"), max_new_tokens=2, do_sample=False)
     out = []
     for text, count in zip(texts, counts, strict=True):
         ids = tokenizer(
