@@ -116,3 +116,22 @@ def test_bad_jsonl_line_is_named_and_the_build_is_marked_incomplete(capsys, tmp_
 def test_stats_of_a_folder_that_is_not_data(capsys, tmp_path):
     code, err = _run_main(capsys, "data", "stats", tmp_path)
     assert code == 2 and "no pairs.jsonl" in err
+
+
+def test_sft_rand_flags_reach_the_config(capsys, tmp_path, corpus):
+    code, err = _run_main(
+        capsys,
+        "data",
+        "build",
+        "--corpus",
+        corpus,
+        "--out",
+        tmp_path / "o",
+        "--method",
+        "sft-rand",
+        "--min",
+        "5",
+        "--max",
+        "2",
+    )
+    assert code == 2 and "sft_rand_min=5" in err

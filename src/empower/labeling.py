@@ -62,7 +62,7 @@ class DataConfig(CorpusConfig):
     seed: int = option(0, "seed of the cut points (and of sft-rand lengths)")
     keep_zero: bool = option(True, "keep pairs with an empty completion (k=0: stop at a decision)")
     scoring_dtype: str = option("float32", "dtype of the estimator (fp32: threshold decisions are exact)")
-    scoring_batch_tokens: int = option(4096, "padded tokens per forward pass (memory bound)")
+    scoring_batch_tokens: int = option(2048, "padded tokens per forward pass (memory bound)")
     scoring_max_tokens: int = option(2048, "window length; longer documents are scored in windows")
     scoring_overlap: int = option(256, "context tokens shared by consecutive windows")
     device: str | None = option(None, "cuda / cpu (default: cuda when available)")

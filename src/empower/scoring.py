@@ -105,7 +105,7 @@ def score_documents(
     documents: Iterable[tuple[object, list[int]]],
     *,
     prefix: list[int] | None = None,
-    batch_tokens: int = 4096,
+    batch_tokens: int = 2048,
     max_tokens: int = 2048,
     overlap: int = 256,
     buffer_documents: int = 64,
