@@ -180,6 +180,22 @@ def test_client_disconnect_stops_the_generation(server):
     assert after["tokens_generated"] - before["tokens_generated"] < 900
 
 
+def test_abandoned_non_streaming_request_stops_too(server):
+    before = _metrics(server)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 900, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up (and closes the connection) after 1 s
+        httpx.post(
+            f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.0
+        )
+    for _ in range(200):
+        after = _metrics(server)
+        if after["rows_cancelled"] > before["rows_cancelled"]:
+            break
+        time.sleep(0.05)
+    assert after["rows_cancelled"] == before["rows_cancelled"] + 1
+    assert after["tokens_generated"] - before["tokens_generated"] < 900
+
+
 BAD_REQUESTS = [
     ("malformed JSON", b'{"model": "tiny-random", "prompt": ', 400, "not valid JSON"),
     ("wrong type", {"model": MODEL, "prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),

@@ -367,6 +367,9 @@ class Engine:
 
     def _work(self) -> None:
         while (jobs := self._gather()) is not None:
+            for job in jobs:
+                if job.cancelled:  # abandoned while queued: never generated
+                    self.stats.rows_cancelled += len(job.rows)
             jobs = [job for job in jobs if not job.cancelled]
             if not jobs:
                 continue
