@@ -52,12 +52,12 @@ def test_vectorised_rule_equals_the_per_cut_rule():
     assert empower_lengths(nll, cuts, 1.5).tolist() == expected
 
 
-@pytest.mark.parametrize("eta", [0.5, 40.0, 100.0])
+@pytest.mark.parametrize("eta", [0.5, 40.0, 80.0])
 def test_one_pass_equals_the_papers_loop_on_real_text(tiny, eta):
     model, tokenizer = tiny
     ids = tokenizer(CODE, add_special_tokens=False).input_ids
     [(_, nll)] = score_documents(model, [(0, ids)], progress=False)
-    cuts = np.arange(1, len(ids), 3)
+    cuts = np.arange(1, len(ids), 5)
     one_pass = empower_lengths(nll, cuts, eta).tolist()
     assert one_pass == [empower_length_literal(model, ids, int(n), eta) for n in cuts]
     assert len(set(one_pass)) > 1 or eta == 0.5  # the comparison covers several lengths

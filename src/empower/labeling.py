@@ -72,17 +72,25 @@ class DataConfig(CorpusConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        checks = {
-            "eta": self.eta > 0,
-            "sft_n": self.sft_n >= 1,
-            "sft_rand_min": 1 <= self.sft_rand_min <= self.sft_rand_max,
-            "cuts_per_doc": self.cuts_per_doc >= 1,
-            "scoring_batch_tokens": self.scoring_batch_tokens >= 1,
-            "scoring_overlap": 0 <= self.scoring_overlap < self.scoring_max_tokens,
-        }
-        for name, ok in checks.items():
+        checks = [
+            (
+                "eta",
+                self.eta > 0,
+                "the threshold is in bits and must be positive (the paper uses 0.32 and 4)",
+            ),
+            ("sft_n", self.sft_n >= 1, "--n must be at least 1"),
+            ("sft_rand_min", 1 <= self.sft_rand_min <= self.sft_rand_max, "need 1 <= --min <= --max"),
+            ("cuts_per_doc", self.cuts_per_doc >= 1, "at least one cut per document"),
+            ("scoring_batch_tokens", self.scoring_batch_tokens >= 1, "must be positive"),
+            (
+                "scoring_overlap",
+                0 <= self.scoring_overlap < self.scoring_max_tokens,
+                "need 0 <= it < max tokens",
+            ),
+        ]
+        for name, ok, rule in checks:
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {_RULES[name]}")
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {rule}")
         if not hasattr(torch, self.scoring_dtype):
             raise ValueError(f"scoring_dtype={self.scoring_dtype!r} is not a torch dtype (float32, bfloat16)")
 
@@ -96,14 +104,6 @@ class DataConfig(CorpusConfig):
         return "empower"
 
 
-_RULES = {
-    "eta": "the threshold is in bits and must be positive (the paper uses 0.32 and 4)",
-    "sft_n": "--n must be at least 1",
-    "sft_rand_min": "need 1 <= --min <= --max",
-    "cuts_per_doc": "at least one cut per document",
-    "scoring_batch_tokens": "must be positive",
-    "scoring_overlap": "need 0 <= scoring_overlap < scoring_max_tokens",
-}
 # Fields that change how a build runs, not what it produces (a resume may change them).
 _RUNTIME_FIELDS = {"resume", "overwrite", "progress", "device", "scoring_batch_tokens"}
 
@@ -227,23 +227,10 @@ def label_document(
 # ---------------------------------------------------------------- the data folder
 
 
-def _features():
-    from datasets import Features, Value
-
-    return Features(
-        {
-            "prompt": Value("string"),
-            "completion": Value("string"),
-            "doc_id": Value("string"),
-            "cut": Value("int32"),
-            "k": Value("int32"),
-            "cum_bits": Value("float64"),
-            "method": Value("string"),
-            "eta": Value("float64"),
-            "estimator": Value("string"),
-            "tokenizer": Value("string"),
-        }
-    )
+COLUMNS = {  # docs/design.md, "Data folder"
+    "prompt": "string", "completion": "string", "doc_id": "string", "cut": "int32", "k": "int32",
+    "cum_bits": "float64", "method": "string", "eta": "float64", "estimator": "string", "tokenizer": "string",
+}  # fmt: skip
 
 
 def _read_jsonl_prefix(path: Path) -> Iterator[dict]:
@@ -336,10 +323,10 @@ def _write_manifest(
 
 def _finish_dataset(out: Path) -> str:
     """Build ``dataset/`` from ``pairs.jsonl`` (streamed through Arrow) and return the data fingerprint."""
-    from datasets import Dataset
+    from datasets import Dataset, Features, Value
 
     pairs = out / "pairs.jsonl"
-    features = _features()
+    features = Features({name: Value(dtype) for name, dtype in COLUMNS.items()})
     if pairs.stat().st_size:
         cache = out / ".cache"
         dataset = Dataset.from_json(str(pairs), features=features, cache_dir=str(cache))
