@@ -16,6 +16,8 @@ from empower.assistant import (
     Policy,
     SuggestionRequest,
     TransformersAssistant,
+    _before_fence,
+    _Generated,
     build_assistant,
     cap_tokens,
     chat_prompt,
@@ -126,6 +128,15 @@ def test_batched_suggestions_equal_one_at_a_time(tiny, tiny_model_path):
     assert [s.text for s in batched] == [s.text for s in alone]
 
 
+def test_a_code_fence_ends_a_suggestion_like_eos(tiny):
+    _, tokenizer = tiny
+    prompt_ids = tokenizer("x = 1\n")["input_ids"]
+    ids = tokenizer("y = 2\n```\n\nThis sets y.", add_special_tokens=False)["input_ids"]
+    cut = _before_fence(tokenizer, _Generated(ids, [1.0] * len(ids), False, prompt_ids))
+    assert decode_continuation(tokenizer, prompt_ids, cut.ids) in ("y = 2\n", "y = 2")
+    assert cut.eos and len(cut.bits) == len(cut.ids)
+
+
 def test_an_empty_state_gets_a_suggestion(tiny, tiny_model_path):
     [s] = assistant(tiny, tiny_model_path, policy="model").suggest(requests([""]))
     assert s.tokens == 12
@@ -193,6 +204,12 @@ def test_extract_addition_keeps_only_what_the_model_added(reply):
 def test_extract_addition_after_a_retype_of_only_the_last_line():
     state = "def add(a, b):\n    return "
     assert extract_addition(state, "```python\n    return a + b\n```") == "a + b\n"
+
+
+def test_extract_addition_drops_a_second_retype_of_the_code():
+    state = 'from typing import List\n\n\ndef mean(xs: List[float]) -> float:\n    """Average of xs."""\n'
+    reply = f"```python\n{state}\n# Original code\n{state[25:]}    return sum(xs) / len(xs)\n```"
+    assert extract_addition(state, reply) == "    return sum(xs) / len(xs)\n"
 
 
 def test_extract_addition_of_a_cut_off_retype_is_empty():

@@ -279,8 +279,19 @@ def _common_prefix(a: str, b: str) -> str:
 
 
 def extract_addition(state: str, reply: str) -> str:
-    """The suggestion in a chat model's reply to "retype the code and extend it"."""
-    return strip_retyped(state, extract_code(reply))
+    """The suggestion in a chat model's reply to "retype the code and extend it".
+
+    Small models often start over after the code ("# Original code" and the function again): when
+    the addition repeats a long stretch of the state (>= 48 characters over a line break), only
+    what follows the repeated state counts (nothing, if the repeat was cut short).
+    """
+    addition = strip_retyped(state, extract_code(reply))
+    match = difflib.SequenceMatcher(None, state, addition, autojunk=False).find_longest_match(
+        0, len(state), 0, len(addition)
+    )
+    if match.size >= 48 and "\n" in state[match.a : match.a + match.size]:
+        return strip_retyped(state[match.a :], addition[match.b :])
+    return addition
 
 
 def cap_tokens(text: str, tokenizer, n: int) -> tuple[str, bool]:
@@ -398,6 +409,20 @@ def generate_batch(
     return results
 
 
+FENCE = "```"
+
+
+def _before_fence(tokenizer, g: _Generated) -> _Generated:
+    """Untuned chat models end code with a markdown fence and then explain it: a fence ends the
+    suggestion like end-of-sequence (whole tokens before the one that starts the fence are kept)."""
+    if FENCE not in decode_continuation(tokenizer, g.prompt_ids, g.ids):
+        return g
+    kept = len(g.ids)
+    while kept and FENCE in decode_continuation(tokenizer, g.prompt_ids, g.ids[:kept]):
+        kept -= 1
+    return _Generated(g.ids[:kept], g.bits[:kept], True, g.prompt_ids)
+
+
 def decode_continuation(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
     """Text of ``ids`` as it continues the prompt (keeps a leading space some tokenizers drop alone)."""
     if not ids:
@@ -470,7 +495,9 @@ class TransformersAssistant:
             max_new_tokens=cfg.max_new_tokens,
             eta_bits=cfg.eta if threshold and self.estimator is None else math.inf,
             temperature=cfg.assistant_temperature,
+            stop_strings=[FENCE],
         )
+        gens = [_before_fence(self.tokenizer, g) for g in gens]
         if threshold and self.estimator is not None and not self._same_vocab:
             return self._cut_by_foreign_estimator(requests, gens)
         bits_rows = [g.bits for g in gens]
@@ -521,7 +548,7 @@ class TransformersAssistant:
             prompts,
             max_new_tokens=budget,
             temperature=cfg.assistant_temperature,
-            stop_strings=["```"],
+            stop_strings=[FENCE],
             add_special_tokens=False,  # the chat template already holds the special tokens
         )
         out = []
@@ -532,7 +559,7 @@ class TransformersAssistant:
             capped = False
             if cfg.policy is Policy.BASE_N:
                 addition, capped = cap_tokens(addition, self.tokenizer, cfg.n)
-            ended = g.eos or "```" in generated
+            ended = g.eos or FENCE in generated
             reason = StopReason.CAP if capped else StopReason.EOS if ended else StopReason.MAX_TOKENS
             out.append(_suggestion(addition, count_tokens(addition, self.tokenizer), reason, None))
         return out
