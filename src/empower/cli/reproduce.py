@@ -40,7 +40,7 @@ def reproduce(config: Path = _CONFIG, out: Path | None = _OUT):
 @app.command("calibrate")
 def calibrate(config: Path = _CONFIG, out: Path | None = _OUT):
     """Choose eta on validation tasks by DPR (the config's calibration section) and report the sweep."""
-    from empower.reproduce import calibrate_only
+    from empower.calibration import calibrate_only
 
     eta = calibrate_only(_load(config, out))
     console.print(f"recommended eta: {eta:g} bits")
