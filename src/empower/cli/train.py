@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from accelerate import PartialState
 
 from empower.cli import app
 from empower.configs import config_group
@@ -19,7 +20,8 @@ from empower.train import TrainConfig, merge_adapter, train
 def _train(config: TrainConfig) -> None:
     """Fine-tune a base model on prompt/completion pairs (LoRA by default); loss on completions only."""
     out = train(config)
-    typer.echo(f"model saved in {out}")
+    if PartialState().is_main_process:  # under accelerate/torchrun, every rank returns here
+        typer.echo(f"model saved in {out}")
 
 
 train_app = config_group(app, TrainConfig, "train", _train)
