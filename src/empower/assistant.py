@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from transformers import (
     GenerationConfig,
@@ -51,6 +52,7 @@ from transformers import (
 
 from empower import models
 from empower.configs import option
+from empower.labeling import empower_length
 from empower.prompts import PromptTemplate, build_prompt
 
 log = logging.getLogger(__name__)
@@ -141,17 +143,13 @@ class AssistantConfig:
 def threshold_length(bits: Sequence[float], eta_bits: float) -> int:
     """Length of the longest prefix whose cumulative bits stay strictly below ``eta_bits``.
 
-    The same rule as labeling (``k* = max{k : sum_{j<=k} bits_j < eta}``).
+    The labeling rule itself (:func:`empower.labeling.empower_length`), so training pairs and
+    inference-time decoding cannot disagree.
 
     >>> threshold_length([0.1, 0.2, 5.0, 0.1], 1.0)
     2
     """
-    total = 0.0
-    for k, b in enumerate(bits):
-        total += b
-        if total >= eta_bits:
-            return k
-    return len(bits)
+    return empower_length(np.asarray(bits, dtype=np.float64), eta_bits)
 
 
 class StepLogProbs(LogitsProcessor):
