@@ -319,8 +319,10 @@ class Engine:
             job.cancelled = True  # no-op when finished; otherwise the worker drops its rows
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        """Stop the worker after the batch it is running (idempotent)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
 
     # ---- worker thread -------------------------------------------------------------------------
 

@@ -534,4 +534,7 @@ def serve(config: ServeConfig) -> None:
         config.serve_host,
         config.serve_port,
     )
-    uvicorn.run(app, host=config.serve_host, port=config.serve_port, log_level="warning")
+    try:
+        uvicorn.run(app, host=config.serve_host, port=config.serve_port, log_level="warning")
+    finally:  # also when uvicorn never started (port taken): a vLLM child must not outlive us
+        engine.close()
