@@ -382,9 +382,14 @@ def _provenance(grids: list[dict]) -> list[str]:
         if grid.get("config"):
             lines.append(f"- Config: `{grid['config']}`")
         if grid.get("wall_time_s") is not None:
-            lines.append(f"- Wall time of the run: {grid['wall_time_s'] / 60:.1f} min ({grid.get('machine', '')})")
+            cpu = grid.get("cpu_time_s")
+            lines.append(f"- Wall time of the stages: {grid['wall_time_s'] / 60:.1f} min"
+                         + (f", CPU time {cpu / 60:.1f} min" if cpu is not None else "")
+                         + f" ({grid.get('machine', '')})")
+        cpu = grid.get("stage_cpu_seconds", {})
         for stage, seconds in grid.get("stage_seconds", {}).items():
-            lines.append(f"  - {stage}: {seconds / 60:.1f} min")
+            extra = f" (CPU {cpu[stage] / 60:.1f} min)" if stage in cpu else ""
+            lines.append(f"  - {stage}: {seconds / 60:.1f} min{extra}")
     return lines
 
 

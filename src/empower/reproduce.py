@@ -309,11 +309,17 @@ def eval_done(folder: Path) -> bool:
     return expected is not None and len(lines) >= expected
 
 
+def _cpu_time() -> float:
+    """CPU seconds of this process and its finished children (on a shared machine, wall time overstates)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 class Stages:
     """Runs stages in order with progress lines and timings; finished outputs are skipped."""
 
     def __init__(self, total: int):
-        self.total, self.index, self.seconds = total, 0, {}
+        self.total, self.index, self.seconds, self.cpu_seconds = total, 0, {}, {}
 
     def run(self, kind: str, name: str, out: Path, done: Callable[[Path], bool], work: Callable[[], object]):
         self.index += 1
@@ -322,7 +328,7 @@ class Stages:
             console.print(f"{head} [green]done already[/]")
             return
         console.rule(f"{kind}: {name}")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu_time()
         try:
             work()
         except BaseException:
@@ -330,6 +336,7 @@ class Stages:
             raise
         finally:
             self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - start
+            self.cpu_seconds[kind] = self.cpu_seconds.get(kind, 0.0) + _cpu_time() - cpu_start
         console.print(f"{head} [green]finished[/] in {time.perf_counter() - start:.0f}s")
 
 
@@ -381,18 +388,22 @@ def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
 
 
-def _write_grid(config: ReproduceConfig, runs: list[dict], seconds: dict, command: str | None) -> None:
+def _write_grid(config: ReproduceConfig, runs: list[dict], stages: Stages, command: str | None) -> None:
+    """Record which run is which, the command, and stage times summed over every invocation (resumes)."""
     path = config.out / "grid.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    totals = dict(previous.get("stage_seconds", {}))
-    for kind, value in seconds.items():
-        totals[kind] = totals.get(kind, 0.0) + value
+    totals = {}
+    for key, current in (("stage_seconds", stages.seconds), ("stage_cpu_seconds", stages.cpu_seconds)):
+        totals[key] = dict(previous.get(key, {}))
+        for kind, value in current.items():
+            totals[key][kind] = totals[key].get(kind, 0.0) + value
     record = {
         "command": command or previous.get("command"),
         "config": str(config.out / "config.json"),
         "machine": _machine(),
-        "wall_time_s": sum(totals.values()),
-        "stage_seconds": totals,
+        "wall_time_s": sum(totals["stage_seconds"].values()),
+        "cpu_time_s": sum(totals["stage_cpu_seconds"].values()),
+        **totals,
         "runs": runs,
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -447,7 +458,7 @@ def reproduce(config: ReproduceConfig, *, command: str | None = None) -> Path:
             runs.append({"run": str(eval_cfg.out.relative_to(config.out)), "method": LABELS[method],
                          "human": human_label, "tasks": tasks_label})
     finally:
-        _write_grid(config, runs, stages.seconds, command)
+        _write_grid(config, runs, stages, command)
     if not config.report:
         return config.out
     return write_report(config.out)
