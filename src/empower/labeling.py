@@ -501,12 +501,14 @@ def data_stats(folder: str | Path) -> DataStats:
 def plot_lengths(stats: DataStats, path: str | Path) -> Path:
     """Save the completion-length histogram as a PNG (matplotlib, no display needed)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(list(stats.k_counts), list(stats.k_counts.values()), width=1.0, color="#4c72b0")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("completion length k (tokens)")
     ax.set_ylabel("pairs")
     methods = ", ".join(sorted(stats.per_method)) or "no pairs"
