@@ -212,32 +212,27 @@ def run_episodes(
 ) -> RunStats:
     """Play one episode per task, ``sim_batch_size`` at a time; call ``on_finished(trace)`` per episode.
 
-    Finished programs are tested in the sandbox (worker pool) in groups of ``sim_batch_size``, so a
-    trace is handed over only once the episode is completely scored.
+    The programs of the episodes that finish in a step are tested together in the sandbox (worker
+    pool) right away, so a trace is handed over, and saved, as soon as its episode is scored.
     """
     stats = RunStats()
     begin = time.perf_counter()
-    queue, live, scoring = deque(tasks), [], []
-
-    def score(group: list[Episode]) -> None:
-        start = time.perf_counter()
-        results = run_many([(e.task, e.state) for e in group], config.part(SandboxConfig))
-        stats.sandbox_s += time.perf_counter() - start
-        traces = [_trace(e, r, assistant, human, config) for e, r in zip(group, results, strict=True)]
-        for trace in traces:
-            on_finished(trace)
-        stats.episodes += len(traces)
+    queue, live = deque(tasks), []
 
     while queue or live:
         while queue and len(live) < config.sim_batch_size:
             task = queue.popleft()
             live.append(Episode(task=task, state=task.prompt))
         _step(live, assistant, human, count, config, stats)
-        scoring += [e for e in live if e.end_reason]
+        finished = [e for e in live if e.end_reason]
         live = [e for e in live if not e.end_reason]
-        if len(scoring) >= config.sim_batch_size or (scoring and not queue and not live):
-            score(scoring)
-            scoring = []
+        if finished:
+            start = time.perf_counter()
+            results = run_many([(e.task, e.state) for e in finished], config.part(SandboxConfig))
+            stats.sandbox_s += time.perf_counter() - start
+            for episode, result in zip(finished, results, strict=True):
+                on_finished(_trace(episode, result, assistant, human, config))
+                stats.episodes += 1
     stats.total_s = time.perf_counter() - begin
     return stats
 
