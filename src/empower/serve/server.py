@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from empower.assistant import Policy
 from empower.configs import option
 from empower.serve.engine import Delta, Engine, PolicyRule, SamplingParams
+from empower.serve.openai_api import ApiError, BodyLimit, CompletionRequest, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -130,103 +130,6 @@ class ServeConfig:
         return PolicyRule(self.policy, n=self.n, eta=self.eta)
 
 
-# ---- request schema (OpenAI's completions API) ------------------------------------------------
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False
-
-
-class CompletionRequest(BaseModel):
-    """The fields editor plugins send. Unknown fields are refused by name (as OpenAI does)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
-    suffix: str | None = None
-    max_tokens: int | None = Field(16, ge=1)
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    n: int | None = Field(1, ge=1)
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=5)
-    stop: str | list[str] | None = None
-    echo: bool | None = False
-    best_of: int | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
-    user: str | None = None
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
-    first = err.errors()[0]
-    if first.get("type") == "json_invalid":
-        return f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
-    location = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = location[0] if location else None
-    where = ".".join(location) or "body"
-    received = first.get("input")
-    shown = json.dumps(received)[:80] if received is not None and first.get("type") != "missing" else None
-    message = f"'{where}': {first['msg']}" + (f" (got {shown})" if shown else "")
-    if len(err.errors()) > 1:
-        message += f" (and {len(err.errors()) - 1} more problem(s))"
-    return message, param
-
-
-class _BodyLimit:
-    """ASGI middleware: 413 for bodies over ``limit`` bytes, declared or streamed, before parsing."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", ())).get(b"content-length")
-        too_large = ApiError(
-            413, f"request body exceeds {self.limit} bytes (serve_max_body_bytes)", code="request_too_large"
-        )
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await too_large.response()(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise too_large
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except ApiError as err:
-            await err.response()(scope, receive, send)
-
-
 # ---- the app ----------------------------------------------------------------------------------
 
 
@@ -251,7 +154,7 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
         engine.close()
 
     app = FastAPI(title="empower completion server", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.add_middleware(_BodyLimit, limit=config.serve_max_body_bytes)
+    app.add_middleware(BodyLimit, limit=config.serve_max_body_bytes)
     fim_tokens = _fim_tokens(tokenizer)
     max_positions = getattr(getattr(engine, "model", None), "config", None)
     max_positions = getattr(max_positions, "max_position_embeddings", None)
@@ -267,7 +170,7 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, err: RequestValidationError):
-        message, param = _validation_message(err)
+        message, param = validation_message(err)
         return ApiError(400, message, param=param).response()
 
     @app.exception_handler(Exception)

@@ -1,0 +1,108 @@
+"""OpenAI's completions API as this server speaks it: the request schema and the error shape.
+
+Kept apart from the app so the schema reads as a spec: which fields editor plugins may send, with
+which types and ranges (pydantic, strict: "5" is not an integer), and how every refusal looks
+(``{"error": {"message", "type", "param", "code"}}``, as OpenAI answers).
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """The fields editor plugins send. Unknown fields are refused by name (as OpenAI does)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None
+    max_tokens: int | None = Field(16, ge=1)
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    n: int | None = Field(1, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    stop: str | list[str] | None = None
+    echo: bool | None = False
+    best_of: int | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    user: str | None = None
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+    first = err.errors()[0]
+    if first.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+    location = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = location[0] if location else None
+    where = ".".join(location) or "body"
+    received = first.get("input")
+    shown = json.dumps(received)[:80] if received is not None and first.get("type") != "missing" else None
+    message = f"'{where}': {first['msg']}" + (f" (got {shown})" if shown else "")
+    if len(err.errors()) > 1:
+        message += f" (and {len(err.errors()) - 1} more problem(s))"
+    return message, param
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over ``limit`` bytes, declared or streamed, before parsing."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        too_large = ApiError(
+            413, f"request body exceeds {self.limit} bytes (serve_max_body_bytes)", code="request_too_large"
+        )
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_large.response()(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise too_large
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except ApiError as err:
+            await err.response()(scope, receive, send)
