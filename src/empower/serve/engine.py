@@ -132,7 +132,10 @@ class _Job:
         self.cancelled = False
 
     def post(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is gone: nobody will read, stop generating
+            self.cancelled = True
 
 
 class _Row:
