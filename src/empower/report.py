@@ -288,7 +288,8 @@ def main_table(entries: list[RunEntry]) -> str:
     for human in humans:
         for _, attr in METRICS:
             values = [getattr(s, attr).value for (m, h), s in by_key.items() if h == human and getattr(s, attr)]
-            best[(human, attr)] = max(values) if values else None
+            # No bold when every method ties: there is no best.
+            best[(human, attr)] = max(values) if values and min(values) < max(values) else None
     rows = []
     for method in methods:
         row = [method]
@@ -403,7 +404,8 @@ def render_markdown(entries: list[RunEntry], sweeps: list[Sweep], grids: list[di
         "",
         "Pass@1 = share of tasks whose final program passes all tests; acceptance = accepted / shown "
         "suggestions (pooled); DPR = 1[passed] * gamma^(alpha * tokens read + beta * tokens written), "
-        "averaged over tasks. Brackets: 95% percentile-bootstrap intervals over tasks. Bold: best in its column.",
+        "averaged over tasks. Brackets: 95% percentile-bootstrap intervals over tasks. Bold: best in its column "
+        "(point estimate; see the intervals and the paired tests before reading it as a win).",
         "",
     ]
     for tasks in _ordered(e.tasks for e in entries):
