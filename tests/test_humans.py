@@ -16,6 +16,7 @@ import pytest
 
 from empower import models
 from empower.humans import (
+    ChatReply,
     Decision,
     HumanConfig,
     HumanServerError,
@@ -233,6 +234,23 @@ def test_local_llm_human_counts_malformed_answers_without_crashing(tiny, tiny_mo
     assert turns[0].decision in (Decision.REJECT, Decision.FINISH)  # unreadable: never accepted
     assert all(n_tokens(counter, t.written) <= 5 for t in turns)
     assert json.loads(turns[0].raw)["acceptor"] is not None
+
+
+class ClosingChat:
+    """A hand-made backend whose every reply closes the code block at once (\"the code is complete\")."""
+
+    supports_prefill, label = True, "closing"
+
+    def complete(self, requests):
+        return [ChatReply(r.prefill + "```", True) for r in requests]
+
+
+def test_llm_human_never_calls_the_bare_starter_code_complete(counter):
+    human = LLMHuman(HumanConfig(human="llm"), ClosingChat(), counter)
+    [turn] = human.respond([HumanView(make_task(), PROMPT, "")])
+    assert (turn.decision, turn.written, turn.malformed) == (Decision.ACCEPT, "", True)
+    [turn] = human.respond([HumanView(make_task(), REFERENCE, "")])
+    assert turn.decision is Decision.FINISH and not turn.malformed
 
 
 def _free_port() -> int:

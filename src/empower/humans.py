@@ -435,6 +435,8 @@ class LLMHuman:
             view, reply = views[i], appended[i]
             decision = decisions[i]
             addition, done = parse_appended(codes[i], reply.text, reply.closed)
+            if done and codes[i].strip() == view.task.prompt.strip():
+                addition, done = None, False  # "complete" before writing anything: not a real answer
             malformed = decision is None or addition is None
             if malformed:
                 self.malformed += 1
