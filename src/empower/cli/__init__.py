@@ -21,22 +21,22 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-# Command groups register themselves on import (kept in pipeline order).
-from empower.cli import data as _data  # noqa: E402,F401
+# Command groups register themselves on import, in pipeline order (so `empower --help` reads as the
+# pipeline does); ruff's import sorting is switched off for this file in pyproject.toml.
 from empower.cli import models as _models  # noqa: E402,F401
-from empower.cli import tasks as _tasks  # noqa: E402,F401
+from empower.cli import data as _data  # noqa: E402,F401
 from empower.cli import train as _train  # noqa: E402,F401
+from empower.cli import tasks as _tasks  # noqa: E402,F401
 from empower.cli import eval as _eval  # noqa: E402,F401
+from empower.cli import reproduce as _reproduce  # noqa: E402,F401
 from empower.cli import serve as _serve  # noqa: E402,F401
 from empower.cli import study as _study  # noqa: E402,F401
-from empower.cli import reproduce as _reproduce  # noqa: E402,F401
-
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors (bad paths, values, records) print one clear line and exit 2."""
+    """Entry point: user errors (bad paths, values, records, unreachable servers) print one line, exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[logging.StreamHandler()])
     try:
         app(args=argv, standalone_mode=True)
-    except (ValueError, FileNotFoundError, PermissionError, KeyError) as err:
+    except (ValueError, FileNotFoundError, PermissionError, KeyError, ConnectionError, TimeoutError) as err:
         console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
         sys.exit(2)
