@@ -13,6 +13,7 @@ under 20%), with the sandbox timed separately (it runs the final programs, not m
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 
@@ -53,6 +54,8 @@ def _row(label: str, stats: RunStats, traces: list[dict]) -> dict:
         "outside model (no sandbox)": (loop - stats.assistant_s) / loop,
         "sandbox s": stats.sandbox_s,
         "Pass@1": sum(t["passed"] for t in traces) / len(traces),
+        # Other jobs on the machine slow model calls; the 1-minute load average says how much.
+        "load avg": os.getloadavg()[0],
     }
     print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     return row
