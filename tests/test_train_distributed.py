@@ -54,10 +54,16 @@ def test_both_ranks_train_the_same_tokens(runs):
     assert double["metrics"]["train_tokens"] == single["metrics"]["train_tokens"] > 0
 
 
-def test_losses_match_a_single_process(runs):
+def test_training_losses_match_a_single_process(runs):
     single, double, _ = runs
-    for key in ("train_loss", "eval_loss"):
-        assert double["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-3)
+    assert double["metrics"]["train_loss"] == pytest.approx(single["metrics"]["train_loss"], rel=1e-5)
+
+
+def test_validation_loss_is_close_to_a_single_process(runs):
+    """Only close: the trainer averages per-batch means, and the batches differ (4 per rank vs 8; the
+    distributed sampler also repeats a few pairs to give both ranks equal shares)."""
+    single, double, _ = runs
+    assert double["metrics"]["eval_loss"] == pytest.approx(single["metrics"]["eval_loss"], rel=1e-2)
 
 
 def test_output_is_written_once(runs):
