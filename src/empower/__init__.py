@@ -18,11 +18,13 @@ from empower.sandbox import (
 )
 from empower.scoring import score_documents
 from empower.tasks import Task, TestCase, TestType, load_tasks
+from empower.train import TrainConfig, merge_adapter  # not `train`: it would shadow the submodule
 
 __all__ = [
     "ExecutionResult", "SandboxConfig", "Status", "Task", "TestCase", "TestType", "load_tasks", "run_many",
     "run_task_tests", "validate_references", "load_model", "load_tokenizer",
     "CorpusConfig", "Document", "iter_documents", "DataConfig", "Method", "build_data", "data_stats",
     "empower_length", "empower_lengths", "score_documents",
+    "TrainConfig", "merge_adapter",
 ]
 __version__ = "0.1.0"
