@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from empower.scoring import score_documents
+from empower.scoring import ScoreCache, score_documents
 
 CODE = '''import os
 
@@ -95,3 +95,27 @@ def test_bad_overlap_is_refused(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="overlap"):
         list(score_documents(model, [(0, [1, 2, 3])], max_tokens=8, overlap=8, progress=False))
+
+
+def test_cached_documents_are_not_scored_again(tiny, docs, tmp_path):
+    model, _ = tiny
+    cache = ScoreCache(tmp_path, "tiny|float32")
+    first = dict(score_documents(model, enumerate(docs), progress=False, cache=cache))
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        second = dict(score_documents(model, enumerate(docs), progress=False, cache=cache))
+    finally:
+        hook.remove()
+    assert calls == []
+    assert first.keys() == second.keys()
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key])
+
+
+def test_cache_entries_depend_on_the_namespace(tiny, docs, tmp_path):
+    model, _ = tiny
+    list(score_documents(model, enumerate(docs), progress=False, cache=ScoreCache(tmp_path, "model-a")))
+    other = ScoreCache(tmp_path, "model-b")
+    assert all(other.load(ids) is None for ids in docs)
+    assert all(ScoreCache(tmp_path, "model-a").load(ids) is not None for ids in docs if len(ids) > 1)

@@ -38,7 +38,7 @@ import torch
 from empower import models
 from empower.configs import option, save_config, to_dict
 from empower.corpus import CorpusConfig, Document, iter_documents, resolve_format
-from empower.scoring import context_prefix, score_documents
+from empower.scoring import ScoreCache, context_prefix, score_documents
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class DataConfig(CorpusConfig):
     scoring_batch_tokens: int = option(2048, "padded tokens per forward pass (memory bound)")
     scoring_max_tokens: int = option(2048, "window length; longer documents are scored in windows")
     scoring_overlap: int = option(256, "context tokens shared by consecutive windows")
+    scoring_cache: Path | None = option(
+        None, "folder of per-document NLLs shared by builds over the same corpus (methods, eta values)"
+    )
     device: str | None = option(None, "cuda / cpu (default: cuda when available)")
     resume: bool = option(False, "continue an interrupted build in --out, skipping finished documents")
     overwrite: bool = option(False, "delete an existing build in --out first")
@@ -105,7 +108,7 @@ class DataConfig(CorpusConfig):
 
 
 # Fields that change how a build runs, not what it produces (a resume may change them).
-_RUNTIME_FIELDS = {"resume", "overwrite", "progress", "device", "scoring_batch_tokens"}
+_RUNTIME_FIELDS = {"resume", "overwrite", "progress", "device", "scoring_batch_tokens", "scoring_cache"}
 
 
 # ---------------------------------------------------------------- the rule
@@ -346,6 +349,11 @@ def _finish_dataset(out: Path) -> str:
     return digest.hexdigest()
 
 
+def _score_namespace(config: DataConfig) -> str:
+    """What, besides the tokens, determines a document's NLLs (the score cache's key)."""
+    return f"{config.estimator}|{config.scoring_dtype}|{config.scoring_max_tokens}|{config.scoring_overlap}"
+
+
 def build_data(config: DataConfig, *, model=None, tokenizer=None) -> Path:
     """Score the corpus, label every document, and write the data folder ``config.out``.
 
@@ -387,6 +395,7 @@ def build_data(config: DataConfig, *, model=None, tokenizer=None) -> Path:
         max_tokens=config.scoring_max_tokens,
         overlap=config.scoring_overlap,
         progress=config.progress,
+        cache=ScoreCache(config.scoring_cache, _score_namespace(config)) if config.scoring_cache else None,
     )
     with (
         open(out / "pairs.jsonl", "a", encoding="utf-8") as pairs_fh,

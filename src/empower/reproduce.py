@@ -232,7 +232,9 @@ def data_config(config: ReproduceConfig, method: GridMethod, eta: float, out: Pa
     from empower.labeling import DataConfig
 
     folder = out or config.out / "data" / (f"empower-eta{eta:g}" if method is GridMethod.EMPOWER else method.value)
-    values = {**config.data, **_DATA[method], "out": folder, "resume": True}
+    # One score cache for the whole grid: the estimator reads each document once, whatever the method.
+    values = {"scoring_cache": config.out / "data" / "scores", **config.data, **_DATA[method], "out": folder,
+              "resume": True}
     if method is GridMethod.EMPOWER:
         values["eta"] = eta
     return config_from_dict(DataConfig, values, where="data")

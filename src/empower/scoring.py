@@ -22,9 +22,11 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +42,35 @@ class _Row:
     start: int
     tokens: list[int]
     keep_from: int
+
+
+class ScoreCache:
+    """Per-document NLLs on disk, so several builds over one corpus (the grid's Empower and SFT data,
+    an eta sweep, a resumed build) run the estimator once per document.
+
+    An entry is keyed by the estimator, the scoring settings and the exact context tokens, so a
+    different model, dtype, window or document never hits a stale entry.
+    """
+
+    def __init__(self, folder: str | Path, namespace: str):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.namespace = namespace
+
+    def _path(self, context: list[int]) -> Path:
+        digest = hashlib.sha256(self.namespace.encode())
+        digest.update(np.asarray(context, dtype=np.int64).tobytes())
+        return self.folder / f"{digest.hexdigest()}.npy"
+
+    def load(self, context: list[int]) -> np.ndarray | None:
+        path = self._path(context)
+        return np.load(path) if path.exists() else None
+
+    def save(self, context: list[int], nll: np.ndarray) -> None:
+        path = self._path(context)
+        partial = path.with_name(path.name + ".partial.npy")  # never a torn entry
+        np.save(partial, nll)
+        partial.replace(path)
 
 
 def context_prefix(tokenizer) -> list[int]:
@@ -110,6 +141,7 @@ def score_documents(
     overlap: int = 256,
     buffer_documents: int = 64,
     progress: bool = True,
+    cache: ScoreCache | None = None,
 ) -> Iterator[tuple[object, np.ndarray]]:
     """Stream ``(key, nll_bits)`` for ``(key, token_ids)`` documents, in input order.
 
@@ -122,6 +154,7 @@ def score_documents(
         overlap: tokens of context each later window re-reads from the previous one.
         buffer_documents: documents sorted together by length (more = less padding).
         progress: show a progress bar (tokens scored).
+        cache: documents found there are not scored again; newly scored ones are stored.
 
     Returns:
         An iterator of ``(key, nll)`` with ``nll`` float32 of length ``len(ids)``:
@@ -138,11 +171,17 @@ def score_documents(
     buffer: list[tuple[object, list[int]]] = []
 
     def flush() -> Iterator[tuple[object, np.ndarray]]:
-        results = [np.full(len(prefix) + len(ids), np.nan, dtype=np.float32) for _, ids in buffer]
+        contexts = [prefix + list(ids) for _, ids in buffer]
+        cached = [cache.load(context) if cache else None for context in contexts]
+        results = [
+            hit if hit is not None else np.full(len(context), np.nan, dtype=np.float32)
+            for hit, context in zip(cached, contexts, strict=True)
+        ]
         rows = [
             row
-            for i, (_, ids) in enumerate(buffer)
-            for row in _windows(i, prefix + list(ids), max_tokens, overlap)
+            for i, context in enumerate(contexts)
+            if cached[i] is None
+            for row in _windows(i, context, max_tokens, overlap)
         ]
         for batch in _batches(rows, batch_tokens):
             for row, bits in zip(batch, _score_batch(model, batch, pad_id), strict=True):
@@ -151,6 +190,10 @@ def score_documents(
                 positions = np.arange(keep.start, keep.stop) + row.start + 1
                 results[row.doc][positions] = bits[keep]
                 bar.update(keep.stop - keep.start)
+        if cache:
+            for context, hit, nll in zip(contexts, cached, results, strict=True):
+                if hit is None:
+                    cache.save(context, nll)
         for (key, _), nll in zip(buffer, results, strict=True):
             yield key, nll[len(prefix) :]
         buffer.clear()
