@@ -79,3 +79,35 @@ def test_roundtrip_through_dict():
 def test_bad_value_is_refused():
     with pytest.raises(ValueError, match="eta must be positive"):
         config_from_dict(Demo, {"out": "x", "eta": -1})
+
+
+@dataclass
+class Arms:
+    arms: list[str] = option(help="arms", greedy=True)
+    seed: int = option(0, "seed")
+
+
+def _arms_app(seen):
+    app = typer.Typer()
+
+    @config_command(app, Arms, "create")
+    def create(config: Arms):
+        seen.append(config)
+
+    @app.callback()
+    def _root():
+        pass
+
+    return app
+
+
+def test_greedy_list_takes_the_bare_values_after_its_flag():
+    seen = []
+    result = CliRunner().invoke(_arms_app(seen), ["create", "--arms", "A=x", "B=y", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen == [Arms(arms=["A=x", "B=y"], seed=3)]
+
+
+def test_bare_values_are_refused_without_a_greedy_field():
+    result = CliRunner().invoke(_app([]), ["run", "--out", "x", "stray"])
+    assert result.exit_code != 0

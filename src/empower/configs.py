@@ -40,16 +40,20 @@ def option(
     *,
     flag: str | None = None,
     off_flag: str | None = None,
+    greedy: bool = False,
     **kwargs,
 ):
     """A dataclass field with its help text (and optionally a shorter CLI flag) in one place.
 
     ``off_flag`` names the switch that sets a bool field to False (default ``--no-<flag>``),
-    e.g. ``flag="--lora", off_flag="--full"``.
+    e.g. ``flag="--lora", off_flag="--full"``. A ``greedy`` list field also takes the bare values that
+    follow its flag (``--assistants A=x B=y``), as users of nargs-style CLIs expect.
     """
     metadata = {"help": help}
     if flag:
         metadata["flag"] = flag
+    if greedy:
+        metadata["greedy"] = True
     if off_flag:
         metadata["off_flag"] = off_flag
     if isinstance(default, (list, dict, set)):
@@ -210,9 +214,15 @@ def config_command(
             )
         )
 
+        greedy = [f.name for f in fields if f.metadata.get("greedy")]
+        if len(greedy) > 1:
+            raise TypeError(f"{cls.__name__}: at most one greedy field, got {greedy}")
+
         @functools.wraps(fn)
         def command(ctx: typer.Context, **kwargs):
             config_file = kwargs.pop("config_file")
+            if ctx.args:  # bare values after a greedy list flag (only allowed when one exists)
+                kwargs[greedy[0]] = [*(kwargs[greedy[0]] or []), *ctx.args]
             values = {}
             if config_file is not None:
                 values = dataclasses.asdict(load_config(cls, config_file))
@@ -235,7 +245,8 @@ def config_command(
             return fn(config)
 
         command.__signature__ = inspect.Signature(parameters)
-        app.command(name, help=help or (fn.__doc__ or "").strip())(command)
+        settings = {"allow_extra_args": True} if greedy else {}
+        app.command(name, help=help or (fn.__doc__ or "").strip(), context_settings=settings)(command)
         return fn
 
     return decorator

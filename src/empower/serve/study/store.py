@@ -244,7 +244,8 @@ def parse_assistant_spec(spec: str) -> tuple[str, dict]:
 @dataclass
 class StudyCreateConfig:
     assistants: list[str] = option(
-        help="LABEL=MODEL[:POLICY[:N_OR_ETA]] for each arm, e.g. A=runs/models/empower B=smollm2-135m:base-n:20"
+        help="LABEL=MODEL[:POLICY[:N_OR_ETA]] for each arm, e.g. A=runs/models/empower B=smollm2-135m:base-n:20",
+        greedy=True,
     )
     tasks: str = option("humaneval", "task set format: humaneval, mbpp, livecodebench or leetcode")
     tasks_path: str | None = option(None, "a task file or folder in that format (default: the set's own source)")
