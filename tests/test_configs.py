@@ -27,11 +27,12 @@ class Demo:
             raise ValueError(f"eta must be positive, got {self.eta}")
 
 
-def _app(seen):
+def _app(seen, cls=None, name="run"):
+    """A one-command typer app for ``cls`` (default ``Demo``) that records the configs it receives."""
     app = typer.Typer()
 
-    @config_command(app, Demo, "run")
-    def run(config: Demo):
+    @config_command(app, cls or Demo, name)
+    def run(config):
         seen.append(config)
 
     @app.callback()
@@ -87,23 +88,9 @@ class Arms:
     seed: int = option(0, "seed")
 
 
-def _arms_app(seen):
-    app = typer.Typer()
-
-    @config_command(app, Arms, "create")
-    def create(config: Arms):
-        seen.append(config)
-
-    @app.callback()
-    def _root():
-        pass
-
-    return app
-
-
 def test_greedy_list_takes_the_bare_values_after_its_flag():
     seen = []
-    result = CliRunner().invoke(_arms_app(seen), ["create", "--arms", "A=x", "B=y", "--seed", "3"])
+    result = CliRunner().invoke(_app(seen, Arms, "create"), ["create", "--arms", "A=x", "B=y", "--seed", "3"])
     assert result.exit_code == 0, result.output
     assert seen == [Arms(arms=["A=x", "B=y"], seed=3)]
 
