@@ -152,27 +152,27 @@ def align(state: str, intent: str) -> int:
     return anchor + length if distance <= len(tail.strip()) / 3 else anchor
 
 
-def _closest_prefix(text: str, target: str) -> tuple[int, int]:
-    """``(j, d)``: the prefix ``target[:j]`` at the smallest edit distance ``d`` from ``text``."""
-    previous = list(range(len(target) + 1))
-    for i, ca in enumerate(text, 1):
-        current = [i]
-        for j, cb in enumerate(target, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    best = min(previous)
-    return min((j for j, d in enumerate(previous) if d == best), key=lambda j: abs(j - len(text))), best
-
-
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (insertions, deletions, substitutions)."""
+def _last_row(a: str, b: str) -> list[int]:
+    """Last row of the Levenshtein table: entry ``j`` is the edit distance from ``a`` to ``b[:j]``."""
     previous = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         current = [i]
         for j, cb in enumerate(b, 1):
             current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
         previous = current
-    return previous[-1]
+    return previous
+
+
+def _closest_prefix(text: str, target: str) -> tuple[int, int]:
+    """``(j, d)``: the prefix ``target[:j]`` at the smallest edit distance ``d`` from ``text``."""
+    row = _last_row(text, target)
+    best = min(row)
+    return min((j for j, d in enumerate(row) if d == best), key=lambda j: abs(j - len(text))), best
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions)."""
+    return _last_row(a, b)[-1]
 
 
 def agrees(suggestion: str, remaining: str, tolerance: float) -> bool:
