@@ -54,13 +54,13 @@ def test_docstring_examples_become_public_tests(tmp_path):
 def test_broken_json_line_is_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(HUMANEVAL_ROW) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl line 2"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2:"):
         load_tasks("humaneval", path)
 
 
 def test_record_missing_a_field_is_named(tmp_path):
     row = {k: v for k, v in HUMANEVAL_ROW.items() if k != "entry_point"}
-    with pytest.raises(ValueError, match=r"line 1: missing field 'entry_point'"):
+    with pytest.raises(ValueError, match=r"jsonl:1: missing field 'entry_point'"):
         load_tasks("humaneval", write_jsonl(tmp_path / "bad.jsonl", [row]))
 
 
@@ -131,7 +131,7 @@ def test_livecodebench_hub_style_record(tmp_path):
 
 def test_livecodebench_mixed_test_types_are_refused(tmp_path):
     tests = [{"input": "1", "output": "1", "testtype": "stdin"}, {"input": "1", "output": "1", "testtype": "functional"}]
-    with pytest.raises(ValueError, match=r"lcb\.jsonl line 1: test types"):
+    with pytest.raises(ValueError, match=r"lcb\.jsonl:1: test types"):
         load_tasks("livecodebench", write_jsonl(tmp_path / "lcb.jsonl", [{"problem": "p", "tests": tests}]))
 
 

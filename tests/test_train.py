@@ -179,7 +179,7 @@ def test_bad_data_gives_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         load_pairs(tmp_path / "empty.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
-    with pytest.raises(ValueError, match="bad.jsonl line 2"):
+    with pytest.raises(ValueError, match="bad.jsonl:2:"):
         load_pairs(tmp_path / "bad.jsonl")
     (tmp_path / "nocol.jsonl").write_text('{"prompt": "a", "text": "b"}\n')
     with pytest.raises(ValueError, match="'completion'"):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from empower.configs import option
+from empower.jsonl import iter_jsonl
 
 
 class CorpusFormat(str, enum.Enum):
@@ -157,21 +158,6 @@ def _load_json(path: Path):
             raise ValueError(f"{path}: not valid JSON: {err}") from err
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of a JSONL file; a bad line is a ValueError naming file and line."""
-    with _open_text(path) as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
-
-
 def _field(record: dict, field: str, where: str) -> str:
     if field not in record:
         raise ValueError(
@@ -214,7 +200,7 @@ def _folder(root: Path, pattern: str) -> Iterator[Document]:
 
 
 def _jsonl(path: Path, field: str) -> Iterator[Document]:
-    for number, record in _iter_jsonl(path):
+    for number, record in iter_jsonl(path):
         yield Document(f"{path.name}:{number}", _field(record, field, f"{path}:{number}"))
 
 
@@ -230,7 +216,7 @@ def _leetcode(path: Path) -> Iterator[Document]:
 
 def _mbpp(path: Path, ids: str) -> Iterator[Document]:
     low, high = _parse_id_range(ids)
-    for number, record in _iter_jsonl(path):
+    for number, record in iter_jsonl(path):
         task_id = record.get("task_id")
         if not isinstance(task_id, int):
             raise ValueError(f"{path}:{number}: no integer field 'task_id'")
@@ -273,7 +259,7 @@ def load_exclusions(path: Path) -> set[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus_exclude {path}: no such file")
-    records = _load_json(path) if path.suffix == ".json" else [r for _, r in _iter_jsonl(path)]
+    records = _load_json(path) if path.suffix == ".json" else [r for _, r in iter_jsonl(path)]
     keys = set()
     for record in records:
         text = next(

@@ -38,6 +38,7 @@ import torch
 from empower import models
 from empower.configs import option, save_config, to_dict
 from empower.corpus import CorpusConfig, Document, iter_documents, resolve_format
+from empower.jsonl import iter_jsonl
 from empower.scoring import ScoreCache, context_prefix, score_documents
 
 log = logging.getLogger(__name__)
@@ -236,16 +237,10 @@ COLUMNS = {  # docs/design.md, "Data folder"
 }  # fmt: skip
 
 
-def _read_jsonl_prefix(path: Path) -> Iterator[dict]:
-    """Complete JSON lines of a file that an interrupted build may have cut mid-line."""
-    if not path.exists():
-        return
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                return
+def _whole_lines(path: Path) -> Iterator[dict]:
+    """Records of a file that an interrupted build may have cut mid-line (none if it is missing)."""
+    if path.exists():
+        yield from (record for _, record in iter_jsonl(path, cut_tail_ok=True))
 
 
 def _comparable(config_dict: dict) -> dict:
@@ -274,11 +269,11 @@ def _prepare_out(config: DataConfig) -> set[str]:
             f"--resume of {out} with different settings ({detail}); use the saved ones or --overwrite"
         )
     # Keep only whole lines of finished documents: a document cut mid-way is redone, never duplicated.
-    finished = list(_read_jsonl_prefix(out / "documents.jsonl"))
+    finished = list(_whole_lines(out / "documents.jsonl"))
     done = {d["doc_id"] for d in finished}
     _rewrite_jsonl(out / "documents.jsonl", finished)
     _rewrite_jsonl(
-        out / "pairs.jsonl", (r for r in _read_jsonl_prefix(out / "pairs.jsonl") if r["doc_id"] in done)
+        out / "pairs.jsonl", (r for r in _whole_lines(out / "pairs.jsonl") if r["doc_id"] in done)
     )
     shutil.rmtree(out / "dataset", ignore_errors=True)
     log.info("resuming %s: %d documents already done", out, len(done))
@@ -304,7 +299,7 @@ def _write_manifest(
         "zero": 0,
         "shortened": 0,
     }
-    for doc in _read_jsonl_prefix(out / "documents.jsonl"):
+    for doc in _whole_lines(out / "documents.jsonl"):
         totals["documents"] += 1
         totals["documents_without_pairs"] += doc["pairs"] == 0
         for key in ("tokens", "pairs", "zero", "shortened"):
@@ -483,17 +478,12 @@ def data_stats(folder: str | Path) -> DataStats:
     k_counts: dict[int, int] = {}
     pairs = total_k = 0
     total_bits = 0.0
-    with open(pairs_path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{pairs_path}:{number}: not valid JSON ({err.msg})") from err
-            pairs += 1
-            per_method[row["method"]] = per_method.get(row["method"], 0) + 1
-            k_counts[row["k"]] = k_counts.get(row["k"], 0) + 1
-            total_k += row["k"]
-            total_bits += row["cum_bits"]
+    for _, row in iter_jsonl(pairs_path):
+        pairs += 1
+        per_method[row["method"]] = per_method.get(row["method"], 0) + 1
+        k_counts[row["k"]] = k_counts.get(row["k"], 0) + 1
+        total_k += row["k"]
+        total_bits += row["cum_bits"]
     return DataStats(
         folder=folder,
         complete=bool(manifest.get("complete")),

@@ -32,6 +32,7 @@ import numpy as np
 from scipy import stats
 
 from empower.configs import option
+from empower.jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -168,22 +169,7 @@ def read_traces(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"trace file {path} does not exist")
-    lines = path.read_text().splitlines()
-    traces = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):
-                log.warning("%s:%d: incomplete last line skipped (interrupted run): %s", path, number, err)
-                continue
-            raise ValueError(f"{path}:{number}: not valid JSON: {err}") from err
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        traces.append(record)
-    return traces
+    return [record for _, record in iter_jsonl(path, cut_tail_ok=True)]
 
 
 @dataclass

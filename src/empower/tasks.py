@@ -41,6 +41,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from empower.jsonl import iter_jsonl
+
 logger = logging.getLogger(__name__)
 
 # LeetCode code uses List, Optional, deque, ... without importing them; LeetCodeDataset's own
@@ -202,14 +204,11 @@ def _read_records(path: str) -> Iterator[tuple[str, dict]]:
         for index, row in enumerate(rows):
             yield f"{file} record {index}", row
         return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskFormatError(f"{file} line {number}: not valid JSON: {err}") from err
-        yield f"{file} line {number}", row
+    try:
+        for number, row in iter_jsonl(file):
+            yield f"{file}:{number}", row
+    except ValueError as err:
+        raise TaskFormatError(str(err)) from err
 
 
 def _read_hub(spec: str) -> Iterator[tuple[str, dict]]:

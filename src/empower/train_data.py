@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset, load_from_disk
 
+from empower.jsonl import iter_jsonl
 from empower.prompts import PromptTemplate, build_prompt
 
 log = logging.getLogger("empower.train")
@@ -33,20 +34,11 @@ class TrainData:
 
 def _read_jsonl(path: Path) -> Dataset:
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number}: not valid JSON ({err})") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-            for field in ("prompt", "completion"):
-                if not isinstance(row.get(field), str):
-                    raise ValueError(f"{path} line {number}: field {field!r} missing or not text")
-            rows.append(row)
+    for number, row in iter_jsonl(path):
+        for field in ("prompt", "completion"):
+            if not isinstance(row.get(field), str):
+                raise ValueError(f"{path}:{number}: field {field!r} missing or not text")
+        rows.append(row)
     return Dataset.from_list(rows)
 
 
