@@ -310,3 +310,29 @@ def test_llm_human_plays_turns_against_a_real_llama_cpp_server(llama_server, cou
         assert raw["appender"] is not None  # the server answered both calls
         assert n_tokens(counter, turn.written) <= 10
     assert human.malformed == sum(t.malformed for t in turns)
+
+
+@pytest.mark.integration
+def test_evaluation_runs_whole_episodes_with_the_llm_human_behind_a_real_server(llama_server, tmp_path):
+    """run_eval end to end with the server backend: the path the paper's GPU setup takes (vLLM human)."""
+    from empower.env import EvalConfig, run_eval
+
+    rows = [{"task_id": f"toy/{name}", "prompt": f"def {name}(a, b):\n    \"\"\"{doc}\"\"\"\n", "entry_point": name,
+             "canonical_solution": f"    return {body}\n", "test": f"def check(candidate):\n    {check}\n"}
+            for name, doc, body, check in [("add", "Sum of a and b.", "a + b", "assert candidate(1, 2) == 3"),
+                                           ("mul", "Product of a and b.", "a * b", "assert candidate(2, 3) == 6")]]
+    tasks = tmp_path / "toy.jsonl"
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = EvalConfig(assistant=models.resolve(models.TINY_MODEL), policy="base-n", n=4, max_new_tokens=8, tasks="humaneval",
+                        tasks_path=str(tasks), human="llm", human_url=llama_server, human_model="smollm2",
+                        human_max_tokens=10, sim_max_rounds=4, out=tmp_path / "run", metrics_resamples=100)
+    run = run_eval(config, progress=False)
+    traces = [json.loads(line) for line in (run / "traces.jsonl").read_text().splitlines()]
+    assert sorted(t["task_id"] for t in traces) == ["toy/add", "toy/mul"]
+    for trace in traces:
+        assert trace["human"].endswith("#smollm2") and trace["suggestions"] >= 1
+        written = [e for e in trace["events"] if e["kind"] == "wrote"]
+        assert written and all(e["tokens"] <= 10 for e in written)  # the server's text, cut to K_H
+        assert trace["program"].startswith(rows[0]["prompt"] if trace["task_id"] == "toy/add" else rows[1]["prompt"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["episodes"] == 2 and summary["complete"] is True
