@@ -219,6 +219,8 @@ def test_config_values_are_validated():
         TrainConfig(data=Path("d"), out=Path("o"), val_fraction=1.0)
     with pytest.raises(ValueError, match="lora_rank"):
         TrainConfig(data=Path("d"), out=Path("o"), lora_rank=0)
+    with pytest.raises(ValueError, match="eval_steps needs a validation split"):
+        TrainConfig(data=Path("d"), out=Path("o"), eval_steps=5, val_fraction=0)
     with pytest.raises(ValueError, match="resume and overwrite"):
         TrainConfig(data=Path("d"), out=Path("o"), resume=True, overwrite=True)
 
@@ -230,7 +232,7 @@ def test_gguf_base_is_refused(data_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory) -> Path:
-    return train(quick(data_dir, tmp_path_factory.mktemp("run") / "model", max_steps=3))
+    return train(quick(data_dir, tmp_path_factory.mktemp("run") / "model", max_steps=3, eval_steps=2))
 
 
 def test_output_folder_records_the_run(trained):
@@ -246,6 +248,9 @@ def test_output_folder_records_the_run(trained):
 def test_validation_loss_is_reported(trained):
     metrics = json.loads((trained / "empower-model.json").read_text())["metrics"]
     assert 0 < metrics["eval_loss"] < 20 and metrics["train_tokens"] > 0
+    # eval_steps=2: a validation loss at step 2 during training, then the final one at step 3.
+    assert [step for step, _ in metrics["eval_curve"]] == [2, 3]
+    assert metrics["eval_curve"][-1][1] == pytest.approx(metrics["eval_loss"])
 
 
 def test_trained_adapter_loads_through_models(trained, tiny):

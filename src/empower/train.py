@@ -46,7 +46,7 @@ __all__ = [
 META_FILE = "empower-model.json"  # written last: its presence marks a finished run
 RUN_FILE = "train-config.json"  # written first: identifies the run an output folder holds
 # Fields that may change when a run is resumed (they do not change what is being trained).
-_RESUMABLE = {"resume", "overwrite", "max_steps", "epochs", "logging_steps", "save_steps"}
+_RESUMABLE = {"resume", "overwrite", "max_steps", "epochs", "logging_steps", "save_steps", "eval_steps"}
 
 
 @dataclasses.dataclass
@@ -80,6 +80,9 @@ class TrainConfig:
     activation_checkpointing: bool = option(False, "recompute activations in backward (less memory, slower)")
     bf16: bool | None = option(None, "bf16 mixed precision; default: on with a bf16 GPU, off on CPU")
     logging_steps: int = option(10, "log loss and tokens/s every N steps")
+    eval_steps: int | None = option(
+        None, "also compute the validation loss every N steps (to see over-fitting); default: only at the end"
+    )
     save_steps: int = option(200, "checkpoint every N steps (for --resume)")
     resume: bool = option(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = option(False, "replace the run already in --out")
@@ -98,6 +101,10 @@ class TrainConfig:
         }
         if self.max_steps is not None:
             positive["max_steps"] = self.max_steps
+        if self.eval_steps is not None:
+            positive["eval_steps"] = self.eval_steps
+            if self.val_fraction == 0:
+                raise ValueError("eval_steps needs a validation split; val_fraction is 0")
         if self.lr is not None:
             positive["lr"] = self.lr
         for name, value in positive.items():
@@ -281,7 +288,8 @@ def _sft_config(config: TrainConfig):
         max_length=None,  # sequences are truncated (prompt side) when tokenized; TRL's cut would drop EOS
         # Padding-free batches have no padding but also no attention mask, and pad == EOS here.
         include_num_input_tokens_seen="all" if config.padding_free else "non_padding",
-        eval_strategy="no",
+        eval_strategy="steps" if config.eval_steps else "no",
+        eval_steps=config.eval_steps,
         logging_steps=config.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -371,8 +379,13 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     seconds = time.perf_counter() - started
     metrics = {"train_loss": result.training_loss, "train_tokens": trainer.state.num_input_tokens_seen}
+    curve = [[e["step"], e["eval_loss"]] for e in trainer.state.log_history if "eval_loss" in e]
     if trainer.eval_dataset is not None:
-        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        if not curve or curve[-1][0] != trainer.state.global_step:  # eval_steps already ran the last one
+            curve.append([trainer.state.global_step, trainer.evaluate()["eval_loss"]])
+        metrics["eval_loss"] = curve[-1][1]
+    if config.eval_steps:
+        metrics["eval_curve"] = curve
     trainer.save_model(str(config.out))
     if trainer.is_world_process_zero():
         trainer.save_state()
@@ -388,7 +401,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
             "metrics": {**metrics, "train_seconds": round(seconds, 2), "world_size": state.num_processes},
         }
         (config.out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "eval_curve")
         if "eval_loss" in metrics:
             summary += f", validation perplexity {math.exp(metrics['eval_loss']):.2f}"
         log.info("saved %s (%s)", config.out, summary)
