@@ -2,11 +2,13 @@
 
 The embedded SmolLM2-135M plays the assistant (policy model: it continues the code from a plain
 prompt, up to 16 new tokens a turn) and the reference human plays the user, on the first 8
-HumanEval tasks (2 cores shared with other jobs make more take too long). The same episodes run twice:
-``sim_batch_size = 8`` (every live episode's suggestion request in one generate call) and
-``sim_batch_size = 1`` (one episode after another). Reported: episodes per minute, the speedup, and
-the share of wall time outside model calls (the loop, the reference human and token counting; goal
-under 20%), with the sandbox timed separately (it runs the final programs, not model calls).
+HumanEval tasks (2 cores shared with other jobs make more take too long). The same episodes run
+three times: ``sim_batch_size = 8`` (every live episode's suggestion request in one generate call),
+the same without the prompt prefix cache (``assistant_prefix_cache = 0``: every turn re-encodes the
+whole program), and ``sim_batch_size = 1`` (one episode after another). Reported: episodes per
+minute, the speedups, and the share of wall time outside model calls (the loop, the reference human
+and token counting; goal under 20%), with the sandbox timed separately (it runs the final programs,
+not model calls).
 
     python -m bench episodes
 """
@@ -69,9 +71,10 @@ def main() -> str:
         config = EvalConfig(**base)
         tasks, excluded = exclude_broken_references(load_tasks("humaneval", limit=TASKS), config)
         rows = []
-        for label, size in (("batched", BATCH), ("one by one", 1)):
-            config = EvalConfig(**base, sim_batch_size=size, assistant_batch_size=size)
-            print(f"{label}: sim_batch_size={size}", flush=True)
+        modes = (("batched", BATCH, 64), ("batched, no prefix cache", BATCH, 0), ("one by one", 1, 64))
+        for label, size, cache in modes:
+            config = EvalConfig(**base, sim_batch_size=size, assistant_batch_size=size, assistant_prefix_cache=cache)
+            print(f"{label}: sim_batch_size={size}, assistant_prefix_cache={cache}", flush=True)
             rows.append(_row(label, *_play(config, tasks, model, tokenizer)))
     programs = [(t, t.reference) for t in tasks] * 4
     sandbox = {}
@@ -81,12 +84,14 @@ def main() -> str:
         sandbox[workers] = len(programs) / (time.perf_counter() - start)
         print(f"sandbox workers={workers or 'cores'}: {sandbox[workers]:.1f} test runs/s", flush=True)
 
-    batched, serial = rows
+    batched, uncached, serial = rows
     columns = list(batched)
     table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         table.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
     speedup = batched["episodes/min"] / serial["episodes/min"]
+    cached = batched["episodes/min"] / uncached["episodes/min"]
+    model_share = uncached["model s"] / batched["model s"]
     share = batched["outside model (no sandbox)"]
     return "\n".join([
         "## Episodes (simulated environment)",
@@ -97,6 +102,8 @@ def main() -> str:
         *table,
         "",
         f"- Batched vs one by one: **{speedup:.2f}x** episodes per minute.",
+        f"- Prompt prefix cache (each turn encodes only what is new): **{cached:.2f}x** episodes per minute "
+        f"({model_share:.2f}x less time in model calls) than batched without it.",
         f"- Share of wall time outside model calls (batched, sandbox excluded): **{100 * share:.1f}%** "
         f"(goal < 20%: {'met' if share < 0.2 else 'not met'}).",
         f"- Sandbox (final programs, timed separately): {sandbox[1]:.1f} test runs/s with 1 worker, "

@@ -53,6 +53,7 @@ from transformers import (
 from empower import models
 from empower.configs import option
 from empower.labeling import empower_length
+from empower.prefix_cache import PrefixCache, batch_inputs, store_prompts, supports_prefix_cache
 from empower.prompts import PromptTemplate, build_prompt
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,9 @@ class AssistantConfig:
         "(same text as asking it to retype, without generating the retyped part)",
     )
     assistant_device: str = option("", "torch device (empty: CUDA when present, else CPU)")
+    assistant_prefix_cache: int = option(
+        64, "prompts whose key/value states are kept, so a turn encodes only what is new since the last (0: off)"
+    )
 
     def __post_init__(self):
         self.policy = Policy(self.policy)
@@ -126,6 +130,8 @@ class AssistantConfig:
         for name in ("n", "max_new_tokens", "assistant_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.assistant_prefix_cache < 0:
+            raise ValueError(f"assistant_prefix_cache must be >= 0, got {self.assistant_prefix_cache}")
         if not self.eta > 0:
             raise ValueError(f"eta must be > 0 bits, got {self.eta}")
         if self.assistant_temperature < 0:
@@ -371,9 +377,19 @@ def generate_batch(
     temperature: float = 0.0,
     stop_strings: list[str] | None = None,
     add_special_tokens: bool = True,
+    prefix_cache: PrefixCache | None = None,
 ) -> list[_Generated]:
-    """Continue every prompt in one left-padded ``generate`` call, with bits per token recorded."""
-    enc = _left_padded(tokenizer, _encode(tokenizer, prompts, add_special_tokens)).to(model.device)
+    """Continue every prompt in one left-padded ``generate`` call, with bits per token recorded.
+
+    With ``prefix_cache``, each prompt's longest cached prefix is not encoded again, and the prompts'
+    states are kept for the next call (an episode's next prompt extends its last one).
+    """
+    rows = _encode(tokenizer, prompts, add_special_tokens)
+    if prefix_cache is None:
+        enc, layout = _left_padded(tokenizer, rows).to(model.device), None
+    else:
+        enc = batch_inputs(prefix_cache, rows, tokenizer.pad_token_id, model.device)
+        layout = enc.pop("layout")
     eos = eos_token_ids(model, tokenizer)
     stop = ThresholdStopping(eta_bits, eos)
     processors = [stop.recorder] + ([TemperatureLogitsWarper(temperature)] if temperature > 0 else [])
@@ -395,15 +411,14 @@ def generate_batch(
         stopping_criteria=StoppingCriteriaList([stop]),
         tokenizer=tokenizer if stop_strings else None,
     )
+    if prefix_cache is not None:
+        store_prompts(prefix_cache, rows, enc["past_key_values"], layout)
     width = enc["input_ids"].shape[1]
     results = []
-    for row in range(len(prompts)):
+    for row, prompt_ids in enumerate(rows):
         bits = stop.bits(row)
         new = out[row, width:].tolist()[: len(bits)]
-        mask = enc["attention_mask"][row].bool()
-        results.append(
-            _Generated(new, bits[: len(new)], bool(stop.eos_hit[row]), enc["input_ids"][row][mask].tolist())
-        )
+        results.append(_Generated(new, bits[: len(new)], bool(stop.eos_hit[row]), prompt_ids))
     return results
 
 
@@ -465,6 +480,8 @@ class TransformersAssistant:
         self.model, self.tokenizer = model, tokenizer
         self.estimator = estimator
         self.name = assistant_name(config)
+        size = config.assistant_prefix_cache
+        self.prefix_cache = PrefixCache(size) if size and supports_prefix_cache(model) else None
         if estimator is not None:
             self._same_vocab = estimator[1].get_vocab() == tokenizer.get_vocab()
 
@@ -494,6 +511,7 @@ class TransformersAssistant:
             eta_bits=cfg.eta if threshold and self.estimator is None else math.inf,
             temperature=cfg.assistant_temperature,
             stop_strings=[FENCE],
+            prefix_cache=self.prefix_cache,
         )
         gens = [_before_fence(self.tokenizer, g) for g in gens]
         if threshold and self.estimator is not None and not self._same_vocab:
@@ -548,6 +566,7 @@ class TransformersAssistant:
             temperature=cfg.assistant_temperature,
             stop_strings=[FENCE],
             add_special_tokens=False,  # the chat template already holds the special tokens
+            prefix_cache=self.prefix_cache,
         )
         out = []
         for r, g in zip(requests, gens, strict=True):
