@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 # Fields that change how fast a run goes (or how its summary is bootstrapped), not what its episodes
 # are: a resumed run may change them.
 _RESUMABLE_CHANGES = {
-    "resume", "limit", "out", "sim_batch_size", "sandbox_workers", "assistant_batch_size", "device",
+    "resume", "limit", "out", "sim_batch_size", "sandbox_workers", "assistant_batch_size", "assistant_prefix_cache",
+    "device",
     "human_batch_size", "human_concurrency", "human_timeout_s", "human_retries", "human_device",
     "metrics_resamples", "metrics_seed",
 }
