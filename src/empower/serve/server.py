@@ -82,6 +82,10 @@ class ServeConfig:
     serve_batch_wait_ms: float = option(
         5.0, "wait for more requests before starting a batch", flag="--batch-wait-ms"
     )
+    serve_prefix_cache: int = option(
+        64, "prompts whose key/value states are kept, so a request encodes only what changed (0: off)",
+        flag="--prefix-cache",
+    )
     serve_max_tokens: int = option(256, "largest max_tokens a request may ask for", flag="--max-tokens-limit")
     serve_max_prompt_tokens: int = option(
         4096, "longest prompt (+suffix) in tokens", flag="--max-prompt-tokens"
@@ -112,6 +116,8 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eta <= 0:
             raise ValueError(f"eta must be > 0 bits, got {self.eta}")
+        if self.serve_prefix_cache < 0:
+            raise ValueError(f"serve_prefix_cache must be >= 0, got {self.serve_prefix_cache}")
         if not 0 < self.serve_port < 65536:
             raise ValueError(f"serve_port must be in 1..65535, got {self.serve_port}")
         if self.serve_threads < 0:
@@ -414,6 +420,7 @@ def build_engine(config: ServeConfig):
         config.rule,
         max_batch_rows=config.serve_max_batch_rows,
         batch_wait_s=config.serve_batch_wait_ms / 1000,
+        prefix_cache=config.serve_prefix_cache,
     )
     return engine, tokenizer
 
