@@ -236,6 +236,22 @@ def test_local_llm_human_counts_malformed_answers_without_crashing(tiny, tiny_mo
     assert json.loads(turns[0].raw)["acceptor"] is not None
 
 
+def test_local_llm_human_answers_the_same_from_cached_prompt_prefixes(tiny, tiny_model_path):
+    """Turn after turn the state grows; reusing the prompts' key/value states changes no reply."""
+    replies = {}
+    for size in (0, 32):
+        config = HumanConfig(human="llm", human_model=tiny_model_path, human_max_tokens=5, human_prefix_cache=size)
+        backend = LocalChat(tiny_model_path, config, *tiny)
+        human, state, seen = LLMHuman(config, backend), PROMPT, []
+        for suggestion in ("    total = a + b\n", "    return total\n", ""):
+            [turn] = human.respond([HumanView(make_task(), state, suggestion)])
+            seen.append(turn.raw)
+            state += suggestion or "# done\n"
+        replies[size] = seen, backend.prefix_cache
+    assert replies[32][0] == replies[0][0]
+    assert replies[0][1] is None and replies[32][1].reused_tokens > 0
+
+
 class ClosingChat:
     """A hand-made backend whose every reply closes the code block at once (\"the code is complete\")."""
 

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 _RESUMABLE_CHANGES = {
     "resume", "limit", "out", "sim_batch_size", "sandbox_workers", "assistant_batch_size", "assistant_prefix_cache",
     "device",
-    "human_batch_size", "human_concurrency", "human_timeout_s", "human_retries", "human_device",
+    "human_batch_size", "human_prefix_cache", "human_concurrency", "human_timeout_s", "human_retries", "human_device",
     "metrics_resamples", "metrics_seed",
 }
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 from empower import models
 from empower.assistant import cap_tokens, decode_continuation, extract_addition, generate_batch
 from empower.configs import option
+from empower.prefix_cache import PrefixCache, supports_prefix_cache
 
 if TYPE_CHECKING:
     from empower.tasks import Task
@@ -95,6 +96,9 @@ class HumanConfig:
     human_max_new_tokens: int = option(48, "llm: generation budget of the appender (cut to K_H afterwards)")
     human_temperature: float = option(0.0, "llm: sampling temperature (0 = greedy)")
     human_batch_size: int = option(8, "llm (local): prompts per generate() call")
+    human_prefix_cache: int = option(
+        64, "llm (local): prompts whose key/value states are kept for the next turn's prompts (0: off)"
+    )
     human_concurrency: int = option(8, "llm (server): requests in flight at once")
     human_timeout_s: float = option(120.0, "llm (server): timeout of one request (seconds)")
     human_retries: int = option(3, "llm (server): retries with exponential backoff before giving up")
@@ -107,6 +111,8 @@ class HumanConfig:
         for name in ("human_max_tokens", "human_max_new_tokens", "human_batch_size", "human_concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.human_prefix_cache < 0:
+            raise ValueError(f"human_prefix_cache must be >= 0, got {self.human_prefix_cache}")
         if self.human_retries < 0 or self.human_timeout_s <= 0 or self.human_temperature < 0:
             raise ValueError(
                 f"need human_retries >= 0, human_timeout_s > 0, human_temperature >= 0; got "
@@ -312,6 +318,8 @@ class LocalChat:
             model, tokenizer = models.load_model(spec, device=config.human_device or None)
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.label = spec
+        size = config.human_prefix_cache
+        self.prefix_cache = PrefixCache(size) if size and supports_prefix_cache(model) else None
 
     def complete(self, requests: list[ChatRequest]) -> list[ChatReply]:
         replies = []
@@ -331,6 +339,7 @@ class LocalChat:
                 temperature=self.config.human_temperature,
                 stop_strings=["```"],
                 add_special_tokens=False,
+                prefix_cache=self.prefix_cache,
             )
             for r, g in zip(batch, gens, strict=True):
                 text = decode_continuation(self.tokenizer, g.prompt_ids, g.ids[: r.max_tokens])
