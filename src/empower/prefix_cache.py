@@ -37,7 +37,7 @@ class PrefixCache:
 
     def __init__(self, max_entries: int):
         self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[int, ...], States] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, States]] = OrderedDict()
         self.reused_tokens = 0
         self.encoded_tokens = 0
 
@@ -49,25 +49,25 @@ class PrefixCache:
         encode (generation needs the logits after it); (0, None) when nothing useful is cached."""
         best, best_key = 0, None
         query = np.asarray(ids)
-        for key in self._entries:
+        for key, (array, _) in self._entries.items():
             n = min(len(key), len(ids) - 1)
             if n <= best:
                 continue
-            differ = np.flatnonzero(np.asarray(key[:n]) != query[:n])
+            differ = np.flatnonzero(array[:n] != query[:n])
             common = int(differ[0]) if differ.size else n
             if common > best:
                 best, best_key = common, key
         if best_key is None:
             return 0, None
         self._entries.move_to_end(best_key)
-        return best, [(k[:, :best], v[:, :best]) for k, v in self._entries[best_key]]
+        return best, [(k[:, :best], v[:, :best]) for k, v in self._entries[best_key][1]]
 
     def store(self, ids: list[int], states: States) -> None:
         """Keep ``states`` (one per layer, covering exactly ``ids``); entries it extends are dropped."""
         key = tuple(ids)
         for old in [k for k in self._entries if len(k) <= len(key) and key[: len(k)] == k]:
             del self._entries[old]
-        self._entries[key] = states
+        self._entries[key] = (np.asarray(ids), states)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
