@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +136,25 @@ def test_grid_runs_resumes_and_keeps_finished_stages(tmp_path):
     reproduce(config_from_dict(ReproduceConfig, tiny_config(out)))
     assert len(traces.read_text().splitlines()) == len(lines)
     assert {p: t for p, t in _mtimes(out).items() if p.parent != traces.parent} == before
+
+
+def test_sigterm_mid_training_still_records_the_time_spent(tmp_path):
+    """`kill` or a scheduler's SIGTERM mid-training: grid.json keeps the time of every stage so far."""
+    out = tmp_path / "run"
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(out, train={"max_steps": 400}, grid={"methods": ["empower"]})))
+    process = subprocess.Popen([sys.executable, "-m", "empower", "reproduce", "--config", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpointing = out / "models" / "empower-eta2"
+    deadline = time.monotonic() + 300
+    while not checkpointing.is_dir() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # inside the 400 training steps
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    grid = json.loads((out / "grid.json").read_text())
+    assert grid["stage_seconds"]["data"] > 0 and grid["stage_seconds"]["train"] > 0
+    assert not (checkpointing / "empower-model.json").exists()  # training did not finish, nothing claims it did
 
 
 def test_resume_with_different_shared_settings_is_refused(tmp_path):

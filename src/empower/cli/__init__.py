@@ -8,7 +8,9 @@ calls the same way.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 
 import typer
 from rich.console import Console
@@ -32,8 +34,18 @@ from empower.cli import reproduce as _reproduce  # noqa: E402,F401
 from empower.cli import serve as _serve  # noqa: E402,F401
 from empower.cli import study as _study  # noqa: E402,F401
 
+def _unwind_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors (bad paths, values, records, unreachable servers) print one line, exit 2."""
+    """Entry point: user errors (bad paths, values, records, unreachable servers) print one line, exit 2.
+
+    SIGTERM (``kill``, ``timeout``, a cluster scheduler) unwinds like Ctrl-C, so a stage's cleanup
+    runs and the grid records the time its finished stages took; without this Python just dies.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _unwind_on_sigterm)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[logging.StreamHandler()])
     try:
         app(args=argv, standalone_mode=True)
