@@ -53,7 +53,7 @@ from transformers import (
 from empower import models
 from empower.configs import option
 from empower.labeling import empower_length
-from empower.prefix_cache import PrefixCache, batch_inputs, store_prompts, supports_prefix_cache
+from empower.prefix_cache import PrefixCache, batch_inputs, prefix_cache_for, store_prompts
 from empower.prompts import PromptTemplate, build_prompt
 
 log = logging.getLogger(__name__)
@@ -362,10 +362,6 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool = True) -> lis
     return [row or [start] for row in ids]
 
 
-def _left_padded(tokenizer, rows: list[list[int]]):
-    return tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
-
-
 @torch.inference_mode()
 def generate_batch(
     model,
@@ -385,11 +381,8 @@ def generate_batch(
     states are kept for the next call (an episode's next prompt extends its last one).
     """
     rows = _encode(tokenizer, prompts, add_special_tokens)
-    if prefix_cache is None:
-        enc, layout = _left_padded(tokenizer, rows).to(model.device), None
-    else:
-        enc = batch_inputs(prefix_cache, rows, tokenizer.pad_token_id, model.device)
-        layout = enc.pop("layout")
+    enc = batch_inputs(prefix_cache or PrefixCache(0), rows, tokenizer.pad_token_id, model.device)
+    layout = enc.pop("layout")
     eos = eos_token_ids(model, tokenizer)
     stop = ThresholdStopping(eta_bits, eos)
     processors = [stop.recorder] + ([TemperatureLogitsWarper(temperature)] if temperature > 0 else [])
@@ -480,8 +473,7 @@ class TransformersAssistant:
         self.model, self.tokenizer = model, tokenizer
         self.estimator = estimator
         self.name = assistant_name(config)
-        size = config.assistant_prefix_cache
-        self.prefix_cache = PrefixCache(size) if size and supports_prefix_cache(model) else None
+        self.prefix_cache = prefix_cache_for(model, config.assistant_prefix_cache)
         if estimator is not None:
             self._same_vocab = estimator[1].get_vocab() == tokenizer.get_vocab()
 

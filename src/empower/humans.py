@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 from empower import models
 from empower.assistant import cap_tokens, decode_continuation, extract_addition, generate_batch
 from empower.configs import option
-from empower.prefix_cache import PrefixCache, supports_prefix_cache
+from empower.prefix_cache import prefix_cache_for
 
 if TYPE_CHECKING:
     from empower.tasks import Task
@@ -318,8 +318,7 @@ class LocalChat:
             model, tokenizer = models.load_model(spec, device=config.human_device or None)
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.label = spec
-        size = config.human_prefix_cache
-        self.prefix_cache = PrefixCache(size) if size and supports_prefix_cache(model) else None
+        self.prefix_cache = prefix_cache_for(model, config.human_prefix_cache)
 
     def complete(self, requests: list[ChatRequest]) -> list[ChatReply]:
         replies = []

@@ -32,6 +32,11 @@ def supports_prefix_cache(model) -> bool:
     return all(kind == "full_attention" for kind in (getattr(config, "layer_types", None) or ["full_attention"]))
 
 
+def prefix_cache_for(model, size: int) -> PrefixCache | None:
+    """A cache of ``size`` prompts for ``model``, or None when size is 0 or the model cannot use one."""
+    return PrefixCache(size) if size and supports_prefix_cache(model) else None
+
+
 class PrefixCache:
     """Key/value states of the last ``max_entries`` prompts, looked up by longest common token prefix."""
 
@@ -125,4 +130,4 @@ def store_prompts(cache: PrefixCache, rows: list[list[int]], past: DynamicCache,
         cache.store(ids, states)
 
 
-__all__ = ["PrefixCache", "batch_inputs", "store_prompts", "supports_prefix_cache"]
+__all__ = ["PrefixCache", "batch_inputs", "prefix_cache_for", "store_prompts", "supports_prefix_cache"]

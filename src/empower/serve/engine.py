@@ -45,7 +45,7 @@ from empower.assistant import (
     decode_continuation,
     eos_token_ids,
 )
-from empower.prefix_cache import PrefixCache, batch_inputs, store_prompts, supports_prefix_cache
+from empower.prefix_cache import PrefixCache, batch_inputs, prefix_cache_for, store_prompts
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class Engine:
         self.eos_ids = set(eos_token_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stats = EngineStats()
-        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache and supports_prefix_cache(model) else None
+        self.prefix_cache = prefix_cache_for(model, prefix_cache)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._deferred: collections.deque[_Job] = collections.deque()
         self._thread = threading.Thread(target=self._work, name="empower-engine", daemon=True)
