@@ -20,6 +20,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +30,9 @@ from empower import models
 from empower.configs import option, to_dict
 from empower.prompts import PromptTemplate
 from empower.train_data import TrainData, load_pairs, split_by_document, tokenize_pairs
+
+# peft and trl still read the property transformers renamed; the warning is theirs, not the user's.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 log = logging.getLogger(__name__)
 
