@@ -17,6 +17,7 @@ import pytest
 from empower import models
 from empower.humans import (
     ChatReply,
+    ChatRequest,
     Decision,
     HumanConfig,
     HumanServerError,
@@ -28,6 +29,7 @@ from empower.humans import (
     align,
     build_human,
     edit_distance,
+    incomplete,
     parse_appended,
     parse_decision,
 )
@@ -240,7 +242,9 @@ def test_local_llm_human_answers_the_same_from_cached_prompt_prefixes(tiny, tiny
     """Turn after turn the state grows; reusing the prompts' key/value states changes no reply."""
     replies = {}
     for size in (0, 32):
-        config = HumanConfig(human="llm", human_model=tiny_model_path, human_max_tokens=5, human_prefix_cache=size)
+        config = HumanConfig(
+            human="llm", human_model=tiny_model_path, human_max_tokens=5, human_prefix_cache=size
+        )
         backend = LocalChat(tiny_model_path, config, *tiny)
         human, state, seen = LLMHuman(config, backend), PROMPT, []
         for suggestion in ("    total = a + b\n", "    return total\n", ""):
@@ -267,6 +271,55 @@ def test_llm_human_never_calls_the_bare_starter_code_complete(counter):
     assert (turn.decision, turn.written, turn.malformed) == (Decision.ACCEPT, "", True)
     [turn] = human.respond([HumanView(make_task(), REFERENCE, "")])
     assert turn.decision is Decision.FINISH and not turn.malformed
+
+
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        ("def f(n):\n    return sum(1 for i in range(n", True),
+        ("def f():\n    for i in x:\n", True),
+        ("x = [1,\n", True),
+        ("def f():\n    return 1", False),
+        ("def f():\n    return 1\n", False),
+        ("- N = int(input())\n", False),  # invalid: nothing appended can fix it
+    ],
+)
+def test_incomplete_tells_unfinished_code_from_finished_or_invalid(code, expected):
+    assert incomplete(code) is expected
+
+
+def test_the_appender_may_not_close_code_that_stops_mid_expression(counter):
+    human = LLMHuman(HumanConfig(human="llm"), ClosingChat(), counter)
+    unfinished = PROMPT + "    return sum(range(a"
+    hold = human._appender(HumanView(make_task(), unfinished, ""), unfinished).hold_end
+    assert hold is not None and hold("") and hold(", b") and not hold(", b))\n")
+    assert human._appender(HumanView(make_task(), REFERENCE, ""), REFERENCE).hold_end is None
+
+
+def test_local_chat_does_not_end_a_held_reply(tiny, tiny_model_path):
+    """The tiny model writes blank lines here; made ending tokens, a held row must write past them."""
+    model, tokenizer = tiny
+    backend = LocalChat(
+        tiny_model_path, HumanConfig(human="llm", human_model=tiny_model_path), model, tokenizer
+    )
+    messages, prefill = [{"role": "user", "content": "Continue the code."}], "```python\n" + PROMPT
+    [free] = backend.complete([ChatRequest(messages, 4, prefill)])
+    assert free.text[len(prefill) :].strip() == ""
+    backend._ended = [
+        i for t, i in tokenizer.get_vocab().items() if not tokenizer.convert_tokens_to_string([t]).strip()
+    ]
+    seen = []
+    held, once, unheld = backend.complete(
+        [
+            ChatRequest(messages, 4, prefill, lambda added: True),
+            ChatRequest(messages, 4, prefill, lambda added: seen.append(added) or not added),
+            ChatRequest(messages, 4, prefill),
+        ]
+    )
+    assert unheld.text == free.text
+    assert held.text[len(prefill) :].strip() and once.text[len(prefill) :].strip()
+    assert seen[0] == "" and seen[1].strip()  # the hold sees the reply so far: a first token not blank
+    assert once.text[len(prefill) :].startswith(seen[1])
 
 
 def _free_port() -> int:
@@ -333,15 +386,36 @@ def test_evaluation_runs_whole_episodes_with_the_llm_human_behind_a_real_server(
     """run_eval end to end with the server backend: the path the paper's GPU setup takes (vLLM human)."""
     from empower.env import EvalConfig, run_eval
 
-    rows = [{"task_id": f"toy/{name}", "prompt": f"def {name}(a, b):\n    \"\"\"{doc}\"\"\"\n", "entry_point": name,
-             "canonical_solution": f"    return {body}\n", "test": f"def check(candidate):\n    {check}\n"}
-            for name, doc, body, check in [("add", "Sum of a and b.", "a + b", "assert candidate(1, 2) == 3"),
-                                           ("mul", "Product of a and b.", "a * b", "assert candidate(2, 3) == 6")]]
+    rows = [
+        {
+            "task_id": f"toy/{name}",
+            "prompt": f'def {name}(a, b):\n    """{doc}"""\n',
+            "entry_point": name,
+            "canonical_solution": f"    return {body}\n",
+            "test": f"def check(candidate):\n    {check}\n",
+        }
+        for name, doc, body, check in [
+            ("add", "Sum of a and b.", "a + b", "assert candidate(1, 2) == 3"),
+            ("mul", "Product of a and b.", "a * b", "assert candidate(2, 3) == 6"),
+        ]
+    ]
     tasks = tmp_path / "toy.jsonl"
     tasks.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = EvalConfig(assistant=models.resolve(models.TINY_MODEL), policy="base-n", n=4, max_new_tokens=8, tasks="humaneval",
-                        tasks_path=str(tasks), human="llm", human_url=llama_server, human_model="smollm2",
-                        human_max_tokens=10, sim_max_rounds=4, out=tmp_path / "run", metrics_resamples=100)
+    config = EvalConfig(
+        assistant=models.resolve(models.TINY_MODEL),
+        policy="base-n",
+        n=4,
+        max_new_tokens=8,
+        tasks="humaneval",
+        tasks_path=str(tasks),
+        human="llm",
+        human_url=llama_server,
+        human_model="smollm2",
+        human_max_tokens=10,
+        sim_max_rounds=4,
+        out=tmp_path / "run",
+        metrics_resamples=100,
+    )
     run = run_eval(config, progress=False)
     traces = [json.loads(line) for line in (run / "traces.jsonl").read_text().splitlines()]
     assert sorted(t["task_id"] for t in traces) == ["toy/add", "toy/mul"]
@@ -349,6 +423,8 @@ def test_evaluation_runs_whole_episodes_with_the_llm_human_behind_a_real_server(
         assert trace["human"].endswith("#smollm2") and trace["suggestions"] >= 1
         written = [e for e in trace["events"] if e["kind"] == "wrote"]
         assert written and all(e["tokens"] <= 10 for e in written)  # the server's text, cut to K_H
-        assert trace["program"].startswith(rows[0]["prompt"] if trace["task_id"] == "toy/add" else rows[1]["prompt"])
+        assert trace["program"].startswith(
+            rows[0]["prompt"] if trace["task_id"] == "toy/add" else rows[1]["prompt"]
+        )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["episodes"] == 2 and summary["complete"] is True

@@ -121,7 +121,8 @@ class AssistantConfig:
     )
     assistant_device: str = option("", "torch device (empty: CUDA when present, else CPU)")
     assistant_prefix_cache: int = option(
-        64, "prompts whose key/value states are kept, so a turn encodes only what is new since the last (0: off)"
+        64,
+        "prompts whose key/value states are kept, so a turn encodes only what is new since the last (0: off)",
     )
 
     def __post_init__(self):
@@ -374,18 +375,21 @@ def generate_batch(
     stop_strings: list[str] | None = None,
     add_special_tokens: bool = True,
     prefix_cache: PrefixCache | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
 ) -> list[_Generated]:
     """Continue every prompt in one left-padded ``generate`` call, with bits per token recorded.
 
     With ``prefix_cache``, each prompt's longest cached prefix is not encoded again, and the prompts'
     states are kept for the next call (an episode's next prompt extends its last one).
+    ``logits_processors`` run after the bits are recorded (they constrain, not re-score).
     """
     rows = _encode(tokenizer, prompts, add_special_tokens)
     enc = batch_inputs(prefix_cache or PrefixCache(0), rows, tokenizer.pad_token_id, model.device)
     layout = enc.pop("layout")
     eos = eos_token_ids(model, tokenizer)
     stop = ThresholdStopping(eta_bits, eos)
-    processors = [stop.recorder] + ([TemperatureLogitsWarper(temperature)] if temperature > 0 else [])
+    processors = [stop.recorder, *logits_processors]
+    processors += [TemperatureLogitsWarper(temperature)] if temperature > 0 else []
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=temperature > 0,

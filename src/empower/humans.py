@@ -20,18 +20,23 @@ Example::
 
 from __future__ import annotations
 
+import codeop
 import difflib
 import enum
 import json
 import logging
 import os
 import re
+import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from transformers import LogitsProcessor
+
 from empower import models
-from empower.assistant import cap_tokens, decode_continuation, extract_addition, generate_batch
+from empower.assistant import cap_tokens, decode_continuation, eos_token_ids, extract_addition, generate_batch
 from empower.configs import option
 from empower.prefix_cache import prefix_cache_for
 
@@ -300,6 +305,38 @@ class ChatRequest:
     messages: list[dict]
     max_tokens: int
     prefill: str = ""  # the start of the reply, where the backend supports it (local)
+    # local: while this holds for the text added after the prefill, the reply may not end
+    hold_end: Callable[[str], bool] | None = None
+
+
+def incomplete(code: str) -> bool:
+    """Whether ``code`` stops mid-construct (an open bracket, a block with no body): text appended
+    could complete it, unlike invalid code. Only compiled, never run."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return codeop.compile_command(code, symbol="exec") is None
+    except (SyntaxError, ValueError, OverflowError):
+        return False
+
+
+class HoldEnd(LogitsProcessor):
+    """Logits processor: a row whose ``hold`` is true of its reply so far cannot end it yet (no
+    end-of-sequence, no token with a backtick, which would start the closing fence)."""
+
+    def __init__(self, tokenizer, holds: list[Callable[[str], bool] | None], ended: list[int]):
+        self.tokenizer, self.holds, self.step = tokenizer, holds, 0
+        self.banned = ended + [i for token, i in tokenizer.get_vocab().items() if "`" in token]
+
+    def __call__(self, input_ids, scores):
+        for row, hold in enumerate(self.holds):
+            text = (
+                self.tokenizer.decode(input_ids[row, input_ids.shape[1] - self.step :]) if self.step else ""
+            )
+            if hold is not None and hold(text):
+                scores[row, self.banned] = float("-inf")
+        self.step += 1
+        return scores
 
 
 @dataclass
@@ -319,6 +356,7 @@ class LocalChat:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.label = spec
         self.prefix_cache = prefix_cache_for(model, config.human_prefix_cache)
+        self._ended = eos_token_ids(model, tokenizer)
 
     def complete(self, requests: list[ChatRequest]) -> list[ChatReply]:
         replies = []
@@ -330,6 +368,7 @@ class LocalChat:
                 + r.prefill
                 for r in batch
             ]
+            holds = [r.hold_end for r in batch]
             gens = generate_batch(
                 self.model,
                 self.tokenizer,
@@ -339,6 +378,7 @@ class LocalChat:
                 stop_strings=["```"],
                 add_special_tokens=False,
                 prefix_cache=self.prefix_cache,
+                logits_processors=[HoldEnd(self.tokenizer, holds, self._ended)] if any(holds) else [],
             )
             for r, g in zip(batch, gens, strict=True):
                 text = decode_continuation(self.tokenizer, g.prompt_ids, g.ids[: r.max_tokens])
@@ -482,7 +522,11 @@ class LLMHuman:
         # Locally the reply is started with the code itself, so the model only writes what comes next.
         if self.backend.supports_prefill:  # then K_H tokens (plus a margin for tokenizer differences) suffice
             budget = min(self.config.human_max_new_tokens, self.config.human_max_tokens + 8)
-            return ChatRequest(messages, budget, "```python\n" + code)
+            # A programmer does not stop in the middle of an expression: small models close the code
+            # block right after an unfinished line (e.g. a suggestion cut at "range(n") and would end
+            # the episode on code that cannot run.
+            hold = (lambda added: incomplete(code + added)) if incomplete(code) else None
+            return ChatRequest(messages, budget, "```python\n" + code, hold)
         return ChatRequest(messages, self.config.human_max_new_tokens)
 
 
