@@ -305,7 +305,7 @@ def test_local_chat_does_not_end_a_held_reply(tiny, tiny_model_path):
     messages, prefill = [{"role": "user", "content": "Continue the code."}], "```python\n" + PROMPT
     [free] = backend.complete([ChatRequest(messages, 4, prefill)])
     assert free.text[len(prefill) :].strip() == ""
-    backend._ended = [
+    backend._ending = [
         i for t, i in tokenizer.get_vocab().items() if not tokenizer.convert_tokens_to_string([t]).strip()
     ]
     seen = []

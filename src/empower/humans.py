@@ -320,21 +320,27 @@ def incomplete(code: str) -> bool:
         return False
 
 
-class HoldEnd(LogitsProcessor):
-    """Logits processor: a row whose ``hold`` is true of its reply so far cannot end it yet (no
-    end-of-sequence, no token with a backtick, which would start the closing fence)."""
+def ending_tokens(model, tokenizer) -> list[int]:
+    """Tokens that end an appender's reply: end-of-sequence, and any token with a backtick (the
+    closing fence starts with one)."""
+    return eos_token_ids(model, tokenizer) + [i for token, i in tokenizer.get_vocab().items() if "`" in token]
 
-    def __init__(self, tokenizer, holds: list[Callable[[str], bool] | None], ended: list[int]):
-        self.tokenizer, self.holds, self.step = tokenizer, holds, 0
-        self.banned = ended + [i for token, i in tokenizer.get_vocab().items() if "`" in token]
+
+class HoldEnd(LogitsProcessor):
+    """Logits processor: a row whose ``hold`` is true of its reply so far cannot end it yet."""
+
+    def __init__(self, tokenizer, holds: list[Callable[[str], bool] | None], ending: list[int]):
+        self.tokenizer, self.holds, self.ending, self.step = tokenizer, holds, ending, 0
 
     def __call__(self, input_ids, scores):
         for row, hold in enumerate(self.holds):
-            text = (
+            if hold is None:
+                continue
+            reply = (
                 self.tokenizer.decode(input_ids[row, input_ids.shape[1] - self.step :]) if self.step else ""
             )
-            if hold is not None and hold(text):
-                scores[row, self.banned] = float("-inf")
+            if hold(reply):
+                scores[row, self.ending] = float("-inf")
         self.step += 1
         return scores
 
@@ -356,7 +362,7 @@ class LocalChat:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.label = spec
         self.prefix_cache = prefix_cache_for(model, config.human_prefix_cache)
-        self._ended = eos_token_ids(model, tokenizer)
+        self._ending = ending_tokens(model, tokenizer)  # once: it walks the whole vocabulary
 
     def complete(self, requests: list[ChatRequest]) -> list[ChatReply]:
         replies = []
@@ -378,7 +384,7 @@ class LocalChat:
                 stop_strings=["```"],
                 add_special_tokens=False,
                 prefix_cache=self.prefix_cache,
-                logits_processors=[HoldEnd(self.tokenizer, holds, self._ended)] if any(holds) else [],
+                logits_processors=[HoldEnd(self.tokenizer, holds, self._ending)] if any(holds) else [],
             )
             for r, g in zip(batch, gens, strict=True):
                 text = decode_continuation(self.tokenizer, g.prompt_ids, g.ids[: r.max_tokens])
