@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -24,57 +21,19 @@ from empower.assistant import Policy, threshold_length
 from empower.serve.engine import Engine, PolicyRule, SamplingParams, _scan_stops
 from empower.serve.server import ServeConfig, create_app
 from empower.serve.upstream import UpstreamEngine
+from serve_process import serve_process
 
 KEY = "test-key"
 MODEL = "tiny-random"
 PROMPT = "def add(a, b):\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_path, tmp_path_factory):
     """Base URL of a running `empower serve` subprocess (stopped after the module)."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "empower",
-        "serve",
-        "--assistant",
-        MODEL,
-        "--port",
-        str(port),
-        "--api-key",
-        KEY,
-        "--max-tokens-limit",
-        "900",
-        "--max-body-bytes",
-        "20000",
-    ]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):  # model load; bounded so a broken start fails instead of hanging
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"server never became healthy:\n{log_path.read_text()}")
+    args = ["--assistant", MODEL, "--api-key", KEY, "--max-tokens-limit", "900", "--max-body-bytes", "20000"]
+    with serve_process(args, tmp_path_factory.mktemp("server") / "server.log") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait()
 
 
 @pytest.fixture

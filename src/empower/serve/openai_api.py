@@ -13,6 +13,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+# Stop strings: OpenAI allows 4, but editor clients send more (Continue's autocomplete sends a
+# dozen or more: its template's special tokens, "\n\n", "```", ...), and vLLM and llama.cpp accept
+# them. Every generated token is scanned against each one, so the list is bounded.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 256
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -60,6 +66,23 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status)
+
+
+def stop_strings(stop: str | list[str] | None, param: str = "stop") -> tuple[str, ...]:
+    """The request's stop strings, or an :class:`ApiError` naming the bound a list breaks."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ApiError(
+            400, f"'{param}' has {len(stops)} strings; this server takes at most {MAX_STOP_STRINGS}", param=param
+        )
+    for i, s in enumerate(stops):
+        if not s or len(s) > MAX_STOP_CHARS:
+            raise ApiError(
+                400,
+                f"'{param}[{i}]' is {len(s)} characters; each stop string takes 1 to {MAX_STOP_CHARS}",
+                param=param,
+            )
+    return tuple(stops)
 
 
 def validation_message(err: RequestValidationError) -> tuple[str, str | None]:

@@ -39,7 +39,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from empower.assistant import Policy
 from empower.configs import option
 from empower.serve.engine import Delta, Engine, PolicyRule, SamplingParams
-from empower.serve.openai_api import ApiError, BodyLimit, CompletionRequest, validation_message
+from empower.serve.openai_api import (
+    ApiError,
+    BodyLimit,
+    CompletionRequest,
+    stop_strings,
+    validation_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -259,9 +265,7 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
                 f"'max_tokens' is {max_tokens}; this server allows at most {config.serve_max_tokens}",
                 param="max_tokens",
             )
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ApiError(400, f"'stop' takes up to 4 non-empty strings (got {stops!r})", param="stop")
+        stops = stop_strings(body.stop)
         suffix = body.suffix or None
         fim = None if config.rule.chat else fim_tokens
         if suffix is not None and fim is None and not config.serve_ignore_suffix:
@@ -302,7 +306,7 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
             max_tokens=max_tokens,
             temperature=body.temperature if body.temperature is not None else 1.0,
             top_p=body.top_p or 1.0,
-            stop=tuple(stops),
+            stop=stops,
             n=n,
             logprobs=body.logprobs,
         )
