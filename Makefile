@@ -56,7 +56,8 @@ install-vllm: install
 lint: install
 	$(VENV)/bin/ruff check src tests bench
 
-test: install lint
+# The editor tests serve the fill-in-the-middle model, so the test run needs it.
+test: install-human lint
 	$(VENV)/bin/pytest -q
 
 bench: install

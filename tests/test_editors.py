@@ -12,7 +12,13 @@ import json
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
+from transformers import AutoModelForCausalLM
 
+from empower.assistant import Policy
+from empower.serve.engine import Engine
+from empower.serve.infill import FimTokens, InfillRequest, build_prompt, indent_cut
+from empower.serve.server import ServeConfig, create_app
 from serve_process import serve_process
 
 MODEL = "tiny-fim"
@@ -166,3 +172,235 @@ def test_stop_lists_past_the_bound_get_a_400_naming_it(server, stop, needle):
     error = response.json()["error"]
     assert error["param"] == "stop" and needle in error["message"]
     assert httpx.get(f"{server}/health").status_code == 200
+
+
+# ---- llama.vim and llama.vscode: llama.cpp's /infill ------------------------------------------------
+
+EXTRA = [{"text": "def sub(a, b):\n    return a - b\n", "time": [1733390000, 1234], "filename": "util.py"}]
+VIM_RESPONSE_FIELDS = [
+    "content", "timings/prompt_n", "timings/prompt_ms", "timings/prompt_per_token_ms",
+    "timings/prompt_per_second", "timings/predicted_n", "timings/predicted_ms",
+    "timings/predicted_per_token_ms", "timings/predicted_per_second", "truncated", "tokens_cached",
+]
+
+
+def vim_request(prefix: str, middle: str, suffix: str, n_indent: int = 0) -> dict:
+    """llama.vim's completion request: ggml-org/llama.vim autoload/llama.vim (commit 02e6a4f3),
+    llama#fim: lines above the cursor as input_prefix, the cursor line's start as prompt, the rest
+    as input_suffix, ring-buffer chunks (with a reltime ``time``) as input_extra."""
+    return {
+        "input_prefix": prefix, "input_suffix": suffix, "input_extra": EXTRA, "prompt": middle,
+        "n_predict": 256, "n_indent": n_indent, "top_k": 40, "top_p": 0.99, "stream": False,
+        "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True, "t_max_prompt_ms": 500,
+        "t_max_predict_ms": 1500, "response_fields": VIM_RESPONSE_FIELDS,
+    }
+
+
+# llama.vim's s:ring_update: new extra context is sent with n_predict 0 so the server caches it.
+VIM_WARMUP = {
+    "input_prefix": "", "input_suffix": "", "input_extra": EXTRA, "prompt": "", "n_predict": 0,
+    "temperature": 0.0, "stream": False, "samplers": [], "cache_prompt": True, "t_max_prompt_ms": 1,
+    "t_max_predict_ms": 1, "response_fields": [""],
+}
+
+
+def vscode_request(prefix: str, middle: str, suffix: str, *, warmup: bool = False) -> dict:
+    """llama.vscode's request: ggml-org/llama.vscode src/llama-server.ts (commit 009e5b72),
+    createRequestPayload, with the extension's default settings (n_predict 128, t_max_* 500/2500)."""
+    if warmup:
+        return {
+            "input_prefix": "", "input_suffix": "", "input_extra": EXTRA, "prompt": "", "n_predict": 0,
+            "samplers": [], "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 1,
+        }
+    return {
+        "input_prefix": prefix, "input_suffix": suffix, "input_extra": EXTRA, "prompt": middle,
+        "n_predict": 128, "top_k": 40, "top_p": 0.99, "stream": False,
+        "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True, "t_max_prompt_ms": 500,
+        "t_max_predict_ms": 2500,
+    }
+
+
+def _infill(server: str, body: dict | bytes, **headers) -> httpx.Response:
+    if isinstance(body, bytes):
+        return httpx.post(f"{server}/infill", content=body, headers={"Content-Type": "application/json"}, timeout=120)
+    return httpx.post(f"{server}/infill", json=body, headers=headers, timeout=120)
+
+
+def _metrics(server: str) -> dict:
+    return httpx.get(f"{server}/metrics").json()
+
+
+VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX = "def add(a, b):\n", "    return ", "\n\nprint(add(1, 2))\n"
+
+
+def test_llama_vim_request_gets_exactly_the_response_fields_it_asks_for(server):
+    response = _infill(server, vim_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX))
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert sorted(answer) == sorted(VIM_RESPONSE_FIELDS)
+    assert isinstance(answer["content"], str) and answer["truncated"] is False
+    assert answer["timings/predicted_n"] >= 1 and answer["timings/prompt_ms"] >= 0
+
+
+def test_infill_prompt_is_llama_cpps_repository_layout_around_the_cursor(server, fim_model):
+    _, tokenizer = fim_model
+    answer = _infill(server, vscode_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX)).json()
+    chunk = EXTRA[0]
+    # tools/server/utils.hpp format_infill: [repo]myproject, [sep]file + text per chunk, [sep]filename,
+    # then prefix + prompt before the hole and the suffix after it.
+    expected = (
+        f"<|repo_name|>myproject\n<|file_sep|>{chunk['filename']}\n{chunk['text']}<|file_sep|>filename\n"
+        f"<|fim_prefix|>{VIM_PREFIX}{VIM_MIDDLE}<|fim_suffix|>{VIM_SUFFIX}<|fim_middle|>"
+    )
+    assert answer["prompt"] == expected
+    assert answer["tokens_evaluated"] == len(tokenizer(expected, add_special_tokens=False).input_ids)
+    assert answer["timings"]["prompt_n"] == answer["tokens_evaluated"]
+    assert answer["stop"] is True and answer["stop_type"] in ("eos", "limit", "word")
+    assert answer["tokens_predicted"] == answer["timings"]["predicted_n"] >= 1
+    assert answer["has_new_line"] == ("\n" in answer["content"])
+
+
+@pytest.mark.parametrize(
+    "body", [VIM_WARMUP, vscode_request("", "", "", warmup=True)], ids=["llama.vim", "llama.vscode"]
+)
+def test_warm_up_is_answered_without_generating(server, body):
+    before = _metrics(server)
+    response = _infill(server, body)
+    after = _metrics(server)
+    assert response.status_code == 200, response.text
+    if body.get("response_fields") == [""]:
+        assert response.json() == {}  # no such field: llama.cpp answers an empty object
+    else:
+        assert response.json()["content"] == "" and response.json()["tokens_predicted"] == 0
+    assert after["requests"] == before["requests"] and after["tokens_generated"] == before["tokens_generated"]
+
+
+def test_streamed_infill_sends_the_text_in_partials_then_a_final_result(server):
+    body = vscode_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX) | {"n_predict": 12}
+    whole = _infill(server, body).json()
+    events = []
+    with httpx.stream("POST", f"{server}/infill", json=body | {"stream": True}, timeout=120) as response:
+        assert response.status_code == 200
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    partials, final = events[:-1], events[-1]
+    assert partials and all(p["stop"] is False for p in partials)
+    assert "".join(p["content"] for p in partials) == whole["content"]
+    assert final["stop"] is True and final["content"] == "" and final["tokens_predicted"] == 12
+
+
+def test_infill_stops_where_its_stop_string_begins(server):
+    body = vscode_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX) | {"n_predict": 16}
+    greedy = _infill(server, body).json()["content"]
+    stop = greedy[5:8]
+    answer = _infill(server, body | {"stop": [stop]}).json()
+    assert answer["content"] == greedy[: greedy.find(stop)]
+    assert (answer["stop_type"], answer["stopping_word"]) == ("word", stop)
+
+
+def test_a_long_file_is_cut_to_fit_and_reported_truncated(server):
+    answer = _infill(server, vscode_request("x = 1\n" * 2000, VIM_MIDDLE, "y = 2\n" * 500) | {"n_predict": 4}).json()
+    assert answer["truncated"] is True
+    assert answer["tokens_evaluated"] <= 1024 - 4  # the tiny model's context minus what is generated
+    before, after = answer["prompt"].split("<|fim_suffix|>")
+    # The hole keeps its surroundings: the prefix's tail, the suffix's head; the extra chunk goes first.
+    assert before.startswith("<|fim_prefix|>") and before.endswith("x = 1\n" + VIM_MIDDLE)
+    assert after.startswith("y = 2\n") and after.endswith("<|fim_middle|>")
+
+
+INFILL_BAD_REQUESTS = [
+    ("input_extra not a list", {"input_extra": "util.py"}, "input_extra"),
+    ("input_extra chunk without text", {"input_extra": [{"filename": "util.py"}]}, "input_extra"),
+    ("input_extra text not a string", {"input_extra": [{"text": 3}]}, "input_extra"),
+    ("negative n_predict", {"n_predict": -1}, "n_predict"),
+    ("too many stop strings", {"stop": ["x"] * 65}, "stop"),
+    ("too long a stop string", {"stop": ["x" * 257]}, "stop"),
+    ("no input_prefix", {"input_prefix": None}, "input_prefix"),
+]
+
+
+@pytest.mark.parametrize("change, field", [r[1:] for r in INFILL_BAD_REQUESTS], ids=[r[0] for r in INFILL_BAD_REQUESTS])
+def test_bad_infill_request_gets_a_400_naming_the_field_and_the_server_stays_up(server, change, field):
+    body = {k: v for k, v in (vscode_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX) | change).items() if v is not None}
+    response = _infill(server, body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == field and field in error["message"]
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_infill_body_that_is_not_json_gets_a_400(server):
+    response = _infill(server, b'{"input_prefix": ')
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_a_model_without_fim_tokens_gets_a_400_that_names_one_with_them(tiny_model_path, tmp_path):
+    with serve_process(["--assistant", "tiny-random"], tmp_path / "server.log") as plain:
+        response = _infill(plain, vscode_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX))
+        assert response.status_code == 400
+        message = response.json()["error"]["message"]
+        assert "fill-in-the-middle" in message and "qwen2.5-coder-0.5b" in message
+        assert httpx.get(f"{plain}/health").status_code == 200
+
+
+# ---- /infill rules, on the in-process engine --------------------------------------------------------
+
+
+def _in_process(fim_model, **options) -> TestClient:
+    folder, tokenizer = fim_model
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    config = ServeConfig(assistant=MODEL, **options)
+    return TestClient(create_app(config, Engine(model, tokenizer, config.rule), tokenizer))
+
+
+def test_infill_needs_the_api_key_when_the_server_has_one(fim_model):
+    with _in_process(fim_model, serve_api_key="k") as client:
+        body = vscode_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX) | {"n_predict": 2}
+        assert client.post("/infill", json=body).status_code == 401
+        assert client.post("/infill", json=body, headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+@pytest.mark.parametrize("policy", [Policy.BASE_N, Policy.THRESHOLD])
+def test_infill_ends_suggestions_as_the_completions_route_does_under_each_policy(fim_model, policy):
+    """The same token prompt through /infill and /v1/completions gets the same suggestion."""
+    body = vscode_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX) | {"n_predict": 24}
+    with _in_process(fim_model, policy=policy, n=3, eta=6.0) as client:
+        infill = client.post("/infill", json=body).json()
+        ids = fim_model[1](infill["prompt"], add_special_tokens=False).input_ids
+        completion = client.post(
+            "/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 24, "temperature": 0}
+        ).json()
+    choice = completion["choices"][0]
+    assert infill["content"] == choice["text"]
+    assert infill["tokens_predicted"] == completion["usage"]["completion_tokens"] < 24
+    if policy is Policy.BASE_N:
+        assert infill["tokens_predicted"] == 3
+
+
+def test_code_that_spells_a_special_token_stays_text(fim_model):
+    _, tokenizer = fim_model
+    body = InfillRequest(input_prefix="s = '<|fim_middle|>'\n", input_suffix="", input_extra=[])
+    prompt = build_prompt(tokenizer, FimTokens.of(tokenizer), body, budget=512)
+    assert prompt.ids.count(tokenizer.convert_tokens_to_ids("<|fim_middle|>")) == 1  # only the hole's
+
+
+def test_n_indent_ends_at_a_later_line_indented_less_keeping_its_indentation():
+    # llama.cpp (tools/server/server.cpp, process_token): only lines after the first are checked.
+    assert indent_cut("a + b\n    c\n", 4) is None
+    assert indent_cut("a + b\n  c", 4) == len("a + b\n  ")
+    assert indent_cut("a\n\n", 4) == len("a\n")  # an empty line is indented by 0
+    assert indent_cut("x\ny", 0) is None
+    assert indent_cut("    x", 8) is None  # the first line is the cursor's own
+
+
+@pytest.mark.integration
+def test_llama_vim_against_the_embedded_fim_model_with_the_threshold_policy(tmp_path):
+    """The set-up docs/editors.md recommends: Qwen2.5-Coder-0.5B, threshold policy, eta 4 bits."""
+    args = ["--assistant", "qwen2.5-coder-0.5b", "--policy", "threshold", "--eta", "4"]
+    with serve_process(args, tmp_path / "server.log") as url:
+        answer = _infill(url, vim_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX, n_indent=4)).json()
+        # n_indent 4 ends the suggestion at the next line that is not indented by 4 or more.
+        assert answer["content"].rstrip() == "a + b"
+        assert answer["timings/predicted_n"] < 256
+        warm = _infill(url, VIM_WARMUP)
+        assert warm.status_code == 200 and warm.json() == {}

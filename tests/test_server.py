@@ -312,9 +312,9 @@ def test_suffix_becomes_a_fill_in_the_middle_prompt_when_the_tokenizer_has_fim_t
 
 
 def test_stop_scan_cuts_at_the_earliest_stop_and_holds_back_a_partial_one():
-    assert _scan_stops("x = 1\n\ny = 2", 0, ("\n\n", "y")) == (5, 0)
-    assert _scan_stops("x = 1\n", 0, ("\n\n",)) == (None, 1)  # "\n" may start "\n\n": not sent yet
-    assert _scan_stops("x = 1", 0, ("\n\n",)) == (None, 0)
+    assert _scan_stops("x = 1\n\ny = 2", 0, ("y", "\n\n")) == (5, 0, "\n\n")
+    assert _scan_stops("x = 1\n", 0, ("\n\n",)) == (None, 1, "")  # "\n" may start "\n\n": not sent yet
+    assert _scan_stops("x = 1", 0, ("\n\n",)) == (None, 0, "")
 
 
 def test_config_refuses_a_nonpositive_limit():

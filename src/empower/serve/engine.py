@@ -104,6 +104,7 @@ class Delta:
     top_logprobs: list[dict[str, float]] = dataclasses.field(default_factory=list)
     token_count: int = 0  # tokens generated for this delta (usage), logprobs asked or not
     finish_reason: str | None = None
+    stopping_word: str = ""  # the request's stop string that ended the choice, if one did
 
 
 @dataclasses.dataclass
@@ -209,9 +210,10 @@ class _BatchStreamer(BaseStreamer):
             self.engine.stats.tokens_generated += 1
             self._add_logprobs(row, i, token)
             text = self.engine._decode(row)
-            cut, hold = _scan_stops(text, row.sent_chars, row.job.params.stop)
+            cut, hold, word = _scan_stops(text, row.sent_chars, row.job.params.stop)
             if cut is not None:
                 row.pending.text += text[row.sent_chars : cut]
+                row.pending.stopping_word = word
                 self.engine._finish(row, "stop")
                 continue
             end = len(text) - hold
@@ -254,18 +256,20 @@ class _BatchStreamer(BaseStreamer):
             )
 
 
-def _scan_stops(text: str, start: int, stops: tuple[str, ...]) -> tuple[int | None, int]:
-    """(index where the earliest stop string begins, or None; chars to hold back as a possible stop prefix)."""
-    cuts = [i for i in (text.find(s, max(0, start - len(s) + 1)) for s in stops) if i >= 0]
+def _scan_stops(text: str, start: int, stops: tuple[str, ...]) -> tuple[int | None, int, str]:
+    """(index where the earliest stop string begins, or None; chars to hold back as a possible stop
+    prefix; that stop string, or "")."""
+    cuts = [(i, s) for i, s in ((text.find(s, max(0, start - len(s) + 1)), s) for s in stops) if i >= 0]
     if cuts:
-        return max(min(cuts), start), 0
+        at, word = min(cuts)
+        return max(at, start), 0, word
     hold = 0
     for s in stops:
         for k in range(min(len(s) - 1, len(text) - start), hold, -1):
             if text.endswith(s[:k]):
                 hold = k
                 break
-    return None, hold
+    return None, hold, ""
 
 
 class Engine:

@@ -6,8 +6,9 @@ Run::
     empower serve --assistant smollm2-135m --policy base-n --n 20 --api-key secret
 
 Endpoints: ``POST /v1/completions`` (the OpenAI completions API: prompt, suffix, max_tokens,
-temperature, top_p, stop, n, stream as server-sent events, logprobs, usage), ``GET /v1/models``,
-``GET /health`` (no key needed) and ``GET /metrics`` (engine counters as JSON).
+temperature, top_p, stop, n, stream as server-sent events, logprobs, usage), ``POST /infill``
+(llama.cpp's fill-in-the-middle route, for llama.vim and llama.vscode; see ``serve/infill.py``),
+``GET /v1/models``, ``GET /health`` (no key needed) and ``GET /metrics`` (engine counters as JSON).
 
 Safety: binds 127.0.0.1 unless told otherwise; with ``--api-key`` every ``/v1`` and ``/metrics``
 request needs ``Authorization: Bearer KEY``; request bodies, prompt lengths, ``max_tokens`` and ``n``
@@ -39,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from empower.assistant import Policy
 from empower.configs import option
 from empower.serve.engine import Delta, Engine, PolicyRule, SamplingParams
+from empower.serve.infill import FimTokens, add_infill_route
 from empower.serve.openai_api import (
     ApiError,
     BodyLimit,
@@ -145,18 +147,6 @@ class ServeConfig:
 # ---- the app ----------------------------------------------------------------------------------
 
 
-def _fim_tokens(tokenizer) -> tuple[str, str, str] | None:
-    """(prefix, suffix, middle) special tokens for fill-in-the-middle, when the vocabulary has them."""
-    vocab = tokenizer.get_vocab()
-    for names in (
-        ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
-        ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
-    ):
-        if all(name in vocab for name in names):
-            return names
-    return None
-
-
 def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
     """The FastAPI app around ``engine`` (anything with ``stream(prompts, params)``, ``stats``, ``close``)."""
 
@@ -167,9 +157,15 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
 
     app = FastAPI(title="empower completion server", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=config.serve_max_body_bytes)
-    fim_tokens = _fim_tokens(tokenizer)
+    fim_tokens = FimTokens.of(tokenizer)
     max_positions = getattr(getattr(engine, "model", None), "config", None)
     max_positions = getattr(max_positions, "max_position_embeddings", None)
+
+    def prompt_limit(max_tokens: int) -> int:
+        """Most prompt tokens for a request that generates ``max_tokens``."""
+        if max_positions:
+            return min(config.serve_max_prompt_tokens, max_positions - max_tokens)
+        return config.serve_max_prompt_tokens
     started = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -279,7 +275,7 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
         for prompt in prompts:
             if isinstance(prompt, str):
                 if suffix is not None and fim is not None:
-                    prompt = f"{fim[0]}{prompt}{fim[1]}{suffix}{fim[2]}"
+                    prompt = f"{fim.prefix}{prompt}{fim.suffix}{suffix}{fim.middle}"
                 text = config.rule.model_input(tokenizer, prompt)
                 ids = tokenizer(text, add_special_tokens=not config.rule.chat).input_ids
             else:
@@ -288,9 +284,7 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
                     raise ApiError(
                         400, f"'prompt' has token ids outside 0..{len(tokenizer) - 1}", param="prompt"
                     )
-            limit = config.serve_max_prompt_tokens
-            if max_positions:
-                limit = min(limit, max_positions - max_tokens)
+            limit = prompt_limit(max_tokens)
             if len(ids) > limit:
                 raise ApiError(
                     400,
@@ -351,6 +345,8 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
+
+    add_infill_route(app, config, engine, tokenizer, auth, prompt_limit)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
