@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import shlex
+import urllib.parse
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM
 
@@ -404,3 +409,88 @@ def test_llama_vim_against_the_embedded_fim_model_with_the_threshold_policy(tmp_
         assert answer["timings/predicted_n"] < 256
         warm = _infill(url, VIM_WARMUP)
         assert warm.status_code == 200 and warm.json() == {}
+
+
+# ---- docs/editors.md: each configuration produces the requests replayed above -------------------------
+
+EDITORS_DOC = Path(__file__).resolve().parents[1] / "docs" / "editors.md"
+
+
+def _doc_block(language: str) -> str:
+    blocks = re.findall(r"```(\w+)\n(.*?)```", EDITORS_DOC.read_text(), flags=re.DOTALL)
+    found = [text for lang, text in blocks if lang == language]
+    assert len(found) == 1, f"docs/editors.md should have one {language} block, has {len(found)}"
+    return found[0]
+
+
+def _vim_dict(text: str) -> dict:
+    """The entries of llama.vim's g:llama_config, written as a Vim dict or a Lua table."""
+    pairs = re.findall(r"'?(\w+)'?\s*[:=]\s*(\"[^\"]*\"|'[^']*'|\d+)", text)
+    return {key: value.strip("'\"") if value[0] in "'\"" else int(value) for key, value in pairs}
+
+
+@pytest.fixture(scope="module")
+def documented_server(tmp_path_factory):
+    """The server exactly as docs/editors.md starts it (on a free port instead of 8012)."""
+    args = shlex.split(_doc_block("sh").strip())
+    assert args[:2] == ["empower", "serve"] and args[-2] == "--port"
+    with serve_process(args[2:-2], tmp_path_factory.mktemp("documented") / "server.log") as url:
+        yield url, int(args[-1])
+
+
+def _on(url: str, documented_port: int, server: str) -> str:
+    """``url`` from a config, with the documented port replaced by the test server's."""
+    assert f"127.0.0.1:{documented_port}" in url
+    return url.replace(f"http://127.0.0.1:{documented_port}", server)
+
+
+@pytest.mark.integration
+def test_documented_continue_config_sends_the_replayed_request(documented_server):
+    server, port = documented_server
+    model = yaml.safe_load(_doc_block("yaml"))["models"][0]
+    assert model["provider"] == "openai" and "autocomplete" in model["roles"]
+    # Continue: new URL("completions", apiBase); the Qwen template only for a "qwen" + "coder" name.
+    url = _on(urllib.parse.urljoin(model["apiBase"], "completions"), port, server)
+    assert "qwen" in model["model"] and "coder" in model["model"]
+    options = model["defaultCompletionOptions"]
+    body = continue_request(PREFIX, []) | {
+        "model": model["model"], "max_tokens": options["maxTokens"], "temperature": options["temperature"],
+    }
+    text, chunks = "", 0
+    with httpx.stream("POST", url, json=body, headers=CONTINUE_HEADERS, timeout=300) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["text"]
+                chunks += 1
+    assert chunks >= 1 and not any(stop in text for stop in body["stop"])
+
+
+@pytest.mark.integration
+def test_documented_llama_vscode_settings_send_the_replayed_request(documented_server):
+    server, port = documented_server
+    settings = json.loads(_doc_block("json"))
+    body = vscode_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX) | {
+        "n_predict": settings["llama-vscode.n_predict"],
+        "t_max_predict_ms": settings["llama-vscode.t_max_predict_ms"],
+    }
+    url = _on(settings["llama-vscode.endpoint"], port, server) + "/infill"  # `${endpoint}/infill`
+    answer = httpx.post(url, json=body, timeout=300).json()
+    assert answer["content"].startswith("a + b") and answer["tokens_predicted"] <= body["n_predict"]
+    warmup = vscode_request("", "", "", warmup=True) | {"t_max_prompt_ms": body["t_max_prompt_ms"]}
+    assert httpx.post(url, json=warmup, timeout=300).json()["tokens_predicted"] == 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("language", ["lua", "vim"])
+def test_documented_llama_vim_config_sends_the_replayed_request(documented_server, language):
+    server, port = documented_server
+    config = _vim_dict(_doc_block(language))
+    assert set(config) == {"endpoint", "n_predict", "t_max_predict_ms"}
+    body = vim_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX, n_indent=4) | {
+        "n_predict": config["n_predict"], "t_max_predict_ms": config["t_max_predict_ms"],
+    }
+    url = _on(config["endpoint"], port, server)
+    answer = httpx.post(url, json=body, timeout=300).json()
+    assert answer["content"].rstrip() == "a + b"
+    assert httpx.post(url, json=VIM_WARMUP, timeout=300).json() == {}
