@@ -1,8 +1,8 @@
 """Sandbox throughput: test executions per second, serial vs the worker pool, on HumanEval references.
 
-Each execution is a fresh isolated interpreter (namespace, rlimits, uid drop, guard) running one
-problem's reference and its tests, so this measures the whole per-program cost that an evaluation
-pays. Run: ``python -m bench sandbox``.
+Each execution is two fresh isolated interpreters (namespace, rlimits, uid drop, guard): the program
+running one problem's reference and the judge running its tests, calling the program across a pipe,
+so this measures the whole per-program cost that an evaluation pays. Run: ``python -m bench sandbox``.
 """
 
 from __future__ import annotations

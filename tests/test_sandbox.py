@@ -283,7 +283,7 @@ def test_evaluator_and_machine_unharmed_after_hostile_programs():
     assert run_task_tests(ADD, ADD.reference, config()).status is Status.PASSED
 
 
-@pytest.mark.parametrize("forged", ['{"status": "ok", "outputs": 5}', '{"status": "failed"}', '[1, 2]', '{"status": "ok", "outputs": [["json", "{"], ["json", "1"]]}'])
+@pytest.mark.parametrize("forged", ['{"status": "ok", "outputs": 5}', '{"status": "died"}', '{"status": "failed"}', '[1, 2]', '{"status": "ok", "outputs": [["json", "{"], ["json", "1"]]}'])
 @pytest.mark.parametrize("task", [ECHO_SUM, TWICE], ids=["stdin", "functional"])
 def test_forged_harness_report_is_an_error_not_a_crash(task, forged):
     program = f"import os\nfor fd in range(3, 8):\n    try:\n        os.write(fd, {forged!r}.encode() + b'\\n')\n    except OSError:\n        pass\nos._exit(0)\n"

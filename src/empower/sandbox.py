@@ -15,17 +15,35 @@ harness, passed on the command line, confines its own process before it reads th
 4. A ``sys.addaudithook`` guard (defence in depth, ``sandbox_guard``): refuses sockets, process
    creation, ``os.kill`` of other pids, ctypes, and writes outside the working directory.
 
+Who decides a pass. Function-style tests (``humaneval`` type: HumanEval, MBPP, LeetCode) run in a
+second confined process, the judge (same four layers, its own fresh uid, non-dumpable). The judge
+runs the task's trusted code only: its tests and its starter code's helpers (``poly``,
+``TreeNode``, ...). Each name the program defines, and that trusted code and the builtins do not,
+is a stand-in whose calls cross two pipes to the program's process, arguments and results as
+plain data (tagged JSON: None, bool, int, float with NaN/inf, str, bytes, list, tuple, set, dict,
+range, deque, instances of the task's own classes by their attributes; never pickle). A returned
+generator arrives drained, as an iterator; any other object stays in the program and arrives as
+a handle whose methods can be called but which refuses comparison (a clear error, never equality).
+The judge writes the only verdict, to a file the program cannot reach; if the program's process
+dies, floods or garbles the channel, the result is an error. So nothing the program does in its
+own process yields a pass: it controls only the values it returns. Stdin and functional
+(LiveCodeBench) programs run alone and return only their outputs; expected outputs never reach
+them and are compared here, in the evaluator.
+
 The evaluator enforces the wall-clock limit: on timeout it kills the whole process group and, when a
 uid was dropped, every process of that uid (so a fork bomb that called ``setsid`` dies too), then
-deletes the directory. Outputs are compared here, in the evaluator, not by the program.
+deletes the directory.
 
 What it does NOT protect against: kernel exploits and CPU side channels (this is not a VM or a
 container); filling the disk with many files within the time limit (``RLIMIT_FSIZE`` caps each
 file); reads of world-readable files (the program can read ``/etc``, the Python stdlib, any
-file others may read); as a non-root user with the guard off, writes anywhere that user may write; a program that tampers with the harness
-in its own interpreter to forge a passing result for ``humaneval``-type tests (the audit hook runs
-in the same interpreter and can be evaded by a determined program). Without root, steps 1 and 3
-may be unavailable: the result's ``isolation`` field and a log warning say which layers were on.
+file others may read, including a benchmark's own data if it is world-readable: that is reading
+the answer key, which only file permissions prevent); as a non-root user, with no uid drop, the
+program shares the evaluator's uid and may signal or tamper with the evaluator itself, including
+the judge's verdict file (the judge is non-dumpable, so not its memory or /proc files): the
+no-forgery guarantee needs the ``uid`` layer, i.e. an evaluator running as root; and with the
+guard off, writes anywhere that user may write. Without root, steps 1 and 3 may be unavailable: the result's ``isolation`` field
+and a log warning say which layers were on.
 
 Example::
 
@@ -35,6 +53,7 @@ Example::
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
@@ -213,20 +232,19 @@ def _uid_has_processes(uid: int) -> bool:
     return False
 
 
-def _execute(spec: dict, config: SandboxConfig) -> tuple[dict | None, bool, int, str, float]:
-    """Run the harness on ``spec``; returns (report, timed_out, returncode, stderr tail, seconds)."""
-    python, can_drop = _interpreter(config.sandbox_python)
-    uid = _sandbox_uid() if can_drop else None
+def _launch(python: str, spec: dict, config: SandboxConfig, private: str, name: str, pass_fds=()) -> dict:
+    """Start one confined harness process in a fresh folder; returns its bookkeeping."""
+    uid = _sandbox_uid() if _interpreter(config.sandbox_python)[1] else None
     workdir = tempfile.mkdtemp(prefix="empower-sandbox-")
-    private = tempfile.mkdtemp(prefix="empower-sandbox-io-")  # root-only: the program cannot reach it
     megabyte = 1 << 20
     cpu = math.ceil(config.sandbox_timeout_s) + 1
-    spec |= {
+    spec = spec | {
         "workdir": workdir,
         "uid": uid,
         "netns": True,
         "tmp_mb": config.sandbox_max_file_mb,
         "guard": config.sandbox_guard,
+        "reply_limit": config.sandbox_max_file_mb * megabyte,
         "rlimits": {
             "RLIMIT_CPU": [cpu, cpu + 1],
             "RLIMIT_AS": [config.sandbox_memory_mb * megabyte] * 2,
@@ -238,33 +256,92 @@ def _execute(spec: dict, config: SandboxConfig) -> tuple[dict | None, bool, int,
     }
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
            "LC_ALL": "C.UTF-8"}
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+    out, err = open(Path(private) / f"{name}.out", "w+b"), open(Path(private) / f"{name}.err", "w+b")
+    proc = subprocess.Popen([python, "-I", "-S", "-B", str(HARNESS)], stdin=subprocess.PIPE, stdout=out,
+                            stderr=err, cwd=workdir, env=env, start_new_session=True, pass_fds=pass_fds)
     try:
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-        with open(Path(private) / "out", "w+b") as out, open(Path(private) / "err", "w+b") as err:
-            start = time.monotonic()
-            proc = subprocess.Popen([python, "-I", "-S", "-B", str(HARNESS)], stdin=subprocess.PIPE, stdout=out,
-                                    stderr=err, cwd=workdir, env=env, start_new_session=True)
-            timed_out = False
+        proc.stdin.write(json.dumps(spec).encode())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    return {"proc": proc, "uid": uid, "workdir": workdir, "out": out, "err": err}
+
+
+def _execute(spec: dict, config: SandboxConfig, program_spec: dict | None = None) -> tuple[dict | None, bool, int, str, float, tuple[int, str] | None]:
+    """Run the harness on ``spec`` and, for a judge, a second confined process on ``program_spec``
+    joined to it by two pipes; returns (report, timed_out, returncode, stderr tail, seconds, and the
+    program process's (returncode, stderr tail) when there is one)."""
+    python, _ = _interpreter(config.sandbox_python)
+    private = tempfile.mkdtemp(prefix="empower-sandbox-io-")  # root-only: the programs cannot reach it
+    children = []
+    start = time.monotonic()
+    try:
+        if program_spec is not None:
+            to_program, to_judge = os.pipe(), os.pipe()
             try:
-                proc.communicate(json.dumps(spec).encode(), timeout=config.sandbox_timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+                children.append(_launch(python, program_spec | {"channel": [to_program[0], to_judge[1]]}, config,
+                                        private, "program", (to_program[0], to_judge[1])))
+                spec = spec | {"channel": [to_judge[0], to_program[1]]}
+                children.insert(0, _launch(python, spec, config, private, "judge", (to_judge[0], to_program[1])))
             finally:
-                _kill_all(proc, uid, python)
-            duration = time.monotonic() - start
+                for fd in (*to_program, *to_judge):
+                    os.close(fd)
+        else:
+            children.append(_launch(python, spec, config, private, "main"))
+        timed_out = False
+        try:
+            children[0]["proc"].wait(timeout=max(0.0, config.sandbox_timeout_s - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            for child in children:
+                _kill_all(child["proc"], child["uid"], python)
+        duration = time.monotonic() - start
+        tails = []
+        for child in children:
+            out, err = child["out"], child["err"]
             out.seek(0)
-            first_line = out.readline(config.sandbox_max_file_mb * megabyte).decode("utf-8", "replace")
+            child["line"] = out.readline(config.sandbox_max_file_mb * (1 << 20)).decode("utf-8", "replace")
             err.seek(max(0, err.seek(0, os.SEEK_END) - 2000))
-            stderr_tail = err.read().decode("utf-8", "replace")
+            tails.append(err.read().decode("utf-8", "replace"))
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        for child in children:
+            child["out"].close()
+            child["err"].close()
+            shutil.rmtree(child["workdir"], ignore_errors=True)
         shutil.rmtree(private, ignore_errors=True)
+    first_line = children[0]["line"]
     try:
         report = json.loads(first_line) if first_line.strip() else None
     except json.JSONDecodeError:
         report = None
-    return report, timed_out, proc.returncode, stderr_tail, duration
+    program = (children[1]["proc"].returncode, tails[1]) if program_spec is not None else None
+    return report, timed_out, children[0]["proc"].returncode, tails[0], duration, program
+
+
+@cache
+def _trusted_prelude(prompt: str, entry_point: str) -> str:
+    """The task's starter code without the definition the program completes (its last ``def`` or
+    ``class``, the entry point, ``Solution``): helpers such as HumanEval's ``poly`` or LeetCode's
+    ``TreeNode`` that the judge runs itself, so the tests use them and not the program's versions."""
+    lines = prompt.rstrip().splitlines()
+    indent = len(lines[-1]) - len(lines[-1].lstrip()) + 4 if lines else 0
+    for suffix in ("", " " * indent + "pass\n"):
+        try:
+            tree = ast.parse(prompt + "\n" + suffix)
+            break
+        except SyntaxError:
+            continue
+    else:
+        return ""
+    body = tree.body
+    if body and isinstance(body[-1], ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        body = body[:-1]
+    kept = [node for node in body if not (isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+                                          and node.name in (entry_point, "Solution"))]
+    return ast.unparse(ast.Module(body=kept, type_ignores=[]))
 
 
 def _cut(text: str) -> str:
@@ -353,16 +430,16 @@ def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None
     config = config or SandboxConfig()
     cases = task.public_test_cases if public_only else task.test_cases
     humaneval = task.test_type is TestType.HUMANEVAL
-    spec = {
-        "program": program,
-        "test_type": task.test_type.value,
-        "test_code": task.test_code,
-        "entry_point": task.entry_point,
-        "public": public_only,
-        "inputs": [[c.input, c.output] for c in cases] if humaneval else [c.input for c in cases],
-        "preamble": "" if humaneval else PROGRAM_PREAMBLE,
-    }
-    report, timed_out, returncode, stderr_tail, duration = _execute(spec, config)
+    if humaneval:
+        spec = {"role": "judge", "test_code": task.test_code, "public": public_only,
+                "prelude": _trusted_prelude(task.prompt, task.entry_point), "entry_point": task.entry_point,
+                "inputs": [[c.input, c.output] for c in cases]}
+        program_spec = {"role": "program", "program": program, "preamble": ""}
+    else:
+        spec = {"role": task.test_type.value, "program": program, "entry_point": task.entry_point,
+                "inputs": [c.input for c in cases], "preamble": PROGRAM_PREAMBLE}
+        program_spec = None
+    report, timed_out, returncode, stderr_tail, duration, program_exit = _execute(spec, config, program_spec)
     well_formed = report is not None and _well_formed(report, task.test_type, len(cases))
     layers = tuple(str(layer) for layer in report.get("isolation", ())) if well_formed else ()
     if well_formed:
@@ -375,6 +452,8 @@ def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None
         return result(Status.TIMEOUT, f"killed after the {config.sandbox_timeout_s:g}s wall-clock limit")
     if report is None:
         return _crash_result(returncode, stderr_tail, result)
+    if well_formed and report["status"] == "died":  # the program's process ended while the judge waited
+        return _crash_result(*program_exit, result)
     if not well_formed:
         return result(Status.ERROR, "malformed harness report (did the program write to the harness's channel?)")
     index = report.get("failed_index")
@@ -401,13 +480,15 @@ def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None
 
 
 def _well_formed(report, test_type: TestType, n_cases: int) -> bool:
-    """Whether a report has the harness's shape. The program shares the harness's process and could
-    write to its channel, so nothing in a report may crash the evaluator."""
-    if not isinstance(report, dict) or report.get("status") not in ("ok", "error", "memory", "failed"):
+    """Whether a report has the harness's shape. Stdin and functional programs share the harness's
+    process and could write to its channel, so nothing in a report may crash the evaluator."""
+    if not isinstance(report, dict) or report.get("status") not in ("ok", "error", "memory", "failed", "died"):
+        return False
+    if report["status"] == "died" and test_type is not TestType.HUMANEVAL:  # only a judge reports the program's end
         return False
     if not isinstance(report.get("isolation", []), list):
         return False
-    if report["status"] != "ok" and not isinstance(report.get("message"), str):
+    if report["status"] not in ("ok", "died") and not isinstance(report.get("message"), str):
         return False
     index = report.get("failed_index")
     if index is not None and not (isinstance(index, int) and 0 <= index < max(n_cases, 1)):
