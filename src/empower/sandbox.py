@@ -60,6 +60,7 @@ import math
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import stat
@@ -198,24 +199,38 @@ def _sandbox_uid() -> int:
     return random.SystemRandom().randrange(1_000_000, 2_000_000_000)
 
 
-def _kill_all(proc: subprocess.Popen, uid: int | None, python: str) -> None:
-    """SIGKILL the process group and, with a dropped uid, every process of that uid."""
+def _kill_all(proc: subprocess.Popen, uids: list[int], python: str) -> None:
+    """SIGKILL the process group and, for each dropped uid, every process of that uid."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
-    if uid is None or not _uid_has_processes(uid):
-        return
-    # kill(-1) from inside the uid reaches every process of that uid, including ones that left the
-    # group with setsid(), atomically enough to stop a fork bomb.
-    for _ in range(5):
-        subprocess.run([python, "-I", "-S", "-c", "import os; os.kill(-1, 9)"], user=uid, group=uid,
-                       extra_groups=[], env={}, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not _uid_has_processes(uid):
-            return
-        time.sleep(0.05)
-    logger.error("processes of sandbox uid %d survived SIGKILL", uid)
+    for uid in uids:
+        if not _uid_lingers(uid):
+            continue
+        # kill(-1) from inside the uid reaches every process of that uid, including ones that left the
+        # group with setsid(), atomically enough to stop a fork bomb.
+        for _ in range(5):
+            subprocess.run([python, "-I", "-S", "-c", "import os; os.kill(-1, 9)"], user=uid, group=uid,
+                           extra_groups=[], env={}, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if not _uid_has_processes(uid):
+                break
+            time.sleep(0.05)
+        else:
+            logger.error("processes of sandbox uid %d survived SIGKILL", uid)
+
+
+def _uid_lingers(uid: int, grace_s: float = 0.05) -> bool:
+    """Whether a process of ``uid`` is still alive after ``grace_s``. The judge's program process is
+    the harness's child, not ours: it may take a moment to die of the group kill, and waiting for
+    that is cheaper than starting the kill(-1) helper."""
+    deadline = time.monotonic() + grace_s
+    while _uid_has_processes(uid):
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.001)
+    return False
 
 
 def _uid_has_processes(uid: int) -> bool:
@@ -232,13 +247,16 @@ def _uid_has_processes(uid: int) -> bool:
     return False
 
 
-def _launch(python: str, spec: dict, config: SandboxConfig, private: str, name: str, pass_fds=()) -> dict:
-    """Start one confined harness process in a fresh folder; returns its bookkeeping."""
-    uid = _sandbox_uid() if _interpreter(config.sandbox_python)[1] else None
+def _confined(spec: dict, config: SandboxConfig, can_drop: bool) -> dict:
+    """``spec`` with what the harness needs to confine its process: a fresh folder (owned by a fresh
+    uid when privileges can be dropped), rlimits, the guard and the reply limit."""
+    uid = _sandbox_uid() if can_drop else None
     workdir = tempfile.mkdtemp(prefix="empower-sandbox-")
+    if uid is not None:
+        os.chown(workdir, uid, uid)
     megabyte = 1 << 20
     cpu = math.ceil(config.sandbox_timeout_s) + 1
-    spec = spec | {
+    return spec | {
         "workdir": workdir,
         "uid": uid,
         "netns": True,
@@ -254,71 +272,80 @@ def _launch(python: str, spec: dict, config: SandboxConfig, private: str, name: 
             "RLIMIT_CORE": [0, 0],
         },
     }
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-           "LC_ALL": "C.UTF-8"}
-    if uid is not None:
-        os.chown(workdir, uid, uid)
-    out, err = open(Path(private) / f"{name}.out", "w+b"), open(Path(private) / f"{name}.err", "w+b")
-    proc = subprocess.Popen([python, "-I", "-S", "-B", str(HARNESS)], stdin=subprocess.PIPE, stdout=out,
-                            stderr=err, cwd=workdir, env=env, start_new_session=True, pass_fds=pass_fds)
+
+
+def _exited(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``proc`` to end; whether it did. A pidfd wakes us the moment
+    it ends: ``Popen.wait(timeout)`` polls with sleeps doubling up to 50 ms, which added up to 30 ms to
+    a run that ends just after one of its checks."""
     try:
-        proc.stdin.write(json.dumps(spec).encode())
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass
-    return {"proc": proc, "uid": uid, "workdir": workdir, "out": out, "err": err}
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+): the polling wait
+        try:
+            proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
 
 
-def _execute(spec: dict, config: SandboxConfig, program_spec: dict | None = None) -> tuple[dict | None, bool, int, str, float, tuple[int, str] | None]:
-    """Run the harness on ``spec`` and, for a judge, a second confined process on ``program_spec``
-    joined to it by two pipes; returns (report, timed_out, returncode, stderr tail, seconds, and the
-    program process's (returncode, stderr tail) when there is one)."""
-    python, _ = _interpreter(config.sandbox_python)
+def _frame(spec: dict) -> bytes:
+    """A spec as the harness reads it: its length, a newline, the JSON."""
+    data = json.dumps(spec).encode()
+    return b"%d\n" % len(data) + data
+
+
+def _execute(spec: dict, config: SandboxConfig, program_spec: dict | None = None) -> tuple[dict | None, bool, int, str, float, str]:
+    """Run the harness on ``spec``; with ``program_spec`` (a judge), the harness first forks a second
+    confined process for the program, joined to the judge by two pipes. Returns (report, timed_out,
+    returncode, stderr tail, seconds, the program process's stderr tail)."""
+    python, can_drop = _interpreter(config.sandbox_python)
     private = tempfile.mkdtemp(prefix="empower-sandbox-io-")  # root-only: the programs cannot reach it
-    children = []
+    confined, files = [], {}
     start = time.monotonic()
     try:
-        if program_spec is not None:
-            to_program, to_judge = os.pipe(), os.pipe()
-            try:
-                children.append(_launch(python, program_spec | {"channel": [to_program[0], to_judge[1]]}, config,
-                                        private, "program", (to_program[0], to_judge[1])))
-                spec = spec | {"channel": [to_judge[0], to_program[1]]}
-                children.insert(0, _launch(python, spec, config, private, "judge", (to_judge[0], to_program[1])))
-            finally:
-                for fd in (*to_program, *to_judge):
-                    os.close(fd)
-        else:
-            children.append(_launch(python, spec, config, private, "main"))
-        timed_out = False
+        files = {name: open(Path(private) / name, "w+b") for name in ("out", "err", "program.err")}
+        pass_fds = ()
+        if program_spec is not None:  # its frame goes first: the harness forks it off before reading the tests
+            confined.append(_confined(program_spec | {"stderr_fd": files["program.err"].fileno()}, config, can_drop))
+            pass_fds = (files["program.err"].fileno(),)
+        confined.append(_confined(spec, config, can_drop))
+        workdir = confined[-1]["workdir"]
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+               "LC_ALL": "C.UTF-8"}
+        proc = subprocess.Popen([python, "-I", "-S", "-B", str(HARNESS)], stdin=subprocess.PIPE, stdout=files["out"],
+                                stderr=files["err"], cwd=workdir, env=env, start_new_session=True, pass_fds=pass_fds)
         try:
-            children[0]["proc"].wait(timeout=max(0.0, config.sandbox_timeout_s - (time.monotonic() - start)))
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            try:
+                proc.stdin.write(b"".join(_frame(c) for c in confined))
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            timed_out = not _exited(proc, max(0.0, config.sandbox_timeout_s - (time.monotonic() - start)))
         finally:
-            for child in children:
-                _kill_all(child["proc"], child["uid"], python)
+            _kill_all(proc, [c["uid"] for c in confined if c["uid"] is not None], python)
         duration = time.monotonic() - start
+        files["out"].seek(0)
+        first_line = files["out"].readline(config.sandbox_max_file_mb * (1 << 20)).decode("utf-8", "replace")
         tails = []
-        for child in children:
-            out, err = child["out"], child["err"]
-            out.seek(0)
-            child["line"] = out.readline(config.sandbox_max_file_mb * (1 << 20)).decode("utf-8", "replace")
-            err.seek(max(0, err.seek(0, os.SEEK_END) - 2000))
-            tails.append(err.read().decode("utf-8", "replace"))
+        for name in ("err", "program.err"):
+            handle = files[name]
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 2000))
+            tails.append(handle.read().decode("utf-8", "replace"))
     finally:
-        for child in children:
-            child["out"].close()
-            child["err"].close()
-            shutil.rmtree(child["workdir"], ignore_errors=True)
+        for handle in files.values():
+            handle.close()
+        for c in confined:
+            shutil.rmtree(c["workdir"], ignore_errors=True)
         shutil.rmtree(private, ignore_errors=True)
-    first_line = children[0]["line"]
     try:
         report = json.loads(first_line) if first_line.strip() else None
     except json.JSONDecodeError:
         report = None
-    program = (children[1]["proc"].returncode, tails[1]) if program_spec is not None else None
-    return report, timed_out, children[0]["proc"].returncode, tails[0], duration, program
+    return report, timed_out, proc.returncode, tails[0], duration, tails[1]
 
 
 @cache
@@ -439,7 +466,7 @@ def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None
         spec = {"role": task.test_type.value, "program": program, "entry_point": task.entry_point,
                 "inputs": [c.input for c in cases], "preamble": PROGRAM_PREAMBLE}
         program_spec = None
-    report, timed_out, returncode, stderr_tail, duration, program_exit = _execute(spec, config, program_spec)
+    report, timed_out, returncode, stderr_tail, duration, program_stderr = _execute(spec, config, program_spec)
     well_formed = report is not None and _well_formed(report, task.test_type, len(cases))
     layers = tuple(str(layer) for layer in report.get("isolation", ())) if well_formed else ()
     if well_formed:
@@ -453,7 +480,7 @@ def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None
     if report is None:
         return _crash_result(returncode, stderr_tail, result)
     if well_formed and report["status"] == "died":  # the program's process ended while the judge waited
-        return _crash_result(*program_exit, result)
+        return _crash_result(report["returncode"], program_stderr, result)
     if not well_formed:
         return result(Status.ERROR, "malformed harness report (did the program write to the harness's channel?)")
     index = report.get("failed_index")
@@ -484,7 +511,8 @@ def _well_formed(report, test_type: TestType, n_cases: int) -> bool:
     process and could write to its channel, so nothing in a report may crash the evaluator."""
     if not isinstance(report, dict) or report.get("status") not in ("ok", "error", "memory", "failed", "died"):
         return False
-    if report["status"] == "died" and test_type is not TestType.HUMANEVAL:  # only a judge reports the program's end
+    if report["status"] == "died" and (test_type is not TestType.HUMANEVAL  # only a judge reports the program's end
+                                       or type(report.get("returncode")) is not int):
         return False
     if not isinstance(report.get("isolation", []), list):
         return False

@@ -1,7 +1,8 @@
 """The child side of :mod:`empower.sandbox`: confine this process, then judge or run one program.
 
-Started by the evaluator as ``python -I -S -B sandbox_harness.py`` with a JSON spec on stdin; uses
-the standard library only (it runs without site-packages). Before anything of the task or the
+Started by the evaluator as ``python -I -S -B sandbox_harness.py`` with one or two specs on stdin
+(length-prefixed JSON: a ``program`` spec first means a judged pair, see :func:`main`); uses the
+standard library only (it runs without site-packages). Before anything of the task or the
 program runs it (1) enters a new network namespace when permitted, (2) sets rlimits, (3) drops to
 the given uid/gid and (4) installs an audit-hook guard. Then, by the spec's ``role``:
 
@@ -379,7 +380,7 @@ def _judge_call(handle, attr, args, kwargs):
                        "shared": shared})
         reply = _channel.receive()
     except (EOFError, BrokenPipeError):
-        report(status="died")
+        program_died()
     except Exception as err:
         _judge_fault("error", f"unreadable reply from the program: {describe(err)}")
     if "status" in reply:
@@ -422,6 +423,14 @@ def write_back(original, new):
 
 
 _program_names = set()
+_program_pid = None
+
+
+def program_died():
+    """The program's end of the channel closed: report how its process ended (the judge is its
+    parent). One that closed the channel and lives on is waited for until the time limit."""
+    _, status = os.waitpid(_program_pid, 0)
+    report(status="died", returncode=os.waitstatus_to_exitcode(status))
 
 
 def run_judge(spec):
@@ -432,7 +441,7 @@ def run_judge(spec):
         hello = _channel.receive()  # written by the program's harness before the program ran
         ready = _channel.receive()
     except EOFError:
-        report(status="died")
+        program_died()
     except Exception as err:
         _judge_fault("error", f"unreadable message from the program: {describe(err)}")
     if "status" in hello:  # the program's harness could not confine it
@@ -586,9 +595,54 @@ def run_stdin(spec, program, preamble):
     report(status="ok", outputs=outputs)
 
 
+def read_frame():
+    """One spec from stdin: its length in digits and a newline, then that many bytes of JSON. Read
+    unbuffered, so nothing past the frame is in this process's memory when it forks."""
+    header = b""
+    while not header.endswith(b"\n"):
+        byte = os.read(0, 1)
+        if not byte:
+            raise EOFError("the evaluator sent no spec")
+        header += byte
+    remaining, chunks = int(header), []
+    while remaining:
+        chunk = os.read(0, min(remaining, 1 << 20))
+        if not chunk:
+            raise EOFError("the evaluator's spec was cut short")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return json.loads(b"".join(chunks))
+
+
 def main():
+    """A ``program`` frame first means a judged pair: fork the program's process off before the
+    judge's frame (with the tests) is read, so one interpreter start-up serves both."""
+    global _program_pid
+    spec = read_frame()
+    if spec["role"] != "program":
+        run(spec)
+    import ctypes  # noqa: F401  (imported once here, used by both sides' confine)
+    import resource  # noqa: F401
+
+    to_program, to_judge = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(to_program[1])
+        os.close(to_judge[0])
+        os.dup2(spec["stderr_fd"], 2)
+        os.close(spec["stderr_fd"])
+        os.environ["HOME"] = os.environ["TMPDIR"] = spec["workdir"]
+        run(spec | {"channel": [to_program[0], to_judge[1]]})
+    os.close(to_program[0])
+    os.close(to_judge[1])
+    os.close(spec["stderr_fd"])
+    _program_pid = pid
+    run(read_frame() | {"channel": [to_judge[0], to_program[1]]})
+
+
+def run(spec):
+    """Confine this process, then act out the spec's role; never returns (``report`` exits)."""
     global _result
-    spec = json.loads(sys.stdin.read())
     out = spec["channel"][1] if spec["role"] == "program" else 1  # the program reports only to the judge
     _result = os.fdopen(os.dup(out), "w")
     null = os.open(os.devnull, os.O_RDWR)
