@@ -71,12 +71,14 @@ CASES = [
     (ECHO_SUM, "print(sum(map(int, input().split())))", Status.PASSED),
     (ECHO_SUM, "import sys\nprint(sum(map(int, sys.stdin.read().split())))", Status.PASSED),
     (ECHO_SUM, "print(sum(map(int, open(0).read().split())))", Status.PASSED),
-    (ECHO_SUM, "print(6.0000000001)", Status.PASSED),
+    (ECHO_SUM, "print(6.0)", Status.PASSED),  # equal as Decimals
+    (ECHO_SUM, "print(6.0000000001)", Status.FAILED),  # LiveCodeBench has no float tolerance
     (ECHO_SUM, "print(7)", Status.FAILED),
     (ECHO_SUM, "print(1/0)", Status.ERROR),
     (TWICE, TWICE.prompt + "        return [2 * x for x in nums]\n", Status.PASSED),
     (TWICE, TWICE.prompt + "        return tuple(2 * x for x in nums)\n", Status.PASSED),
     (TWICE, TWICE.prompt + "        return nums\n", Status.FAILED),
+    (TWICE, TWICE.prompt + "        return [2 * x + 1e-9 for x in nums]\n", Status.FAILED),
     (TWICE, TWICE.prompt + "        return nums[5]\n", Status.ERROR),
     (TWICE, "def twice(nums):\n    return nums\n", Status.ERROR),
 ]
@@ -115,13 +117,20 @@ def test_public_only_without_public_tests_just_runs_the_program():
 
 
 @pytest.mark.parametrize(("actual", "expected", "same"), [
-    ("1 2\n3", "1 2 3", True),
-    ("0.3333333", "0.33333333", True),
+    ("1 2\n3\n", "  1 2\n3", True),  # lines and the whole text are stripped
+    ("1  2", "1 2", True),  # unequal lines compare token by token
+    ("1.0 2.50", "1 2.5", True),  # as Decimals
+    ("1 2\n3", "1 2 3", False),  # the line count must match
+    ("0.3333333", "0.33333333", False),  # no float tolerance
+    ("50000000000000001", "50000000000000000", False),  # LiveCodeBench's comment: np.isclose says yes
     ("1000000001", "1000000000", False),
     ("YES", "yes", False),
     ("1 2", "1 2 3", False),
+    ("nan", "nan", True),  # equal as text
+    ("nan 1", "nan  1", False),  # Decimal NaNs are never equal
 ])
-def test_output_comparison(actual, expected, same):
+def test_stdin_outputs_compare_by_livecodebench_rules(actual, expected, same):
+    """grade_stdio in LiveCodeBench's lcb_runner/evaluation/testing_util.py (commit 8610ffb2)."""
     assert outputs_match(actual, expected) is same
 
 

@@ -59,7 +59,6 @@ import logging
 import math
 import os
 import random
-import re
 import select
 import shutil
 import signal
@@ -70,6 +69,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
+from decimal import Decimal, InvalidOperation
 from enum import Enum
 from functools import cache
 from pathlib import Path
@@ -375,38 +375,40 @@ def _cut(text: str) -> str:
     return text if len(text) <= TRUNCATE else text[:TRUNCATE] + "..."
 
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def outputs_match(actual: str, expected: str, tolerance: float = 1e-6) -> bool:
-    """Whitespace-normalised token comparison; tokens that are both decimal numbers (not both
-    integers) compare within ``tolerance`` (absolute or relative), as judges accept float answers."""
-    got, want = actual.split(), expected.split()
+def outputs_match(actual: str, expected: str) -> bool:
+    """LiveCodeBench's stdin rule (``grade_stdio`` in lcb_runner/evaluation/testing_util.py,
+    LiveCodeBench/LiveCodeBench at 8610ffb2): both outputs stripped and split into lines, each line
+    stripped; the same number of lines, and each pair equal as text or, split on whitespace, equal
+    as ``Decimal`` numbers. So ``1.0`` matches ``1``, but there is no float tolerance: ``0.3333333``
+    does not match ``0.33333333``, nor ``50000000000000001`` ``50000000000000000``."""
+    got, want = _stripped_lines(actual), _stripped_lines(expected)
     if len(got) != len(want):
         return False
     for a, b in zip(got, want, strict=True):
         if a == b:
             continue
-        if not (_NUMBER.fullmatch(a) and _NUMBER.fullmatch(b)) or (a.lstrip("+-").isdigit() and b.lstrip("+-").isdigit()):
-            return False
-        if not math.isclose(float(a), float(b), rel_tol=tolerance, abs_tol=tolerance):
+        numbers_a, numbers_b = _decimals(a), _decimals(b)
+        if numbers_a is None or numbers_b is None or numbers_a != numbers_b:
             return False
     return True
 
 
-def _values_match(actual, expected, tolerance: float = 1e-6) -> bool:
-    """Equality of JSON values, with float tolerance (functional tests)."""
-    if isinstance(actual, float) or isinstance(expected, float):
-        if isinstance(actual, bool) or isinstance(expected, bool):
-            return actual == expected
-        try:
-            return math.isclose(float(actual), float(expected), rel_tol=tolerance, abs_tol=tolerance)
-        except (TypeError, ValueError):
-            return False
-    if isinstance(actual, list) and isinstance(expected, list):
-        return len(actual) == len(expected) and all(_values_match(a, b, tolerance) for a, b in zip(actual, expected, strict=True))
-    if isinstance(actual, dict) and isinstance(expected, dict):
-        return actual.keys() == expected.keys() and all(_values_match(actual[k], expected[k], tolerance) for k in actual)
+def _stripped_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.strip().split("\n")]
+
+
+def _decimals(line: str) -> list[Decimal] | None:
+    try:
+        return [Decimal(token) for token in line.split()]
+    except InvalidOperation:
+        return None
+
+
+def _values_match(actual, expected) -> bool:
+    """LiveCodeBench's functional rule (``grade_call_based``, same file): the returned value equals
+    the expected JSON value under Python's ``==``, with no float tolerance. The value crosses from
+    the program as JSON, so every tuple arrives as a list (LiveCodeBench converts a top-level tuple
+    only) and dict keys as strings."""
     return actual == expected
 
 
