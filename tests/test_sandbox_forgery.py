@@ -80,11 +80,44 @@ ATTACKS = {
 }
 
 
+# The status each attack earns, the same with the guard on and off: FAILED where the judge's tests
+# ran on the program's honest (wrong) answers, ERROR where the program broke or bypassed the channel.
+EARNS = {
+    'patch builtins.AssertionError': Status.FAILED,
+    'patch assert machinery in a call': Status.FAILED,
+    'SystemExit(0) at import': Status.FAILED,
+    'os._exit(0) at import': Status.ERROR,
+    'SystemExit(0) in the call': Status.ERROR,
+    'os._exit(0) in the call': Status.ERROR,
+    'KeyboardInterrupt in the call': Status.ERROR,
+    'fake result line on every fd at import': Status.ERROR,
+    'fake result line on every fd in the call': Status.ERROR,
+    'print a forged JSON verdict': Status.FAILED,
+    'object equal to anything': Status.ERROR,
+    'int subclass equal to anything': Status.FAILED,
+    'str subclass equal to anything': Status.FAILED,
+    'shadow the builtin abs': Status.FAILED,
+    "override the task's trusted helper": Status.FAILED,
+    'patch sys.modules json and the harness': Status.ERROR,
+    "call the harness's report": Status.ERROR,
+    "exec into the harness's globals": Status.ERROR,
+    'harness report from inside the call': Status.ERROR,
+    'signal every other process': Status.FAILED,
+    'exhaust the reply channel at import': Status.ERROR,
+    'exhaust the reply channel with a value': Status.ERROR,
+}
+
+
 @pytest.mark.parametrize("guard", GUARDS)
 @pytest.mark.parametrize("attack", list(ATTACKS))
 def test_attack_does_not_forge_a_pass(attack, guard):
     result = run(ATTACKS[attack], guard, sandbox_max_file_mb=2)
-    assert result.status in (Status.FAILED, Status.ERROR), (result.status, result.message)
+    assert (result.status, bool(result.message)) == (EARNS[attack], True), result.message
+
+
+def test_a_verdict_sent_by_the_program_is_named_as_such():
+    result = run(ATTACKS["call the harness's report"])
+    assert "sent a verdict of its own ('ok')" in result.message
 
 
 def test_object_equal_to_anything_fails_with_a_clear_message():

@@ -365,7 +365,10 @@ _trusted = {}  # the judge's namespace
 
 def _judge_fault(status, message):
     """The program broke the channel (died, wrote garbage, sent too much): report, never pass."""
-    report(status=status if status in ("error", "memory") else "error", message=cut(message))
+    if status in ("error", "memory"):
+        report(status=status, message=cut(message))
+    report(status="error", message=f"the program's process sent a verdict of its own ({cut(repr(status), 40)}) "
+                                   "instead of an answer: only the judge decides")
 
 
 def _judge_call(handle, attr, args, kwargs):
