@@ -409,7 +409,7 @@ def generate_batch(
         tokenizer=tokenizer if stop_strings else None,
     )
     if prefix_cache is not None:
-        store_prompts(prefix_cache, rows, enc["past_key_values"], layout)
+        store_prompts(prefix_cache, rows, enc["cache"], layout)
     width = enc["input_ids"].shape[1]
     results = []
     for row, prompt_ids in enumerate(rows):

@@ -3,7 +3,7 @@
 An episode's next prompt is its last prompt plus what the human and the assistant wrote since, so
 re-encoding it from scratch every turn spends most of a turn on tokens the model has already seen.
 :class:`PrefixCache` keeps the key/value states of recent prompts; :func:`batch_inputs` lays a batch
-out so each row's cached prefix goes in as ``past_key_values`` and only the rest is encoded.
+out so each row's cached prefix goes in as the ``cache`` and only the rest is encoded.
 
 Layout of row i, with P the longest cached prefix in the batch and S the longest remainder::
 
@@ -80,8 +80,9 @@ class PrefixCache:
 def batch_inputs(cache: PrefixCache, rows: list[list[int]], pad_id: int, device) -> dict:
     """``generate`` inputs for ``rows`` that start from their cached prefixes (see the module doc).
 
-    Returns input_ids, attention_mask and past_key_values (a DynamicCache holding the prefixes; empty
-    when no row has one), plus ``layout``: (prefix width P, remainder width S, per-row prefix lengths).
+    Returns input_ids, attention_mask and cache (a DynamicCache holding the prefixes, empty when no
+    row has one; ``generate``'s ``cache``, formerly ``past_key_values``), plus ``layout``: (prefix
+    width P, remainder width S, per-row prefix lengths).
     """
     found = [cache.lookup(ids) for ids in rows]
     lengths = [n for n, _ in found]
@@ -111,7 +112,7 @@ def batch_inputs(cache: PrefixCache, rows: list[list[int]], pad_id: int, device)
     return {
         "input_ids": torch.tensor(input_ids, device=device),
         "attention_mask": torch.tensor(mask, device=device),
-        "past_key_values": past,
+        "cache": past,
         "layout": (width_p, width_s, lengths),
     }
 

@@ -434,4 +434,4 @@ class Engine:
             streamer=_BatchStreamer(self, rows, recorder),
         )
         if self.prefix_cache is not None:
-            store_prompts(self.prefix_cache, prompts, inputs["past_key_values"], layout)
+            store_prompts(self.prefix_cache, prompts, inputs["cache"], layout)
