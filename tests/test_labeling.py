@@ -184,7 +184,22 @@ def test_cum_bits_is_the_sum_of_the_completion_nll(tiny, tmp_path):
         assert row["cum_bits"] < 60.0
 
 
-@pytest.mark.parametrize("field, value", [("eta", 0.0), ("eta", -1.0), ("sft_n", 0), ("sft_rand_min", 40)])
+def test_an_unscored_token_is_an_error_not_zero_bits(tiny, tmp_path):
+    """Counted as 0 bits, a NaN would let k* run past it; only position 0 (no context) may be NaN."""
+    _, tokenizer = tiny
+    doc, ids, nll = _scored(tiny, CODE, doc_id="corpus:0")
+    assert np.isnan(nll[0])
+    nll[7] = np.nan
+    with pytest.raises(ValueError, match=r"corpus:0: no NLL \(NaN\) at token position\(s\) \[7\] of"):
+        label_document(_config(tmp_path, cuts_per_doc=5), tokenizer, doc, ids, nll)
+    with pytest.raises(ValueError, match=r"position\(s\) \[7\]"):
+        empower_lengths(nll, np.array([5]), 40.0)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("eta", 0.0), ("eta", -1.0), ("sft_n", 0), ("sft_rand_min", 40), ("scoring_overlap", 0)],
+)
 def test_bad_values_are_refused_by_name(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         _config(tmp_path, **{field: value})

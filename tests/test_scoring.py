@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from empower.scoring import ScoreCache, score_documents
+from empower import scoring
+from empower.scoring import ScoreCache, _Row, score_documents
 
 CODE = '''import os
 
@@ -66,13 +67,69 @@ def test_windows_agree_with_the_full_pass_on_a_document_that_fits(tiny, docs):
     assert np.abs(windowed[32:] - full[32:]).mean() < 0.05 * full[32:].mean()
 
 
-def test_every_token_is_scored_exactly_once_by_the_windows(tiny, docs):
+def _rows_seen(model):
+    """Instrument the model: every (input tokens, NLL bits per position) row it is asked to score."""
+    seen = []
+
+    def hook(_module, _args, kwargs, output):
+        for ids, mask, logits in zip(
+            kwargs["input_ids"], kwargs["attention_mask"], output.logits, strict=True
+        ):
+            ids, logits = ids[mask.bool()], logits[mask.bool()].float()
+            nats = -torch.log_softmax(logits[:-1], -1).gather(1, ids[1:, None])[:, 0]
+            seen.append((ids.tolist(), (nats / np.log(2)).numpy()))
+
+    return seen, model.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("max_tokens, overlap", [(2, 1), (10, 1), (16, 5), (33, 32), (99, 1), (100, 1)])
+def test_every_token_is_scored_exactly_once_at_several_windows(tiny, max_tokens, overlap):
+    """Each NLL comes from a row the model really scored, with at least ``overlap`` tokens of context
+    (or all of them); inside the first window it equals the single full-context pass. Exactly once:
+    score_documents raises on a position written 0 or 2 times (next test), and here it does not."""
     model, _ = tiny
-    ids = docs[0]
-    [(_, windowed)] = score_documents(model, [(0, ids)], max_tokens=20, overlap=5, progress=False)
-    # Token 20 is the first one of the second window that has 5 tokens of context: ids[15:20].
-    expected = _plain_bits(model, ids[15:21])[-1]
-    assert windowed[20] == pytest.approx(expected, abs=1e-4)
+    ids = np.random.default_rng(max_tokens).integers(100, model.config.vocab_size, 100).tolist()
+    full = _plain_bits(model, ids)
+    seen, hook = _rows_seen(model)
+    try:
+        [(_, windowed)] = score_documents(
+            model, [(0, ids)], max_tokens=max_tokens, overlap=overlap, progress=False
+        )
+    finally:
+        hook.remove()
+    # Random tokens: a row's start in the document is where its tokens occur.
+    starts = [next(s for s in range(len(ids)) if ids[s : s + len(row)] == row) for row, _ in seen]
+    assert max(len(row) for row, _ in seen) <= max_tokens
+    first = min(max_tokens, len(ids))
+    np.testing.assert_allclose(windowed[1:first], full[: first - 1], atol=1e-4)
+    for j in range(1, len(ids)):
+        candidates = [
+            bits[j - start - 1]
+            for (row, bits), start in zip(seen, starts, strict=True)
+            if start < j < start + len(row) and j - start >= min(overlap, j)
+        ]
+        assert any(abs(windowed[j] - c) < 1e-4 for c in candidates), (j, windowed[j], candidates)
+
+
+@pytest.mark.parametrize(
+    "broken, error",
+    [
+        # overlap 0: the second window's first token has no context and is never written
+        (
+            lambda doc, ctx, m, o: [_Row(doc, 0, ctx[:10], 1), _Row(doc, 10, ctx[10:], 10)],
+            "10 of a {}-token context 0 times",
+        ),
+        # the same window twice: every position written twice
+        (
+            lambda doc, ctx, m, o: [_Row(doc, 0, ctx, 1), _Row(doc, 0, ctx, 1)],
+            "1 of a {}-token context 2 times",
+        ),
+    ],
+)
+def test_a_window_plan_that_misses_or_repeats_a_position_is_an_error(tiny, docs, monkeypatch, broken, error):
+    monkeypatch.setattr(scoring, "_windows", broken)
+    with pytest.raises(RuntimeError, match="wrote position " + error.format(len(docs[0]))):
+        list(score_documents(tiny[0], [(0, docs[0])], progress=False))
 
 
 def test_empty_and_one_token_documents(tiny):
@@ -91,10 +148,12 @@ def test_documents_are_consumed_lazily(tiny, docs):
     assert [key for key, _ in first] == [0, 1, 2]
 
 
-def test_bad_overlap_is_refused(tiny):
+@pytest.mark.parametrize("overlap", [0, 8])
+def test_bad_overlap_is_refused(tiny, overlap):
+    """Overlap 0 would leave every later window's first token unscored; overlap >= max_tokens never ends."""
     model, _ = tiny
-    with pytest.raises(ValueError, match="overlap"):
-        list(score_documents(model, [(0, [1, 2, 3])], max_tokens=8, overlap=8, progress=False))
+    with pytest.raises(ValueError, match=r"overlap must be in \[1, max_tokens=8\)"):
+        list(score_documents(model, [(0, [1, 2, 3])], max_tokens=8, overlap=overlap, progress=False))
 
 
 def test_cached_documents_are_not_scored_again(tiny, docs, tmp_path):

@@ -65,7 +65,7 @@ class DataConfig(CorpusConfig):
     scoring_dtype: str = option("float32", "dtype of the estimator (fp32: threshold decisions are exact)")
     scoring_batch_tokens: int = option(2048, "padded tokens per forward pass (memory bound)")
     scoring_max_tokens: int = option(2048, "window length; longer documents are scored in windows")
-    scoring_overlap: int = option(256, "context tokens shared by consecutive windows")
+    scoring_overlap: int = option(256, "context tokens shared by consecutive windows (at least 1)")
     scoring_cache: Path | None = option(
         None, "folder of per-document NLLs shared by builds over the same corpus (methods, eta values)"
     )
@@ -88,8 +88,8 @@ class DataConfig(CorpusConfig):
             ("scoring_batch_tokens", self.scoring_batch_tokens >= 1, "must be positive"),
             (
                 "scoring_overlap",
-                0 <= self.scoring_overlap < self.scoring_max_tokens,
-                "need 0 <= it < max tokens",
+                1 <= self.scoring_overlap < self.scoring_max_tokens,
+                "need 1 <= it < max tokens (a window's first token needs context to be scored)",
             ),
         ]
         for name, ok, rule in checks:
@@ -128,18 +128,39 @@ def empower_length(nll_bits_after_cut: np.ndarray, eta_bits: float) -> int:
     return int(np.searchsorted(cumulative, eta_bits, side="left"))
 
 
+def document_bits(nll_bits: np.ndarray, doc_id: str = "document") -> np.ndarray:
+    """A document's NLLs ready to sum: float64, clipped at 0, ``[0]`` (no context, never a completion
+    token) set to 0.
+
+    A NaN anywhere else is an error: summed as 0 bits it would make ``k*`` silently too long.
+
+    Raises:
+        ValueError: naming ``doc_id`` and the first unscored positions.
+    """
+    nll = np.maximum(np.asarray(nll_bits, dtype=np.float64), 0.0)
+    missing = np.flatnonzero(np.isnan(nll[1:])) + 1
+    if missing.size:
+        raise ValueError(
+            f"{doc_id}: no NLL (NaN) at token position(s) {missing[:5].tolist()} of {len(nll)} "
+            f"({missing.size} in all): the estimator gave NaN or the scorer skipped them"
+        )
+    nll[:1] = 0.0
+    return nll
+
+
 def empower_lengths(nll_bits: np.ndarray, cuts: np.ndarray, eta_bits: float) -> np.ndarray:
     """``k*`` for many cuts of one document from ONE cumulative sum (no re-scoring per k).
 
     Args:
-        nll_bits: per-token NLL of the document, ``nll_bits[j] = -log2 p(d_j | d_<j)`` (``[0]`` unused).
+        nll_bits: per-token NLL of the document, ``nll_bits[j] = -log2 p(d_j | d_<j)`` (``[0]`` unused;
+            a NaN elsewhere raises, see :func:`document_bits`).
         cuts: prompt lengths ``n`` (1 <= n <= len(nll_bits)).
         eta_bits: the threshold.
 
     Returns:
         ``k`` per cut with ``sum(nll_bits[n:n+k]) < eta_bits`` and ``k`` maximal (at most ``len - n``).
     """
-    nll = np.nan_to_num(np.maximum(np.asarray(nll_bits, dtype=np.float64), 0.0), nan=0.0)
+    nll = document_bits(nll_bits)
     cumulative = np.concatenate([[0.0], np.cumsum(nll)])  # cumulative[i] = sum(nll[:i])
     cuts = np.asarray(cuts, dtype=np.int64)
     first_over = np.searchsorted(cumulative, cumulative[cuts] + eta_bits, side="left")
@@ -200,9 +221,9 @@ def label_document(
     cuts = sample_cuts(tokenizer, doc, ids, config.cuts_per_doc, config.seed)
     if not cuts:
         return []
-    bits = np.nan_to_num(np.maximum(nll.astype(np.float64), 0.0), nan=0.0)
+    bits = document_bits(nll, doc.doc_id)
     rows = []
-    for cut, wanted in zip(cuts, target_lengths(config, doc, nll, cuts), strict=True):
+    for cut, wanted in zip(cuts, target_lengths(config, doc, bits, cuts), strict=True):
         k = int(wanted)
         while k > 0 and not round_trips(tokenizer, doc.text, ids, cut + k):
             k -= 1

@@ -6,9 +6,12 @@ over a document gives the NLL every prefix needs; Empower's ``k*`` then follows 
 
 - documents are buffered, sorted by length and packed into batches of at most ``batch_tokens`` padded
   tokens, so memory is bounded by the batch and the buffer, never by the corpus;
-- a document longer than ``max_tokens`` is scored in windows that overlap by ``overlap`` tokens; each
-  window contributes only the tokens that had at least ``overlap`` tokens of context (the first window
-  contributes all of its tokens), the usual sliding-window perplexity scheme;
+- a document longer than ``max_tokens`` is scored in windows that overlap by ``overlap >= 1`` tokens;
+  each window contributes only the tokens that had at least ``overlap`` tokens of context (the first
+  window contributes all of its tokens), the usual sliding-window perplexity scheme. The invariant,
+  checked on every document: every token after the first is scored exactly once, with at least
+  ``overlap`` tokens of context (or all the tokens before it). A window's first token has no context
+  inside it, so with no overlap it would go unscored and be summed as 0 bits;
 - the softmax runs in fp32 whatever the model dtype, because threshold decisions compare sums of
   these numbers with ``eta``.
 
@@ -160,8 +163,11 @@ def score_documents(
         An iterator of ``(key, nll)`` with ``nll`` float32 of length ``len(ids)``:
         ``nll[j] = -log2 p(ids[j] | prefix + ids[:j])``; ``nll[0]`` is NaN when ``prefix`` is empty.
     """
-    if not 0 <= overlap < max_tokens:
-        raise ValueError(f"overlap must be in [0, max_tokens={max_tokens}), got {overlap}")
+    if not 1 <= overlap < max_tokens:
+        raise ValueError(
+            f"overlap must be in [1, max_tokens={max_tokens}) (a window's first token needs context), "
+            f"got {overlap}"
+        )
     prefix = list(prefix or [])
     pad_id = getattr(model.config, "pad_token_id", None)
     pad_id = 0 if pad_id is None else pad_id  # padded positions are masked and never read
@@ -183,13 +189,22 @@ def score_documents(
             if cached[i] is None
             for row in _windows(i, context, max_tokens, overlap)
         ]
+        writes = [np.zeros(len(context), dtype=np.int32) for context in contexts]
         for batch in _batches(rows, batch_tokens):
             for row, bits in zip(batch, _score_batch(model, batch, pad_id), strict=True):
                 # bits[t] scores context position row.start + t + 1
                 keep = slice(max(row.keep_from - row.start - 1, 0), len(bits))
                 positions = np.arange(keep.start, keep.stop) + row.start + 1
                 results[row.doc][positions] = bits[keep]
+                writes[row.doc][positions] += 1
                 bar.update(keep.stop - keep.start)
+        for i, context in enumerate(contexts):
+            wrong = np.flatnonzero(writes[i][1:] != 1) + 1 if cached[i] is None else []
+            if len(wrong):  # a gap would be summed as 0 bits, a double write hides a window bug
+                raise RuntimeError(
+                    f"windowed scoring (max_tokens={max_tokens}, overlap={overlap}) wrote position "
+                    f"{wrong[0]} of a {len(context)}-token context {writes[i][wrong[0]]} times, not once"
+                )
         if cache:
             for context, hit, nll in zip(contexts, cached, results, strict=True):
                 if hit is None:
