@@ -135,3 +135,41 @@ def test_sft_rand_flags_reach_the_config(capsys, tmp_path, corpus):
         "2",
     )
     assert code == 2 and "sft_rand_min=5" in err
+
+
+def _build(capsys, corpus, out, *flags) -> tuple[int, str]:
+    """``empower data build`` of ``corpus`` with the tiny model: (exit code, stderr unwrapped)."""
+    args = ["data", "build", "--corpus", corpus, "--out", out, "--estimator", "tiny-random", "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*map(str, args), *flags])
+    return exit_info.value.code, " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("flag", [[], ["--overwrite"], ["--resume"]])
+def test_a_folder_that_is_not_a_build_is_refused_untouched(capsys, tmp_path, corpus, flag):
+    """A model folder has a config.json too: --overwrite must not delete it, --resume not reuse it."""
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8}))
+    (out / "model.safetensors").write_bytes(b"weights")
+    code, err = _build(capsys, corpus, out, *flag)
+    assert code == 2 and f"{out} is not empty and holds no empower data build" in err
+    assert f"looked for {out / 'config.json'}" in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_an_existing_build_is_named_and_overwritten_only_when_asked(capsys, tmp_path, corpus):
+    out = tmp_path / "data"
+    assert _build(capsys, corpus, out, "--method", "sft")[0] == 0
+    code, err = _build(capsys, corpus, out)
+    assert code == 2 and f"{out} already holds a data build; pass --resume" in err
+    code, err = _build(capsys, corpus, out, "--resume")
+    assert code == 2 and f"--resume of {out} with different settings (method: 'sft' -> 'empower')" in err
+    assert _build(capsys, corpus, out, "--overwrite")[0] == 0
+    assert json.loads((out / "manifest.json").read_text())["method"] == "empower"
+
+
+def test_zero_scoring_overlap_is_named(capsys, tmp_path, corpus):
+    code, err = _build(capsys, corpus, tmp_path / "o", "--scoring-overlap", "0")
+    assert code == 2 and "scoring_overlap=0 is invalid" in err
+    assert not (tmp_path / "o").exists()

@@ -268,17 +268,36 @@ def _comparable(config_dict: dict) -> dict:
     return {k: v for k, v in config_dict.items() if k not in _RUNTIME_FIELDS}
 
 
+# Keys every saved DataConfig has and a model's config.json has not: what marks a folder as a build.
+_BUILD_KEYS = ("estimator", "method", "eta", "scoring_max_tokens")
+
+
+def _is_build(out: Path) -> bool:
+    """Whether ``out`` holds a data build: its ``config.json`` is a saved DataConfig."""
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and set(_BUILD_KEYS) <= saved.keys()
+
+
 def _prepare_out(config: DataConfig) -> set[str]:
-    """Create, overwrite or reopen ``config.out``; returns the ids of documents already finished."""
+    """Create, overwrite or reopen ``config.out``; returns the ids of documents already finished.
+
+    Only a data build is ever deleted or reopened: any other non-empty folder is refused untouched.
+    """
     out = Path(config.out)
     saved = out / "config.json"
     if out.exists() and any(out.iterdir()):
+        if not _is_build(out):
+            raise ValueError(
+                f"{out} is not empty and holds no empower data build (looked for {saved} with the keys "
+                f"{', '.join(_BUILD_KEYS)}); nothing was deleted: choose another --out"
+            )
         if config.overwrite:
             shutil.rmtree(out)
         elif not config.resume:
             raise ValueError(f"{out} already holds a data build; pass --resume to continue it or --overwrite")
-        elif not saved.exists():
-            raise ValueError(f"{out} is not an empower data folder (no config.json); cannot --resume it")
     out.mkdir(parents=True, exist_ok=True)
     if not saved.exists():
         return set()
