@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from datasets import load_from_disk
 
 from empower.corpus import Document, stdlib_root
@@ -279,3 +281,34 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path):
         build_data(
             DataConfig(**{**vars(config), "resume": True, "eta": 1.0}), model=model, tokenizer=tokenizer
         )
+
+
+def test_score_cache_misses_after_retraining_the_estimator_at_the_same_path(tiny, tmp_path):
+    """The cache is keyed by the estimator's weights: new weights at an old path are scored again."""
+    model, tokenizer = tiny
+    estimator = tmp_path / "estimator"
+    model.save_pretrained(estimator)
+    tokenizer.save_pretrained(estimator)
+    corpus = str(_corpus(tmp_path, TEXTS[:2]))
+
+    def bits(name: str, cache: bool) -> list[float]:
+        config = DataConfig(
+            out=tmp_path / name,
+            corpus=corpus,
+            estimator=str(estimator),
+            eta=40.0,
+            cuts_per_doc=3,
+            scoring_cache=tmp_path / "scores" if cache else None,
+            device="cpu",
+            progress=False,
+        )
+        return [json.loads(line)["cum_bits"] for line in open(build_data(config) / "pairs.jsonl")]
+
+    old = bits("old", cache=True)
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        retrained.model.embed_tokens.weight.mul_(1.5)
+    retrained.save_pretrained(estimator)
+    new = bits("new", cache=True)
+    assert new == pytest.approx(bits("fresh", cache=False), abs=1e-4)
+    assert new != pytest.approx(old, abs=1e-2)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+import json
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from empower import scoring
-from empower.scoring import ScoreCache, _Row, score_documents
+from empower.scoring import ScoreCache, _Row, score_documents, weights_fingerprint
 
 CODE = '''import os
 
@@ -178,3 +183,87 @@ def test_cache_entries_depend_on_the_namespace(tiny, docs, tmp_path):
     other = ScoreCache(tmp_path, "model-b")
     assert all(other.load(ids) is None for ids in docs)
     assert all(ScoreCache(tmp_path, "model-a").load(ids) is not None for ids in docs if len(ids) > 1)
+
+
+# ---------------------------------------------------------------- the cache key: the estimator's weights
+
+
+@pytest.fixture
+def saved_tiny(tiny, tmp_path):
+    """The tiny model saved in a folder of its own (a local model spec)."""
+    model, tokenizer = tiny
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _retrain(model, folder):
+    """Other weights saved at the same path, with the same file names and sizes."""
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        retrained.model.embed_tokens.weight.mul_(1.5)
+    retrained.save_pretrained(folder)
+
+
+def test_fingerprint_follows_the_weights_not_the_path(tiny, saved_tiny, tmp_path):
+    memo = tmp_path / "memo.json"
+    before = weights_fingerprint(saved_tiny, memo)
+    assert weights_fingerprint(shutil.copytree(saved_tiny, tmp_path / "copy"), memo) == before
+    size = (saved_tiny / "model.safetensors").stat().st_size
+    _retrain(tiny[0], saved_tiny)
+    assert (saved_tiny / "model.safetensors").stat().st_size == size
+    assert weights_fingerprint(saved_tiny, memo) != before
+
+
+def test_adapter_fingerprint_covers_its_base(tiny, saved_tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(saved_tiny)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    memo = tmp_path / "memo.json"
+    adapter = weights_fingerprint(tmp_path / "adapter", memo)
+    assert adapter != weights_fingerprint(saved_tiny, memo)
+    _retrain(tiny[0], saved_tiny)  # the adapter's files are unchanged, its base is not
+    assert weights_fingerprint(tmp_path / "adapter", memo) != adapter
+
+
+def test_a_file_is_hashed_once_until_it_changes(saved_tiny, tmp_path):
+    memo = tmp_path / "memo.json"
+    honest = weights_fingerprint(saved_tiny, memo)
+    entries = json.loads(memo.read_text())
+    assert sorted(Path(path).name for path in entries) == ["config.json", "model.safetensors"]
+    for entry in entries.values():
+        entry["sha256"] = "0" * 64
+    memo.write_text(json.dumps(entries))
+    assert weights_fingerprint(saved_tiny, memo) != honest  # the memo is trusted: no file read
+    for name in ("config.json", "model.safetensors"):
+        stat = (saved_tiny / name).stat()
+        os.utime(saved_tiny / name, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert weights_fingerprint(saved_tiny, memo) == honest  # a changed stat: read again
+
+
+def test_hub_model_fingerprint_is_its_blob_names(tmp_path, monkeypatch):
+    """A hub snapshot's files link to blobs named by their content hash: nothing is read."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--owner--name"
+
+    def download(commit: str, blob: str) -> None:  # the layout huggingface_hub writes
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / blob).write_text("{}")
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").symlink_to(repo / "blobs" / blob)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    memo = tmp_path / "memo.json"
+    download("a" * 40, "1" * 64)
+    first = weights_fingerprint("owner/name", memo)
+    assert json.loads(memo.read_text()) == {}
+    download("b" * 40, "2" * 64)  # a new revision of main
+    assert weights_fingerprint("owner/name", memo) != first
+    with pytest.raises(ValueError, match="'owner/other': not in the local Hugging Face cache"):
+        weights_fingerprint("owner/other", memo)

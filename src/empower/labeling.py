@@ -39,7 +39,7 @@ from empower import models
 from empower.configs import option, save_config, to_dict
 from empower.corpus import CorpusConfig, Document, iter_documents, resolve_format
 from empower.jsonl import iter_jsonl
-from empower.scoring import ScoreCache, context_prefix, score_documents
+from empower.scoring import ScoreCache, context_prefix, score_documents, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -385,8 +385,10 @@ def _finish_dataset(out: Path) -> str:
 
 
 def _score_namespace(config: DataConfig) -> str:
-    """What, besides the tokens, determines a document's NLLs (the score cache's key)."""
-    return f"{config.estimator}|{config.scoring_dtype}|{config.scoring_max_tokens}|{config.scoring_overlap}"
+    """What, besides the tokens, determines a document's NLLs (the score cache's key): the estimator's
+    weights (by content, so a model retrained at the same path is scored again), dtype and windows."""
+    weights = weights_fingerprint(config.estimator, Path(config.scoring_cache) / "weights.json")
+    return f"{weights}|{config.scoring_dtype}|{config.scoring_max_tokens}|{config.scoring_overlap}"
 
 
 def build_data(config: DataConfig, *, model=None, tokenizer=None) -> Path:
@@ -394,7 +396,8 @@ def build_data(config: DataConfig, *, model=None, tokenizer=None) -> Path:
 
     Args:
         config: what to read, how to label, where to write.
-        model, tokenizer: an already loaded estimator (default: ``load_model(config.estimator)``).
+        model, tokenizer: an already loaded estimator (default: ``load_model(config.estimator)``);
+            it must be ``config.estimator``, whose files key the score cache.
 
     Returns:
         ``config.out``, whose ``manifest.json`` says ``complete: true``.

@@ -26,13 +26,18 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from empower import models
 
 LN2 = math.log(2.0)
 
@@ -51,8 +56,9 @@ class ScoreCache:
     """Per-document NLLs on disk, so several builds over one corpus (the grid's Empower and SFT data,
     an eta sweep, a resumed build) run the estimator once per document.
 
-    An entry is keyed by the estimator, the scoring settings and the exact context tokens, so a
-    different model, dtype, window or document never hits a stale entry.
+    An entry is keyed by ``namespace`` (the estimator's :func:`weights_fingerprint` and the scoring
+    settings) and the exact context tokens, so different weights (a model retrained at the same
+    path included), dtype, window or document never hit a stale entry.
     """
 
     def __init__(self, folder: str | Path, namespace: str):
@@ -74,6 +80,80 @@ class ScoreCache:
         partial = path.with_name(path.name + ".partial.npy")  # never a torn entry
         np.save(partial, nll)
         partial.replace(path)
+
+
+# Files of a model folder that decide its outputs: weights and configs (tokenizers change the tokens,
+# which are part of every cache key anyway; checkpoints and logs of a training run change nothing).
+_MODEL_FILES = re.compile(r"(config\.json|adapter_config\.json|.*\.safetensors|.*\.bin|.*\.gguf)")
+_HUB_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def weights_fingerprint(spec: str | os.PathLike, memo: str | Path) -> str:
+    """A sha256 that changes when the weights behind a model spec change, and is cheap to recompute.
+
+    It covers every file that loading reads: a folder's ``config.json``, ``adapter_config.json`` and
+    weight files, a ``.gguf`` file, and for a LoRA adapter also its base model (recursively); an
+    embedded name is the converted folder it resolves to; a hub id is its cached snapshot, whose
+    file names under ``blobs/`` already are content hashes (git sha1, LFS sha256), so it reads nothing.
+
+    Content, not path or name: retraining at the same path changes the key, a copied or moved model
+    keeps it. Hashing an 8B model's 16 GB on every run would cost minutes, so each file's sha256 is
+    read once and remembered in the JSON file ``memo`` under its size, mtime, ctime and inode;
+    ``ctime`` cannot be set from user space, so a file rewritten in place is always hashed again.
+    """
+    memo = Path(memo)
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):  # first use, or a torn memo: hashing again is always safe
+        known = {}
+    digest = hashlib.sha256()
+    for name, content in _model_file_hashes(str(spec), known, []):
+        digest.update(f"{name}={content}\n".encode())
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    partial = memo.with_name(f"{memo.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(known, indent=1, sort_keys=True))
+    partial.replace(memo)
+    return digest.hexdigest()
+
+
+def _model_file_hashes(spec: str, known: dict, seen: list[Path]) -> Iterator[tuple[str, str]]:
+    """``(name, content hash)`` of every file loading ``spec`` reads, base models of adapters included."""
+    resolved = models.resolve(spec)
+    path = Path(resolved)
+    if not path.exists():  # a hub id (models.resolve returns it unchanged): its cached snapshot
+        from huggingface_hub import try_to_load_from_cache
+
+        found = [try_to_load_from_cache(resolved, name) for name in ("config.json", "adapter_config.json")]
+        cached = [Path(f).parent for f in found if isinstance(f, str)]
+        if not cached:
+            raise ValueError(f"model {spec!r}: not in the local Hugging Face cache, nothing to fingerprint")
+        path = cached[0]
+    if path.resolve() in seen:
+        raise ValueError(f"model {spec!r}: adapter {path} names itself as its base, directly or not")
+    seen.append(path.resolve())
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if _MODEL_FILES.fullmatch(f.name))
+    for file in files:  # the depth tells an adapter's files from its base's
+        yield f"{len(seen)}:{file.name}", _file_hash(file, known)
+    if models.is_adapter(path):
+        yield from _model_file_hashes(models.adapter_base(path), known, seen)
+
+
+def _file_hash(file: Path, known: dict) -> str:
+    """A content hash of ``file``: the name of a hub blob, else sha256, memoised in ``known`` by stat."""
+    real = file.resolve()
+    if real.parent.name == "blobs" and _HUB_BLOB.fullmatch(real.name):
+        return real.name
+    stat = real.stat()
+    signature = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+    entry = known.get(str(real))
+    if entry is None or entry["stat"] != signature:
+        digest = hashlib.sha256()
+        with open(real, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+        entry = {"stat": signature, "sha256": digest.hexdigest()}
+        known[str(real)] = entry
+    return entry["sha256"]
 
 
 def context_prefix(tokenizer) -> list[int]:
