@@ -100,12 +100,21 @@ class UpstreamEngine:
         index = choice["index"]
         logprobs = choice.get("logprobs") or {}
         tokens = logprobs.get("tokens") or []
-        token_logprobs = [lp if lp is not None else 0.0 for lp in logprobs.get("token_logprobs") or []]
+        # A missing log-probability stays None (JSON null for our client): never 0 bits, which would
+        # stretch a threshold suggestion past eta.
+        token_logprobs = list(logprobs.get("token_logprobs") or [])
         delta = Delta(
             index, choice.get("text", ""), token_count=len(tokens), finish_reason=choice.get("finish_reason")
         )
         if self.rule.policy is Policy.THRESHOLD and tokens:
-            bits = [-lp / LN2 for lp in token_logprobs]
+            per_token = (token_logprobs + [None] * len(tokens))[: len(tokens)]  # one per token, or None
+            if None in per_token:
+                i = per_token.index(None)
+                raise RuntimeError(
+                    f"upstream server at {self.url} sent no log-probability for token {i} "
+                    f"({tokens[i]!r}) of choice {index}; the threshold policy needs every one"
+                )
+            bits = [-lp / LN2 for lp in per_token]
             spent = spent_bits.get(index, 0.0)
             keep = threshold_length(bits, self.rule.eta - spent)
             spent_bits[index] = spent + sum(bits[:keep])
