@@ -330,3 +330,28 @@ def test_merge_refuses_full_weights_and_nonempty_out(trained, tmp_path):
     (tmp_path / "x" / "keep").write_text("")
     with pytest.raises(ValueError, match="not empty"):
         merge_adapter(trained, tmp_path / "x")
+
+
+def _p_eos(model, tokenizer, prompts: list[str]) -> list[float]:
+    """P(EOS | prompt) under ``model``: the probability that the assistant suggests nothing."""
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            out.append(torch.softmax(model(ids).logits[0, -1].float(), -1)[tokenizer.eos_token_id].item())
+    return out
+
+
+def test_training_on_k0_pairs_raises_the_probability_of_eos_at_those_prompts(rows, tmp_path, tiny):
+    """The method's point: k* = 0 pairs (a decision comes next) teach the model to stop at once."""
+    empty = [row for row in rows if row["k"] == 0]
+    (tmp_path / "k0.jsonl").write_text("".join(json.dumps(row) + "\n" for row in empty))
+    base, tokenizer = tiny
+    prompts = [row["prompt"] for row in empty]
+    before = _p_eos(base, tokenizer, prompts)
+    config = quick(tmp_path / "k0.jsonl", tmp_path / "m", lora=False, lr=5e-2, max_steps=10, val_fraction=0)
+    out = train(config)
+    model, _ = models.load_model(out, device="cpu")
+    after = _p_eos(model, tokenizer, prompts)
+    assert len(prompts) >= 5 and max(before) < 1e-3  # a random model almost never stops
+    assert min(after) > 0.5, (before, after)
