@@ -237,6 +237,7 @@ def test_build_writes_the_designed_folder(tiny, tmp_path):
         "eta",
         "estimator",
         "tokenizer",
+        "statement",
     }
     rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert dataset.to_list() == rows

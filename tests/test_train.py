@@ -332,6 +332,76 @@ def test_merge_refuses_full_weights_and_nonempty_out(trained, tmp_path):
         merge_adapter(trained, tmp_path / "x")
 
 
+# ------------------------------------------------------------------ self-describing model folders
+
+
+def test_output_folder_says_how_to_use_the_model(trained):
+    """Template, method, eta and counting tokenizer are top-level keys, read back by the assistant."""
+    meta = json.loads((trained / "empower-model.json").read_text())
+    assert meta["prompt_template"] == "plain" and meta["method"] == "empower"
+    assert meta["eta_bits"] == 0.32 and meta["count_tokenizer"] == models.TINY_MODEL
+    assert meta["estimator"] == models.TINY_MODEL and meta["base_model"] == models.TINY_MODEL
+    assert meta["data"]  # the data's fingerprint
+
+
+def test_statement_template_on_data_without_statements_is_refused(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"template 'statement'.*no pair has one"):
+        train(quick(data_dir, tmp_path / "m", template="statement"))
+    assert not (tmp_path / "m").exists()  # refused before anything was written
+
+
+def _leetcode_corpus(path: Path) -> Path:
+    """A LeetCode-format corpus (solutions + problem statements) from real stdlib code."""
+    sources = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:3]
+    records = [
+        {"problem": f"Problem {i}: rewrite {source.name}.\nKeep the behaviour the same.",
+         "solutions": source.read_text(errors="replace")[:700]}
+        for i, source in enumerate(sources)
+    ]  # fmt: skip
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_assistant_builds_the_prompt_training_used_under_the_statement_template(tmp_path, tokenizer):
+    """Data built from a corpus with statements, trained with --template statement, loaded by path only:
+    the assistant's input ids for each pair's state + statement are those the trainer trained on."""
+    from empower.assistant import AssistantConfig, SuggestionRequest, build_assistant
+    from empower.labeling import DataConfig, build_data
+
+    data = build_data(
+        DataConfig(corpus=str(_leetcode_corpus(tmp_path / "leetcode.json")), out=tmp_path / "data",
+                   estimator=models.TINY_MODEL, cuts_per_doc=2, progress=False)
+    )  # fmt: skip
+    pairs = load_pairs(data).dataset
+    assert all(s.startswith("Problem ") for s in pairs["statement"])  # the corpus' statements are kept
+    config = quick(data, tmp_path / "model", template="statement", val_fraction=0, max_steps=1)
+    model_dir = train(config)
+    trainer, _ = build_trainer(config)
+    split = trainer.train_dataset  # as the trainer holds it: the loss is on the labels that are not -100
+    trained_prompts = [
+        ids[: next(i for i, label in enumerate(labels) if label != -100)]
+        for ids, labels in zip(split["input_ids"], split["labels"], strict=True)
+    ]
+    assert len(trained_prompts) == len(pairs)
+    assert tokenizer.decode(trained_prompts[0]).startswith("# Problem 0: rewrite")
+
+    assistant = build_assistant(AssistantConfig(assistant=str(model_dir), max_new_tokens=1,
+                                                assistant_prefix_cache=0, assistant_device="cpu"))  # fmt: skip
+    seen = []
+    hook = assistant.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()), with_kwargs=True
+    )
+    for row, expected in zip(pairs, trained_prompts, strict=True):
+        seen.clear()
+        assistant.suggest([SuggestionRequest(state=row["prompt"], statement=row["statement"])])
+        assert seen[0] == expected  # the first forward pass encodes the whole prompt
+    hook.remove()
+
+    with pytest.raises(ValueError, match=r"trained with 'statement'.*empower-model.json"):
+        AssistantConfig(assistant=str(model_dir), prompt_template="plain")
+    merged = merge_adapter(model_dir, tmp_path / "merged")
+    assert AssistantConfig(assistant=str(merged)).prompt_template.value == "statement"
+
 def _p_eos(model, tokenizer, prompts: list[str]) -> list[float]:
     """P(EOS | prompt) under ``model``: the probability that the assistant suggests nothing."""
     out = []

@@ -110,8 +110,10 @@ class AssistantConfig:
     max_new_tokens: int = option(64, "generation budget per suggestion (tokens added to the code)")
     assistant_temperature: float = option(0.0, "0 = greedy; > 0 samples at this temperature")
     assistant_seed: int = option(0, "random seed when sampling")
-    prompt_template: PromptTemplate = option(
-        PromptTemplate.PLAIN, "model/threshold: how the state becomes input (plain | statement)"
+    prompt_template: PromptTemplate | None = option(
+        None,
+        "model/threshold: how the state becomes input (plain | statement); default: the template the "
+        "model folder was trained with (its empower-model.json), else plain",
     )
     assistant_batch_size: int = option(8, "requests per generate() call")
     base_prefill: bool = option(
@@ -127,7 +129,7 @@ class AssistantConfig:
 
     def __post_init__(self):
         self.policy = Policy(self.policy)
-        self.prompt_template = PromptTemplate(self.prompt_template)
+        self.prompt_template = trained_template(self.assistant, self.prompt_template)
         for name in ("n", "max_new_tokens", "assistant_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -141,6 +143,27 @@ class AssistantConfig:
             raise ValueError(
                 f"estimator={self.estimator!r} only applies to policy threshold, not {self.policy.value}"
             )
+
+
+def trained_template(assistant: str, configured: PromptTemplate | str | None) -> PromptTemplate:
+    """The prompt template to use with ``assistant``: the one its folder was trained with.
+
+    A trained model only knows the input it was trained on, so the folder's ``prompt_template`` is
+    used when none is configured, and a configured one that differs is an error naming the file
+    (rather than a silent mismatch between training and inference prompts).
+    """
+    configured = PromptTemplate(configured) if configured is not None else None
+    trained = models.model_meta(assistant).get("prompt_template")
+    if trained is None:
+        return configured or PromptTemplate.PLAIN
+    trained = PromptTemplate(trained)
+    if configured is not None and configured is not trained:
+        meta = Path(str(assistant)).expanduser() / "empower-model.json"
+        raise ValueError(
+            f"prompt_template={configured.value!r}, but {assistant} was trained with {trained.value!r} "
+            f"({meta}); leave prompt_template unset to use the trained one"
+        )
+    return trained
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,9 +628,19 @@ def assistant_name(config: AssistantConfig) -> str:
 def build_assistant(config: AssistantConfig, *, model=None, tokenizer=None) -> Assistant:
     """The assistant of ``config`` (pass ``model``/``tokenizer`` to share an already loaded model).
 
-    Raises ValueError for a model spec that does not resolve, or policy base on a model without a
-    chat template.
+    The prompt template comes from the model folder (:func:`trained_template`). Raises ValueError for
+    a model spec that does not resolve, a template that contradicts the folder's, or policy base on a
+    model without a chat template.
     """
+    # Again here: the folder may have been trained after ``config`` was made.
+    trained_template(config.assistant, config.prompt_template)
+    meta = models.model_meta(config.assistant)
+    if "prompt_template" in meta:
+        log.info(
+            "%s: trained on %s pairs (eta %s bits, estimator %s, tokens counted by %s), prompt template %s",
+            config.assistant, meta.get("method"), meta.get("eta_bits"), meta.get("estimator"),
+            meta.get("count_tokenizer"), meta["prompt_template"],
+        )  # fmt: skip
     device = config.assistant_device or None
     if model is None:
         model, tokenizer = models.load_model(config.assistant, device=device)

@@ -243,6 +243,7 @@ def label_document(
                 "eta": config.eta if config.method is Method.EMPOWER else None,
                 "estimator": config.estimator,
                 "tokenizer": config.estimator,
+                "statement": doc.statement,  # for `empower train --template statement`
                 "shortened": k < int(wanted),
             }
         )
@@ -255,6 +256,7 @@ def label_document(
 COLUMNS = {  # docs/design.md, "Data folder"
     "prompt": "string", "completion": "string", "doc_id": "string", "cut": "int32", "k": "int32",
     "cum_bits": "float64", "method": "string", "eta": "float64", "estimator": "string", "tokenizer": "string",
+    "statement": "string",
 }  # fmt: skip
 
 

@@ -221,15 +221,29 @@ def is_adapter(spec: str | os.PathLike) -> bool:
     return path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists()
 
 
+def model_meta(spec: str | os.PathLike) -> dict:
+    """The ``empower-model.json`` of a local model folder: how it was made (base model, prompt template,
+    data method, eta, estimator, counting tokenizer; see docs/training.md), so that users of the folder
+    need no flags to match it. ``{}`` for embedded names, hub ids, ``.gguf`` files and folders without one.
+    """
+    path = Path(str(spec)).expanduser() / "empower-model.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
 def adapter_base(spec: str | os.PathLike) -> str:
     """The base model an adapter folder was trained on (empower's own name for it when recorded)."""
-    path = Path(str(spec))
-    meta = path / "empower-model.json"
-    if meta.exists():
-        base = json.loads(meta.read_text()).get("base_model")
-        if base:
-            return base
-    return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = model_meta(spec).get("base_model")
+    if base:
+        return base
+    return json.loads((Path(str(spec)) / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
 def load_tokenizer(spec: str | os.PathLike):

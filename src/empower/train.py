@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 from empower import models
 from empower.configs import option, to_dict
 from empower.prompts import PromptTemplate
-from empower.train_data import TrainData, load_pairs, split_by_document, tokenize_pairs
+from empower.train_data import TrainData, check_statements, load_pairs, split_by_document, tokenize_pairs
 
 # peft and trl still read the property transformers renamed; the warning is theirs, not the user's.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -358,8 +358,8 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     """Fine-tune ``config.base`` on the pairs in ``config.data``; returns the output folder.
 
     The folder loads with ``empower.models.load_model(out)`` and holds the adapter (or full weights),
-    the tokenizer, ``trainer_state.json`` and ``empower-model.json`` (base model, data method and
-    fingerprint, config, losses). Under ``accelerate launch``/``torchrun`` every rank trains and only
+    the tokenizer, ``trainer_state.json`` and ``empower-model.json`` (base model, prompt template, data
+    method, eta, estimator and counting tokenizer, data fingerprint, config, losses). Under ``accelerate launch``/``torchrun`` every rank trains and only
     the main one writes.
 
     Example::
@@ -372,6 +372,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     # The same process group the trainer will use (gloo on CPU-only machines).
     state = PartialState(cpu=not torch.cuda.is_available())
     data = load_pairs(config.data)
+    check_statements(data.dataset, config.template, config.data)  # before anything is written to ``out``
     identity = _run_identity(config, data)
     resume = _prepare_output(config, identity, state.is_main_process)
     state.wait_for_everyone()
@@ -398,6 +399,11 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
         meta = {
             "base_model": _base_spec(config.base),
             "method": data.method,
+            # What the folder's users must match without being told (the assistant reads these).
+            "prompt_template": config.template.value,
+            "eta_bits": data.eta_bits,
+            "estimator": data.estimator,
+            "count_tokenizer": data.tokenizer_name,
             "finetune": "lora" if config.lora else "full",
             "data": data.fingerprint,
             "data_path": str(config.data.resolve()),

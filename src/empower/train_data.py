@@ -30,6 +30,8 @@ class TrainData:
     fingerprint: str
     tokenizer_name: str | None  # the tokenizer the pairs were cut with, if the data says
     method: str | None  # labeling method(s) of the pairs: empower, sft-10, ...
+    eta_bits: float | None = None  # threshold the pairs were labeled at (None: not Empower, or mixed)
+    estimator: str | None = None  # the model whose NLLs cut the pairs, if the data says
 
 
 def _read_jsonl(path: Path) -> Dataset:
@@ -93,7 +95,34 @@ def load_pairs(path: str | Path) -> TrainData:
         fingerprint=str(manifest.get("fingerprint") or fingerprint),
         tokenizer_name=tokenizer_name,
         method=manifest.get("method") or ("+".join(methods) if methods else None),
+        eta_bits=manifest["eta_bits"] if "eta_bits" in manifest else _only(dataset, "eta"),
+        estimator=manifest.get("estimator") or _only(dataset, "estimator"),
     )
+
+
+def _only(dataset: Dataset, column: str):
+    """The one value every row has in ``column``; None when the column is absent or values differ."""
+    values = set(dataset[column]) if column in dataset.column_names else set()
+    return values.pop() if len(values) == 1 else None
+
+
+def check_statements(dataset: Dataset, template, source: Path | str) -> None:
+    """Refuse the statement template on pairs without statements: training would see plain code while
+    the assistant, given each task's statement, would prepend it (two different inputs for one state)."""
+    if PromptTemplate(template) is not PromptTemplate.STATEMENT:
+        return
+    statements = dataset["statement"] if "statement" in dataset.column_names else []
+    have = sum(bool(s and s.strip()) for s in statements)
+    if have == 0:
+        raise ValueError(
+            f"{source}: template 'statement' needs pairs with a problem statement, but no pair has one "
+            "(only corpora with statements give them: LeetCode, MBPP); train with --template plain"
+        )
+    if have < len(dataset):
+        log.warning(
+            "%s: %d of %d pairs have no statement; their prompts are the plain code", source,
+            len(dataset) - have, len(dataset),
+        )  # fmt: skip
 
 
 def tokenize_pairs(
@@ -106,12 +135,14 @@ def tokenize_pairs(
 ) -> Dataset:
     """``input_ids`` = tokens(prompt) + tokens(completion) + EOS and ``completion_mask`` (1 on completion + EOS).
 
-    The prompt is tokenized alone, as the assistant tokenizes the state at inference; tokenizing the
+    The prompt is ``build_prompt(prompt, statement, template)``, tokenized alone, as the assistant
+    builds and tokenizes it at inference (see :func:`check_statements`); tokenizing the
     concatenated text instead can merge tokens across the boundary (``"x\n" + "\n"`` -> ``"\n\n"``),
     which is how TRL's own prompt/completion path moves text between prompt and completion. Rows
     whose token counts differ from the data's ``cut``/``k`` columns are counted in a warning.
     Over-long rows lose the start of their prompt; rows whose completion alone is too long are dropped.
     """
+    check_statements(dataset, template, source)
     eos = tokenizer.eos_token_id
     columns = dataset.column_names
     statement = "statement" in columns
