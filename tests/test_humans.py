@@ -218,6 +218,37 @@ def test_parse_appended_reads_done_as_finished():
     assert parse_appended(REFERENCE, "DONE", closed=True) == ("", True)
 
 
+@pytest.mark.parametrize(
+    "added, expected",
+    [
+        ("DONE```", ("", True)),  # "for i in range(a):DONE" compiles, so the hold let it through
+        ("\n        DONE\n```", ("", True)),
+        ("\n        return a\n    DONE.\n```", ("\n        return a\n", False)),
+        ("\n        flag = DONE_FLAG\n```", ("\n        flag = DONE_FLAG\n", False)),  # a name, not the word
+    ],
+)
+def test_parse_appended_strips_a_done_written_into_the_code(added, expected):
+    code = PROMPT + "    for i in range(a):"
+    assert parse_appended(code, "```python\n" + code + added, closed=True) == expected
+
+
+class DoneInCodeChat:
+    """A backend that, held on unfinished code, writes its DONE into the block (what small models do)."""
+
+    supports_prefill, label = True, "done-in-code"
+
+    def complete(self, requests):
+        return [ChatReply(r.prefill + ("DONE```" if r.hold_end else "```"), True) for r in requests]
+
+
+def test_held_llm_human_never_writes_its_done_into_the_program(counter):
+    human = LLMHuman(HumanConfig(human="llm"), DoneInCodeChat(), counter)
+    unfinished = PROMPT + "    for i in range(a):"
+    [turn] = human.respond([HumanView(make_task(), unfinished, "")])
+    assert (turn.decision, turn.written, turn.malformed) == (Decision.FINISH, "", False)
+    assert json.loads(turn.raw) == {"acceptor": None, "appender": "```python\n" + unfinished + "DONE```"}
+
+
 def test_parse_appended_calls_a_cut_off_retype_malformed():
     assert parse_appended(PROMPT, "```python\n" + PROMPT[:20], closed=False) == (None, False)
 

@@ -286,15 +286,21 @@ def parse_decision(answer: str) -> Decision | None:
     return kinds.pop() if len(kinds) == 1 else None
 
 
+# A DONE the appender wrote as code: a reply held open (the code stops mid-construct) cannot end, so
+# the model writes its "DONE" into the block, where it would become part of the program.
+_DONE_IN_CODE = re.compile(r"(?<![\w.])[ \t]*DONE[.!\s`]*\Z")
+
+
 def parse_appended(code: str, reply: str, closed: bool) -> tuple[str | None, bool]:
     """``(addition, done)`` from the appender's reply; ``(None, False)`` when malformed.
 
     DONE (alone) or a reply that ended adding nothing (e.g. the code retyped unchanged) means the
-    programmer considers the code complete; a reply cut off before adding anything is malformed.
+    programmer considers the code complete; a reply cut off before adding anything is malformed. A
+    DONE that ends the added code is removed from it, so only the code before it is written.
     """
     if re.fullmatch(r"[`\s]*done[.!\s`]*", reply, re.IGNORECASE):
         return "", True
-    addition = extract_addition(code, reply)
+    addition = _DONE_IN_CODE.sub("", extract_addition(code, reply))
     if addition.strip():
         return addition, False
     return ("", True) if closed else (None, False)
