@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from empower.assistant import AssistantConfig, build_assistant
+from empower.assistant import AssistantConfig, Suggestion, build_assistant
 from empower.env import EvalConfig, TokenCounter, run_episodes, run_eval
 from empower.humans import HumanConfig, build_human
 from empower.metrics import summarize_run
@@ -230,3 +230,75 @@ def test_killed_run_resumes_without_counting_an_episode_twice(tmp_path, tiny_mod
                         resume=True), progress=False)
     ids = [t["task_id"] for t in _traces(out)]
     assert len(ids) == len(set(ids)) == 6
+
+
+# ---------------------------------------------------------------- scripted episodes, counted by hand
+
+
+class ScriptedAssistant:
+    """Suggests fixed texts, one per turn (then nothing): the loop's bookkeeping without a model."""
+
+    name = "scripted"
+
+    def __init__(self, suggestions: list[str]):
+        self.suggestions = list(suggestions)
+
+    def suggest(self, requests):
+        return [Suggestion(self.suggestions.pop(0) if self.suggestions else "", 0, "eos") for _ in requests]
+
+
+def _play_add(make_config, suggestions, human=None, **overrides):
+    """One episode of toy/add ("    return a + b\n" intended) with the reference human writing K_H=4 tokens."""
+    config = make_config(**{"human_max_tokens": 4, "sim_batch_size": 1, **overrides})
+    tasks = [t for t in load_tasks("humaneval", config.tasks_path) if t.task_id == "toy/add"]
+    traces = []
+    run_episodes(tasks, ScriptedAssistant(suggestions), human or build_human(config.part(HumanConfig)), config,
+                 TokenCounter(config.sim_count_tokenizer), traces.append)
+    [trace] = traces
+    return trace
+
+
+# The counting tokenizer (SmolLM2) splits "    return a + b\n" into "   ", " return", " a", " +", " b", "\n":
+# 6 tokens; "    return a" is 3, " + b\n" 3, "    return a +" 4 (the human's K_H=4 chunk), " b\n" and " c\n" 2,
+# "    print(a)\n" 6 ("   ", " print", "(", "a", ")", "\n"). DPR = 0.999 ** (0.1 * read + 0.5 * written) when
+# the program passes, else 0. Each case: suggestions, config overrides, tokens read, tokens written, DPR,
+# event kinds, suggestions shown, accepted, end reason, passed.
+SCRIPTS = {
+    # turn 1: "    return a" agrees with the intent: accepted (read 3); the human writes the rest " + b\n"
+    # (written 3). Turn 2: nothing left to write: finish. DPR = 0.999 ** (0.3 + 1.5) = 0.999 ** 1.8.
+    "accept": (["    return a"], {}, 3, 3, 0.99820072,
+               ["suggested", "accepted", "wrote", "finished"], 1, 1, "finish", True),
+    # turn 1: "    return a - b\n" rejected (read 6), the human writes "    return a +" (written 4); turn 2:
+    # " c\n" rejected (read 2), the human writes " b\n" (written 2); turn 3: finish.
+    # read 8, written 6: DPR = 0.999 ** (0.8 + 3.0) = 0.999 ** 3.8.
+    # K_H=1. Turn 1: "    return" accepted (read 2), the human writes " a" (1); turn 2: " - b\n" rejected
+    # (read 3), the human writes " +" (1); turn 3: nothing suggested, the human writes " b" (1); turn 4: only
+    # the newline is left: finish. read 5, written 3: DPR = 0.999 ** (0.5 + 1.5) = 0.999 ** 2.
+    "accept then reject": (["    return", " - b\n"], {"human_max_tokens": 1}, 5, 3, 0.998001,
+                           ["suggested", "accepted", "wrote", "suggested", "rejected", "wrote", "wrote", "finished"],
+                           2, 1, "finish", True),
+    "reject": (["    return a - b\n", " c\n"], {}, 8, 6, 0.99620532,
+               ["suggested", "rejected", "wrote", "suggested", "rejected", "wrote", "finished"], 2, 0, "finish", True),
+    # turns 1-2: nothing suggested, the human writes 4 + 2 tokens; turn 3: "    print(a)\n" is shown (read 6)
+    # while the human finishes: read but never appended. DPR = 0.999 ** (0.6 + 3.0) = 0.999 ** 3.6.
+    "finish with a pending suggestion": (["", "", "    print(a)\n"], {}, 6, 6, 0.99640468,
+                                         ["wrote", "wrote", "suggested", "finished"], 1, 0, "finish", True),
+    # an empty suggestion is never shown: nothing read, the human writes all 6 tokens.
+    # DPR = 0.999 ** (0 + 3.0) = 0.999 ** 3.
+    "empty suggestions": ([""] * 3, {}, 0, 6, 0.99700300, ["wrote", "wrote", "finished"], 0, 0, "finish", True),
+    # cut after one turn: the human wrote "    return a +" (4) and the program fails: DPR 0.
+    "cut at sim_max_rounds": ([""], {"sim_max_rounds": 1}, 0, 4, 0.0, ["wrote"], 0, 0, "max_rounds", False),
+    # cut as soon as the program is 1 counted token long (after the first turn): the same half program.
+    "cut at sim_max_tokens": ([""], {"sim_max_tokens": 1}, 0, 4, 0.0, ["wrote"], 0, 0, "max_tokens", False),
+}
+
+
+@pytest.mark.parametrize("case", SCRIPTS)
+def test_scripted_episode_counts_tokens_and_dpr(make_config, case):
+    suggestions, overrides, read, written, dpr, kinds, shown, accepted, end, passed = SCRIPTS[case]
+    trace = _play_add(make_config, suggestions, **overrides)
+    assert trace["program"].startswith(PROBLEMS["add"][0] + "    return a") and trace["passed"] is passed
+    assert (trace["tokens_read"], trace["tokens_written"]) == (read, written)
+    assert trace["dpr"] == pytest.approx(dpr, abs=1e-8)
+    assert [e["kind"] for e in trace["events"]] == kinds
+    assert (trace["suggestions"], trace["accepted"], trace["end_reason"]) == (shown, accepted, end)
