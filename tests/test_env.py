@@ -17,7 +17,7 @@ import pytest
 
 from empower.assistant import AssistantConfig, Suggestion, build_assistant
 from empower.env import EvalConfig, TokenCounter, run_episodes, run_eval
-from empower.humans import HumanConfig, build_human
+from empower.humans import ChatReply, HumanConfig, LLMHuman, build_human
 from empower.metrics import summarize_run
 from empower.tasks import load_tasks
 
@@ -302,3 +302,44 @@ def test_scripted_episode_counts_tokens_and_dpr(make_config, case):
     assert trace["dpr"] == pytest.approx(dpr, abs=1e-8)
     assert [e["kind"] for e in trace["events"]] == kinds
     assert (trace["suggestions"], trace["accepted"], trace["end_reason"]) == (shown, accepted, end)
+    assert trace["human_answers"] == []  # the reference human has no words of its own
+
+
+class ScriptedChat:
+    """An LLM human's backend answering ACCEPT, and writing the rest of toy/add's reference as the appender
+    (after ``pad`` characters of chatter, to test the bound on what a trace keeps)."""
+
+    supports_prefill, label = True, "scripted"
+
+    def __init__(self, pad: str = ""):
+        self.pad = pad
+
+    def complete(self, requests):
+        full = PROBLEMS["add"][0] + PROBLEMS["add"][1]
+        replies = []
+        for r in requests:
+            if not r.prefill:  # the acceptor
+                replies.append(ChatReply(self.pad + "ACCEPT", True))
+                continue
+            code = r.prefill.removeprefix("```python\n")
+            replies.append(ChatReply(r.prefill + full[len(code):] + "```", True))
+        return replies
+
+
+def test_llm_humans_answers_are_saved_in_the_trace(make_config):
+    config = make_config(human="llm", human_max_tokens=4)
+    trace = _play_add(make_config, ["    return a"], LLMHuman(config.part(HumanConfig), ScriptedChat()))
+    done = "```python\n" + PROBLEMS["add"][0] + PROBLEMS["add"][1] + "```"
+    assert trace["human_answers"] == [
+        {"turn": 1, "acceptor": "ACCEPT", "appender": done},  # accepted, then wrote " + b\n"
+        {"turn": 2, "acceptor": None, "appender": done},  # nothing suggested; nothing to add: finished
+    ]
+    assert [e["kind"] for e in trace["events"]] == ["suggested", "accepted", "wrote", "finished"]
+
+
+def test_a_long_human_answer_is_cut_in_the_trace(make_config):
+    config = make_config(human="llm", human_max_tokens=4)
+    chatter = "Let me think. " * 1000  # 14000 characters
+    trace = _play_add(make_config, ["    return a"], LLMHuman(config.part(HumanConfig), ScriptedChat(chatter)))
+    kept = trace["human_answers"][0]["acceptor"]
+    assert kept == chatter[:4000] + "... [10006 more characters]"  # 14006 = 14000 + len("ACCEPT")

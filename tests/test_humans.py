@@ -246,7 +246,7 @@ def test_held_llm_human_never_writes_its_done_into_the_program(counter):
     unfinished = PROMPT + "    for i in range(a):"
     [turn] = human.respond([HumanView(make_task(), unfinished, "")])
     assert (turn.decision, turn.written, turn.malformed) == (Decision.FINISH, "", False)
-    assert json.loads(turn.raw) == {"acceptor": None, "appender": "```python\n" + unfinished + "DONE```"}
+    assert turn.raw == {"acceptor": None, "appender": "```python\n" + unfinished + "DONE```"}
 
 
 def test_parse_appended_calls_a_cut_off_retype_malformed():
@@ -266,7 +266,7 @@ def test_local_llm_human_counts_malformed_answers_without_crashing(tiny, tiny_mo
     assert turns[0].malformed and human.malformed == sum(t.malformed for t in turns)
     assert turns[0].decision in (Decision.REJECT, Decision.FINISH)  # unreadable: never accepted
     assert all(n_tokens(counter, t.written) <= 5 for t in turns)
-    assert json.loads(turns[0].raw)["acceptor"] is not None
+    assert turns[0].raw["acceptor"] is not None
 
 
 def test_local_llm_human_answers_the_same_from_cached_prompt_prefixes(tiny, tiny_model_path):
@@ -406,8 +406,7 @@ def test_llm_human_plays_turns_against_a_real_llama_cpp_server(llama_server, cou
     turns = human.respond(views)
     assert len(turns) == 2
     for turn in turns:
-        raw = json.loads(turn.raw)
-        assert raw["appender"] is not None  # the server answered both calls
+        assert turn.raw["appender"] is not None  # the server answered both calls
         assert n_tokens(counter, turn.written) <= 10
     assert human.malformed == sum(t.malformed for t in turns)
 

@@ -121,6 +121,7 @@ class Episode:
     malformed: int = 0
     suggestion_tokens: list[int] = field(default_factory=list)
     suggestion_chars: list[int] = field(default_factory=list)
+    human_answers: list[dict] = field(default_factory=list)
     end_reason: str | None = None
 
     def event(self, kind: str, text: str, tokens: int, **extra) -> None:
@@ -176,6 +177,8 @@ def _step(live: list[Episode], assistant: Assistant, human: Human, count: TokenC
             elif turn.decision is Decision.REJECT:
                 episode.event("rejected", "", 0)
         episode.malformed += bool(turn.malformed)
+        if turn.raw is not None:
+            episode.human_answers.append({"turn": episode.turns, **{k: _bounded(v) for k, v in turn.raw.items()}})
         if turn.written:
             episode.event("wrote", turn.written, written_tokens, **({"malformed": True} if turn.malformed else {}))
             episode.tokens_written += written_tokens
@@ -191,6 +194,17 @@ def _step(live: list[Episode], assistant: Assistant, human: Human, count: TokenC
     stats.steps += 1
 
 
+# The most characters of one human answer kept in a trace: enough to audit a decision (answers are
+# bounded by the human's generation budget anyway), never a trace that grows without bound.
+MAX_ANSWER_CHARS = 4000
+
+
+def _bounded(text: str | None) -> str | None:
+    if text is None or len(text) <= MAX_ANSWER_CHARS:
+        return text
+    return text[:MAX_ANSWER_CHARS] + f"... [{len(text) - MAX_ANSWER_CHARS} more characters]"
+
+
 def _trace(episode: Episode, result, assistant: Assistant, human: Human, config: EvalConfig) -> dict:
     passed = result.status is Status.PASSED
     return {
@@ -204,6 +218,8 @@ def _trace(episode: Episode, result, assistant: Assistant, human: Human, config:
         "chars_deleted_from_accepted": 0,
         "dpr": discounted_pass(passed, episode.tokens_read, episode.tokens_written, config),
         "turns": episode.turns, "end_reason": episode.end_reason, "malformed_human_answers": episode.malformed,
+        # The LLM human's own words per turn (none for the reference human), to audit its decisions.
+        "human_answers": episode.human_answers,
     }
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import codeop
 import difflib
 import enum
-import json
 import logging
 import os
 import re
@@ -69,7 +68,7 @@ class HumanTurn:
     decision: Decision
     written: str = ""
     malformed: bool = False  # the model's answer could not be parsed (logged; a default was used)
-    raw: str | None = None  # llm: the model's answers, as JSON {"acceptor": ..., "appender": ...}
+    raw: dict | None = None  # llm: the model's answers {"acceptor": ..., "appender": ...}, saved in the trace
 
 
 class Human(Protocol):
@@ -513,7 +512,7 @@ class LLMHuman:
                 self._complete.add((view.task.task_id, codes[i]))
                 if decision is not Decision.ACCEPT or not view.suggestion:
                     decision = Decision.FINISH
-            raw = json.dumps({"acceptor": answers[i].text if i in answers else None, "appender": reply.text})
+            raw = {"acceptor": answers[i].text if i in answers else None, "appender": reply.text}
             turns[i] = HumanTurn(decision, written, malformed, raw)
         return turns
 
