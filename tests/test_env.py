@@ -19,6 +19,7 @@ from empower.assistant import AssistantConfig, Suggestion, build_assistant
 from empower.env import EvalConfig, TokenCounter, run_episodes, run_eval
 from empower.humans import ChatReply, HumanConfig, LLMHuman, build_human
 from empower.metrics import summarize_run
+from empower.reproduce import eval_done
 from empower.tasks import load_tasks
 
 PROBLEMS = {
@@ -343,3 +344,52 @@ def test_a_long_human_answer_is_cut_in_the_trace(make_config):
     trace = _play_add(make_config, ["    return a"], LLMHuman(config.part(HumanConfig), ScriptedChat(chatter)))
     kept = trace["human_answers"][0]["acceptor"]
     assert kept == chatter[:4000] + "... [10006 more characters]"  # 14006 = 14000 + len("ACCEPT")
+
+
+# ---------------------------------------------------------------- resuming with another limit
+
+
+def _agree(run: Path) -> bool:
+    """reproduce's done-check and the summary say the same about a run."""
+    return eval_done(run) == summarize_run(run).complete
+
+
+def test_resume_with_a_smaller_limit_that_leaves_out_played_episodes_is_refused(run_copy):
+    run, config = run_copy
+    before = {p.name: p.read_text() for p in run.iterdir()}
+    with pytest.raises(ValueError, match=r"limit=2: .* outside that set \(toy/greet\); resume with --limit 3"):
+        run_eval(dataclasses.replace(config, limit=2), progress=False)
+    assert {p.name: p.read_text() for p in run.iterdir()} == before
+    assert eval_done(run) and _agree(run)
+
+
+def test_resume_may_shrink_and_grow_the_limit_around_the_played_episodes(run_copy):
+    run, config = run_copy
+    lines = (run / "traces.jsonl").read_text().splitlines(keepends=True)
+    (run / "traces.jsonl").write_text("".join(line for line in lines if '"toy/add"' in line))
+    (run / "summary.json").write_text(json.dumps(summarize_run(run).to_dict()))
+    assert not eval_done(run) and _agree(run)
+    run_eval(dataclasses.replace(config, limit=2), progress=False)
+    assert sorted(t["task_id"] for t in _traces(run)) == ["toy/add", "toy/double"]
+    assert eval_done(run) and _agree(run) and summarize_run(run).expected == 2
+    run_eval(dataclasses.replace(config, limit=None), progress=False)  # and back to all three
+    assert sorted(t["task_id"] for t in _traces(run)) == ["toy/add", "toy/double", "toy/greet"]
+    assert eval_done(run) and _agree(run) and summarize_run(run).expected == 3
+
+
+def test_the_fields_a_resume_may_change_are_declared_on_the_fields():
+    """One list per stage, read from option(..., resumable=True) on each config's fields, bases included."""
+    from empower.configs import resumable_fields
+    from empower.labeling import DataConfig
+    from empower.train import TrainConfig
+
+    assert resumable_fields(EvalConfig) == {
+        "limit", "out", "resume", "sim_batch_size", "assistant_batch_size", "assistant_device",
+        "assistant_prefix_cache", "human_batch_size", "human_prefix_cache", "human_concurrency",
+        "human_timeout_s", "human_retries", "human_device", "sandbox_workers", "metrics_resamples",
+        "metrics_seed",
+    }  # fmt: skip
+    assert resumable_fields(DataConfig) == {
+        "scoring_batch_tokens", "scoring_cache", "device", "resume", "overwrite", "progress"}
+    assert resumable_fields(TrainConfig) == {
+        "resume", "overwrite", "max_steps", "epochs", "logging_steps", "save_steps", "eval_steps"}

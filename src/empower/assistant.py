@@ -115,16 +115,16 @@ class AssistantConfig:
         "model/threshold: how the state becomes input (plain | statement); default: the template the "
         "model folder was trained with (its empower-model.json), else plain",
     )
-    assistant_batch_size: int = option(8, "requests per generate() call")
+    assistant_batch_size: int = option(8, "requests per generate() call", resumable=True)
     base_prefill: bool = option(
         True,
         "base: start the model's reply with a code fence and the current code, so it retypes nothing "
         "(same text as asking it to retype, without generating the retyped part)",
     )
-    assistant_device: str = option("", "torch device (empty: CUDA when present, else CPU)")
+    assistant_device: str = option("", "torch device (empty: CUDA when present, else CPU)", resumable=True)
     assistant_prefix_cache: int = option(
         64,
-        "prompts whose key/value states are kept, so a turn encodes only what is new since the last (0: off)",
+        "prompts whose key/value states are kept, so a turn encodes only what is new since the last (0: off)", resumable=True,
     )
 
     def __post_init__(self):

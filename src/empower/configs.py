@@ -41,24 +41,37 @@ def option(
     flag: str | None = None,
     off_flag: str | None = None,
     greedy: bool = False,
+    resumable: bool = False,
     **kwargs,
 ):
     """A dataclass field with its help text (and optionally a shorter CLI flag) in one place.
 
     ``off_flag`` names the switch that sets a bool field to False (default ``--no-<flag>``),
     e.g. ``flag="--lora", off_flag="--full"``. A ``greedy`` list field also takes the bare values that
-    follow its flag (``--assistants A=x B=y``), as users of nargs-style CLIs expect.
+    follow its flag (``--assistants A=x B=y``), as users of nargs-style CLIs expect. A ``resumable``
+    field changes how a run goes (speed, logging, where it is written), not what it produces, so
+    resuming a run may change it (:func:`resumable_fields`).
     """
     metadata = {"help": help}
     if flag:
         metadata["flag"] = flag
     if greedy:
         metadata["greedy"] = True
+    if resumable:
+        metadata["resumable"] = True
     if off_flag:
         metadata["off_flag"] = off_flag
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def resumable_fields(cls) -> frozenset[str]:
+    """Names of the fields of config class ``cls`` (bases included) that a resumed run may change.
+
+    The one list per stage: declared on each field with ``option(..., resumable=True)``.
+    """
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable"))
 
 
 def _field_types(cls) -> dict[str, Any]:

@@ -15,7 +15,9 @@ Run folder (docs/design.md): ``config.json`` (the resolved config, the tokenizer
 read/written, the tasks excluded and why), ``traces.jsonl`` (one line per finished episode, appended
 and flushed as it finishes), ``summary.json`` (rebuilt from the traces by ``metrics.write_summary``).
 ``--resume`` skips the episodes already in ``traces.jsonl``, so an interrupted run continues and no
-episode is counted twice. Usage::
+episode is counted twice. A resume may change only the fields declared ``resumable`` (speed, where
+the run is written, ``limit``), and a ``limit`` only while every episode already played stays inside
+the task set, so the summary and ``reproduce``'s done-check count the same episodes. Usage::
 
     empower eval --assistant smollm2-135m --policy base-n --n 10 --human reference --tasks humaneval
     run_eval(EvalConfig(assistant="smollm2-135m", tasks="humaneval", limit=16))  # -> Path of the run
@@ -35,22 +37,13 @@ from pathlib import Path
 
 from empower import models
 from empower.assistant import Assistant, AssistantConfig, SuggestionRequest, assistant_name, build_assistant
-from empower.configs import option, to_dict
+from empower.configs import option, resumable_fields, to_dict
 from empower.humans import Decision, Human, HumanConfig, HumanView, build_human
 from empower.metrics import MetricsConfig, discounted_pass, read_traces, write_summary
 from empower.sandbox import SandboxConfig, Status, run_many, validate_references
 from empower.tasks import TASK_SETS, Task, load_tasks
 
 log = logging.getLogger(__name__)
-
-# Fields that change how fast a run goes (or how its summary is bootstrapped), not what its episodes
-# are: a resumed run may change them.
-_RESUMABLE_CHANGES = {
-    "resume", "limit", "out", "sim_batch_size", "sandbox_workers", "assistant_batch_size", "assistant_prefix_cache",
-    "device",
-    "human_batch_size", "human_prefix_cache", "human_concurrency", "human_timeout_s", "human_retries", "human_device",
-    "metrics_resamples", "metrics_seed",
-}
 
 
 @dataclass
@@ -63,12 +56,12 @@ class EvalConfig(MetricsConfig, SandboxConfig, HumanConfig, AssistantConfig):
 
     tasks: str = option("humaneval", f"problem set: {' | '.join(TASK_SETS)}")
     tasks_path: str | None = option(None, "local file of the problem set (e.g. your own HumanEval-format JSONL)")
-    limit: int | None = option(None, "evaluate only the first N tasks")
-    out: Path | None = option(None, "run folder; default runs/eval/<assistant>-<policy>-<human>-<tasks>")
-    resume: bool = option(False, "continue the run in --out, skipping episodes already in traces.jsonl")
+    limit: int | None = option(None, "evaluate only the first N tasks", resumable=True)
+    out: Path | None = option(None, "run folder; default runs/eval/<assistant>-<policy>-<human>-<tasks>", resumable=True)
+    resume: bool = option(False, "continue the run in --out, skipping episodes already in traces.jsonl", resumable=True)
     sim_max_rounds: int = option(50, "turns per episode before it is cut off")
     sim_max_tokens: int = option(1024, "program length (counted tokens) at which an episode is cut off")
-    sim_batch_size: int = option(8, "episodes stepped together; their model calls go out as one batch")
+    sim_batch_size: int = option(8, "episodes stepped together; their model calls go out as one batch", resumable=True)
     sim_count_tokenizer: str = option(
         models.DEFAULT_MODEL, "tokenizer that counts tokens read/written (keep it fixed across compared runs)"
     )
@@ -284,7 +277,8 @@ def _prepare_folder(config: EvalConfig) -> tuple[set[str], dict | None]:
         return set(), None
     saved = json.loads(config_path.read_text())
     current = to_dict(config)
-    changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
+    may_change = resumable_fields(EvalConfig)
+    changed = sorted(k for k in current if k not in may_change and saved.get(k) != current[k])
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         raise ValueError(f"cannot resume {out} with a different configuration ({detail})")
@@ -295,6 +289,22 @@ def _prepare_folder(config: EvalConfig) -> tuple[set[str], dict | None]:
         with open(traces_path, "r+") as f:
             f.truncate(text.rfind("\n") + 1)
     return {t["task_id"] for t in read_traces(traces_path)}, saved
+
+
+def _check_played_inside(done: set[str], tasks: list[Task], config: EvalConfig) -> None:
+    """Refuse a resume whose task set (a smaller ``limit``) leaves out episodes already played: the
+    summary and the done-check of ``reproduce`` would then count different episodes."""
+    outside = done - {t.task_id for t in tasks}
+    if not outside:
+        return
+    position = {t.task_id: i for i, t in enumerate(load_tasks(config.tasks, path=config.tasks_path))}
+    needed = max(position.get(task_id, -1) for task_id in outside) + 1  # 0: not in the problem file any more
+    keep = f"resume with --limit {needed} or more" if needed else "resume on the tasks it was played on"
+    raise ValueError(
+        f"cannot resume {config.out} with limit={config.limit}: {config.out / 'traces.jsonl'} already holds "
+        f"{len(outside)} episode(s) of tasks outside that set ({', '.join(sorted(outside)[:5])}); "
+        f"{keep}, or choose another --out"
+    )
 
 
 def run_eval(config: EvalConfig, progress: bool = True) -> Path:
@@ -309,14 +319,18 @@ def run_eval(config: EvalConfig, progress: bool = True) -> Path:
     """
     done, saved = _prepare_folder(config)
     tasks = load_tasks(config.tasks, path=config.tasks_path, limit=config.limit)
-    ids = {t.task_id for t in tasks}
+    _check_played_inside(done, tasks, config)
     excluded: list[dict] = []
     if _needs_reference(config):
-        if saved is not None and "excluded_tasks" in saved:
-            excluded = [e for e in saved["excluded_tasks"] if e["task_id"] in ids]
-            tasks = [t for t in tasks if t.task_id not in {e["task_id"] for e in excluded}]
-        else:
-            tasks, excluded = exclude_broken_references(tasks, config)
+        # Tasks excluded before stay excluded and played ones passed the check; the rest (new tasks of
+        # a larger limit among them) are checked now.
+        ids = {t.task_id for t in tasks}
+        excluded = [e for e in (saved or {}).get("excluded_tasks", []) if e["task_id"] in ids]
+        known = done | {e["task_id"] for e in excluded}
+        kept, newly = exclude_broken_references([t for t in tasks if t.task_id not in known], config)
+        excluded += newly
+        playable = {t.task_id for t in kept} | done
+        tasks = [t for t in tasks if t.task_id in playable]
         if excluded:
             log.warning("excluded %d task(s) whose reference is missing or fails its own tests: %s",
                         len(excluded), ", ".join(e["task_id"] for e in excluded[:10]))

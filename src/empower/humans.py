@@ -99,14 +99,14 @@ class HumanConfig:
     human_tokenizer: str = option(models.DEFAULT_MODEL, "tokenizer counting the human's K_H tokens")
     human_max_new_tokens: int = option(48, "llm: generation budget of the appender (cut to K_H afterwards)")
     human_temperature: float = option(0.0, "llm: sampling temperature (0 = greedy)")
-    human_batch_size: int = option(8, "llm (local): prompts per generate() call")
+    human_batch_size: int = option(8, "llm (local): prompts per generate() call", resumable=True)
     human_prefix_cache: int = option(
-        64, "llm (local): prompts whose key/value states are kept for the next turn's prompts (0: off)"
+        64, "llm (local): prompts whose key/value states are kept for the next turn's prompts (0: off)", resumable=True
     )
-    human_concurrency: int = option(8, "llm (server): requests in flight at once")
-    human_timeout_s: float = option(120.0, "llm (server): timeout of one request (seconds)")
-    human_retries: int = option(3, "llm (server): retries with exponential backoff before giving up")
-    human_device: str = option("", "llm (local): torch device (empty: CUDA when present, else CPU)")
+    human_concurrency: int = option(8, "llm (server): requests in flight at once", resumable=True)
+    human_timeout_s: float = option(120.0, "llm (server): timeout of one request (seconds)", resumable=True)
+    human_retries: int = option(3, "llm (server): retries with exponential backoff before giving up", resumable=True)
+    human_device: str = option("", "llm (local): torch device (empty: CUDA when present, else CPU)", resumable=True)
 
     def __post_init__(self):
         self.human = HumanKind(self.human)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from empower import models
-from empower.configs import option, save_config, to_dict
+from empower.configs import option, resumable_fields, save_config, to_dict
 from empower.corpus import CorpusConfig, Document, iter_documents, resolve_format
 from empower.jsonl import iter_jsonl
 from empower.scoring import ScoreCache, context_prefix, score_documents, weights_fingerprint
@@ -63,16 +63,16 @@ class DataConfig(CorpusConfig):
     seed: int = option(0, "seed of the cut points (and of sft-rand lengths)")
     keep_zero: bool = option(True, "keep pairs with an empty completion (k=0: stop at a decision)")
     scoring_dtype: str = option("float32", "dtype of the estimator (fp32: threshold decisions are exact)")
-    scoring_batch_tokens: int = option(2048, "padded tokens per forward pass (memory bound)")
+    scoring_batch_tokens: int = option(2048, "padded tokens per forward pass (memory bound)", resumable=True)
     scoring_max_tokens: int = option(2048, "window length; longer documents are scored in windows")
     scoring_overlap: int = option(256, "context tokens shared by consecutive windows (at least 1)")
     scoring_cache: Path | None = option(
-        None, "folder of per-document NLLs shared by builds over the same corpus (methods, eta values)"
+        None, "folder of per-document NLLs shared by builds over the same corpus (methods, eta values)", resumable=True
     )
-    device: str | None = option(None, "cuda / cpu (default: cuda when available)")
-    resume: bool = option(False, "continue an interrupted build in --out, skipping finished documents")
-    overwrite: bool = option(False, "delete an existing build in --out first")
-    progress: bool = option(True, "show a progress bar")
+    device: str | None = option(None, "cuda / cpu (default: cuda when available)", resumable=True)
+    resume: bool = option(False, "continue an interrupted build in --out, skipping finished documents", resumable=True)
+    overwrite: bool = option(False, "delete an existing build in --out first", resumable=True)
+    progress: bool = option(True, "show a progress bar", resumable=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -108,8 +108,6 @@ class DataConfig(CorpusConfig):
         return "empower"
 
 
-# Fields that change how a build runs, not what it produces (a resume may change them).
-_RUNTIME_FIELDS = {"resume", "overwrite", "progress", "device", "scoring_batch_tokens", "scoring_cache"}
 
 
 # ---------------------------------------------------------------- the rule
@@ -267,7 +265,7 @@ def _whole_lines(path: Path) -> Iterator[dict]:
 
 
 def _comparable(config_dict: dict) -> dict:
-    return {k: v for k, v in config_dict.items() if k not in _RUNTIME_FIELDS}
+    return {k: v for k, v in config_dict.items() if k not in resumable_fields(DataConfig)}
 
 
 # Keys every saved DataConfig has and a model's config.json has not: what marks a folder as a build.

@@ -49,8 +49,8 @@ class MetricsConfig:
     dpr_gamma: float = option(0.999, "DPR discount per unit of human effort (0 < gamma <= 1)")
     dpr_alpha: float = option(0.1, "DPR effort of reading one suggested token")
     dpr_beta: float = option(0.5, "DPR effort of writing one token oneself")
-    metrics_resamples: int = option(10_000, "bootstrap resamples for the 95% confidence intervals")
-    metrics_seed: int = option(0, "seed of the bootstrap (same seed, same intervals)")
+    metrics_resamples: int = option(10_000, "bootstrap resamples for the 95% confidence intervals", resumable=True)
+    metrics_seed: int = option(0, "seed of the bootstrap (same seed, same intervals)", resumable=True)
 
     def __post_init__(self):
         if not 0 < self.dpr_gamma <= 1:

@@ -113,7 +113,7 @@ class SandboxConfig:
     sandbox_max_open_files: int = option(64, "open file descriptors of a program")
     sandbox_workers: int = option(
         0, "programs run in parallel by run_many (0: two per CPU core, as each waits on process start-up "
-        "more than it computes)")
+        "more than it computes)", resumable=True)
     sandbox_guard: bool = option(
         True, "audit-hook guard inside the program (defence in depth; the OS limits hold without it)")
     sandbox_python: str = option(

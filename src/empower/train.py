@@ -27,7 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from empower import models
-from empower.configs import option, to_dict
+from empower.configs import option, resumable_fields, to_dict
 from empower.prompts import PromptTemplate
 from empower.train_data import TrainData, check_statements, load_pairs, split_by_document, tokenize_pairs
 
@@ -49,8 +49,6 @@ __all__ = [
 
 META_FILE = "empower-model.json"  # written last: its presence marks a finished run
 RUN_FILE = "train-config.json"  # written first: identifies the run an output folder holds
-# Fields that may change when a run is resumed (they do not change what is being trained).
-_RESUMABLE = {"resume", "overwrite", "max_steps", "epochs", "logging_steps", "save_steps", "eval_steps"}
 
 
 @dataclasses.dataclass
@@ -67,9 +65,9 @@ class TrainConfig:
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = option(0.05, "dropout on the LoRA input")
     lora_target_modules: list[str] = option(["all-linear"], "modules that get adapters (PEFT names)")
-    epochs: float = option(1.0, "passes over the training split (the paper: 1)")
+    epochs: float = option(1.0, "passes over the training split (the paper: 1)", resumable=True)
     max_steps: int | None = option(
-        None, "stop after this many optimizer steps (quick runs); overrides --epochs"
+        None, "stop after this many optimizer steps (quick runs); overrides --epochs", resumable=True
     )
     lr: float | None = option(None, "peak learning rate; default 2e-4 with LoRA, 2e-5 with --full")
     batch_size: int = option(8, "sequences per device per step")
@@ -83,13 +81,13 @@ class TrainConfig:
     padding_free: bool = option(True, "concatenate each batch into one row without padding (else pad)")
     activation_checkpointing: bool = option(False, "recompute activations in backward (less memory, slower)")
     bf16: bool | None = option(None, "bf16 mixed precision; default: on with a bf16 GPU, off on CPU")
-    logging_steps: int = option(10, "log loss and tokens/s every N steps")
+    logging_steps: int = option(10, "log loss and tokens/s every N steps", resumable=True)
     eval_steps: int | None = option(
-        None, "also compute the validation loss every N steps (to see over-fitting); default: only at the end"
+        None, "also compute the validation loss every N steps (to see over-fitting); default: only at the end", resumable=True
     )
-    save_steps: int = option(200, "checkpoint every N steps (for --resume)")
-    resume: bool = option(False, "continue the run in --out from its last checkpoint")
-    overwrite: bool = option(False, "replace the run already in --out")
+    save_steps: int = option(200, "checkpoint every N steps (for --resume)", resumable=True)
+    resume: bool = option(False, "continue the run in --out from its last checkpoint", resumable=True)
+    overwrite: bool = option(False, "replace the run already in --out", resumable=True)
 
     def __post_init__(self):
         self.data, self.out = Path(self.data), Path(self.out)
@@ -132,7 +130,7 @@ class TrainConfig:
 
 def _run_identity(config: TrainConfig, data: TrainData) -> dict:
     """What makes two runs the same run: the config (minus resumable fields) and the data fingerprint."""
-    values = {k: v for k, v in to_dict(config).items() if k not in _RESUMABLE}
+    values = {k: v for k, v in to_dict(config).items() if k not in resumable_fields(TrainConfig)}
     values["out"] = str(config.out.resolve())
     values["data"] = str(config.data.resolve())
     return {"config": values, "data_fingerprint": data.fingerprint}
