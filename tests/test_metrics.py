@@ -228,3 +228,49 @@ def test_table_lists_every_run(tmp_path):
     console.print(summary_table([summarize_run(r) for r in runs]))
     text = console.export_text()
     assert "first-run" in text and "second-run" in text
+
+
+# ---------------------------------------------------------------- intervals, worked out by hand
+# Wilson's 95% interval: (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n), z = 1.959964 (z² = 3.841459).
+# At n/n it is [n / (n + z²), 1]; at 0/n, [0, z² / (n + z²)].
+
+
+def test_pass_at_1_interval_is_wilsons_and_does_not_collapse_at_the_extremes():
+    all_pass = summarize_episodes(_episodes([dict(passed=True)] * 12)).pass_at_1
+    assert (all_pass.value, all_pass.low, all_pass.high) == pytest.approx((1.0, 12 / 15.841459, 1.0), abs=1e-6)
+    none_pass = summarize_episodes(_episodes([dict(passed=False)] * 12)).pass_at_1
+    assert (none_pass.low, none_pass.high) == pytest.approx((0.0, 3.841459 / 15.841459), abs=1e-6)
+    # 7/12: p = 0.5833333; centre (0.5833333 + 0.1600608) / 1.3201216 = 0.563125; half-width
+    # 1.959964 * sqrt(0.0202546 + 0.0066692) / 1.3201216 = 0.243614.
+    seven = summarize_episodes(_episodes([dict(passed=i < 7) for i in range(12)])).pass_at_1
+    assert (seven.low, seven.high) == pytest.approx((0.319511, 0.806739), abs=1e-5)
+
+
+def test_acceptance_interval_is_wilsons_over_the_suggestions_shown():
+    # 4 of 4 suggestions accepted, over two tasks: [4 / 7.841459, 1] = [0.510110, 1].
+    summary = summarize_episodes(_episodes([dict(shown=3, accepted=3, lengths=(1, 1, 1)),
+                                            dict(shown=1, accepted=1, lengths=(2,))]))
+    assert (summary.acceptance.low, summary.acceptance.high) == pytest.approx((0.510110, 1.0), abs=1e-6)
+
+
+def test_paired_pass_difference_of_identical_all_passing_runs_is_not_a_point():
+    # Newcombe's method 10 with no discordant pairs and a zero margin (phi = 0): the half-widths are the
+    # Wilson distances 1 - 10 / 13.841459 = 0.277533 on both sides of 0.
+    a = _episodes([dict(passed=True)] * 10)
+    difference = compare_episodes(a, a).pass_difference
+    assert (difference.value, difference.low, difference.high) == pytest.approx((0.0, -0.277533, 0.277533),
+                                                                                abs=1e-6)
+
+
+def test_paired_pass_difference_covers_a_real_gain():
+    a = _episodes([dict(passed=True)] * 18 + [dict(passed=False)] * 2)
+    b = _episodes([dict(passed=i < 8) for i in range(20)])  # b passes 8, all of them passed by a too
+    difference = compare_episodes(a, b).pass_difference
+    assert difference.value == pytest.approx(0.5) and 0 < difference.low < 0.5 < difference.high < 1
+
+
+def test_dpr_interval_is_bca_and_a_constant_dpr_has_its_value_as_interval():
+    varied = summarize_episodes(_episodes([dict(passed=True, written=i) for i in range(20)])).dpr
+    assert varied.low < varied.value < varied.high
+    constant = summarize_episodes(_episodes([dict(passed=False)] * 5)).dpr
+    assert (constant.value, constant.low, constant.high) == (0.0, 0.0, 0.0)

@@ -14,9 +14,15 @@ Definitions (docs/evaluation.md):
   (None) for a run that showed no suggestion.
 - DPR (Discounted Pass Rate) per episode: ``1[passed] * gamma ** (alpha * tokens_read + beta *
   tokens_written)``, averaged over tasks.
-- 95% confidence intervals: percentile bootstrap over tasks (``scipy.stats.bootstrap``, seeded).
-- Paired tests of two runs on the same tasks: McNemar's exact test for pass/fail, and for DPR a
-  paired bootstrap CI of the mean difference plus the Wilcoxon signed-rank test.
+- 95% confidence intervals. Proportions (Pass@1 over tasks, acceptance over the suggestions shown):
+  Wilson score intervals, which stay honest at 0/n and n/n where a percentile bootstrap collapses to
+  [0, 0] or [1, 1]. Acceptance treats each suggestion as independent; suggestions of one task are
+  not, so its interval is optimistic when acceptance varies a lot between tasks. Means (DPR, tokens
+  read and written): BCa bootstrap over tasks (``scipy.stats.bootstrap``, seeded), the percentile
+  bootstrap where BCa is undefined (all values equal).
+- Paired tests of two runs on the same tasks: for pass/fail, McNemar's exact test with Newcombe's
+  (1998, method 10) interval for the difference of the paired proportions; for DPR, the Wilcoxon
+  signed-rank test with a paired BCa bootstrap interval of the mean difference.
 """
 
 from __future__ import annotations
@@ -49,7 +55,9 @@ class MetricsConfig:
     dpr_gamma: float = option(0.999, "DPR discount per unit of human effort (0 < gamma <= 1)")
     dpr_alpha: float = option(0.1, "DPR effort of reading one suggested token")
     dpr_beta: float = option(0.5, "DPR effort of writing one token oneself")
-    metrics_resamples: int = option(10_000, "bootstrap resamples for the 95% confidence intervals", resumable=True)
+    metrics_resamples: int = option(
+        10_000, "bootstrap resamples for the 95% intervals of means (DPR, tokens)", resumable=True
+    )
     metrics_seed: int = option(0, "seed of the bootstrap (same seed, same intervals)", resumable=True)
 
     def __post_init__(self):
@@ -84,7 +92,7 @@ def acceptance_rate(accepted: int, shown: int) -> float | None:
 
 @dataclass(frozen=True)
 class Estimate:
-    """A statistic over tasks with its 95% bootstrap interval (None when fewer than 2 tasks)."""
+    """A statistic with its 95% interval (Wilson, Newcombe or bootstrap; None with fewer than 2 samples)."""
 
     value: float
     low: float | None = None
@@ -96,25 +104,53 @@ class Estimate:
         return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
 
+Z95 = float(stats.norm.ppf(0.975))
+
+
 def _bootstrap(samples: tuple[np.ndarray, ...], statistic, config: MetricsConfig) -> Estimate:
-    """Percentile bootstrap over tasks; ``samples`` are per-task arrays resampled together (paired)."""
+    """BCa bootstrap over tasks; ``samples`` are per-task arrays resampled together (paired). Where
+    BCa is undefined (every value the same), the percentile interval, which is then that value."""
     value = float(statistic(*samples, axis=-1))
     if len(samples[0]) < 2:
         return Estimate(value)
+    degenerate = all(np.all(s == s[0]) for s in samples)
     result = stats.bootstrap(
         samples, statistic, n_resamples=config.metrics_resamples, paired=True, vectorized=True,
-        method="percentile", rng=np.random.default_rng(config.metrics_seed),
+        method="percentile" if degenerate else "BCa", rng=np.random.default_rng(config.metrics_seed),
     )
     low, high = result.confidence_interval
     return Estimate(value, float(low), float(high))
 
 
+def wilson(successes: int, trials: int) -> Estimate:
+    """A proportion with its 95% Wilson score interval (no interval for fewer than 2 trials)."""
+    value = successes / trials
+    if trials < 2:
+        return Estimate(value)
+    interval = stats.binomtest(int(successes), int(trials)).proportion_ci(0.95, method="wilson")
+    return Estimate(value, float(interval.low), float(interval.high))
+
+
+def paired_difference(both: int, only_a: int, only_b: int, neither: int) -> Estimate:
+    """Difference of two paired proportions, p_a - p_b, with Newcombe's (1998) method-10 95% interval.
+
+    It combines the two Wilson intervals with the correlation of the pairs, so unlike a bootstrap it
+    does not collapse to [0, 0] when the runs agree on every task.
+    """
+    n = both + only_a + only_b + neither
+    p_a, p_b = (both + only_a) / n, (both + only_b) / n
+    a, b = wilson(both + only_a, n), wilson(both + only_b, n)
+    if a.low is None:
+        return Estimate(p_a - p_b)
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    phi = (both * neither - only_a * only_b) / np.sqrt(margins) if margins else 0.0
+    down = np.sqrt((p_a - a.low) ** 2 - 2 * phi * (p_a - a.low) * (b.high - p_b) + (b.high - p_b) ** 2)
+    up = np.sqrt((a.high - p_a) ** 2 - 2 * phi * (a.high - p_a) * (p_b - b.low) + (p_b - b.low) ** 2)
+    return Estimate(p_a - p_b, float(p_a - p_b - down), float(p_a - p_b + up))
+
+
 def _mean(values, axis=-1):
     return np.mean(values, axis=axis)
-
-
-def _ratio(numerators, denominators, axis=-1):
-    return np.sum(numerators, axis=axis) / np.sum(denominators, axis=axis)
 
 
 @dataclass(frozen=True)
@@ -233,11 +269,8 @@ def summarize_episodes(
         episodes=len(episodes),
         expected=expected,
         complete=expected is not None and len(episodes) == expected,
-        pass_at_1=_bootstrap((passed,), _mean, config),
-        acceptance=(
-            _bootstrap((accepted[with_suggestions], shown[with_suggestions]), _ratio, config)
-            if with_suggestions.any() else None
-        ),
+        pass_at_1=wilson(int(passed.sum()), len(passed)),
+        acceptance=wilson(int(accepted.sum()), int(shown.sum())) if with_suggestions.any() else None,
         dpr=_bootstrap((dpr,), _mean, config),
         suggestions=int(shown.sum()),
         accepted=int(accepted.sum()),
@@ -324,6 +357,7 @@ class Comparison:
     only_a_passed: int
     only_b_passed: int
     mcnemar_p: float
+    pass_difference: Estimate
     dpr_difference: Estimate
     wilcoxon_p: float
 
@@ -355,6 +389,9 @@ def compare_episodes(
         run_a=run_a, run_b=run_b, tasks=len(pairs),
         pass_a=float(passed_a.mean()), pass_b=float(passed_b.mean()),
         only_a_passed=only_a, only_b_passed=only_b, mcnemar_p=mcnemar_exact(only_a, only_b),
+        pass_difference=paired_difference(
+            int((passed_a & passed_b).sum()), only_a, only_b, int((~passed_a & ~passed_b).sum())
+        ),
         dpr_difference=_bootstrap((differences,), _mean, config), wilcoxon_p=wilcoxon_p,
     )
 
@@ -372,7 +409,7 @@ def summary_table(summaries: list[Summary]):
     """A rich Table of runs side by side (what ``empower eval summary`` prints)."""
     from rich.table import Table
 
-    table = Table(title="Evaluation runs (95% bootstrap CIs over tasks)")
+    table = Table(title="Evaluation runs (95% intervals: Wilson for proportions, BCa bootstrap for means)")
     for column in ("run", "assistant", "human", "tasks", "Pass@1", "acceptance", "DPR",
                    "read/ep", "written/ep", "sugg/ep", "len tok", "len chars"):
         table.add_column(column, justify="left" if column in ("run", "assistant", "human") else "right")
@@ -393,13 +430,13 @@ def comparison_table(comparisons: list[Comparison]):
 
     table = Table(title="Paired tests (same tasks)")
     for column in ("run", "baseline", "tasks", "Pass@1", "baseline Pass@1", "only run / only base",
-                   "McNemar p", "DPR difference", "Wilcoxon p"):
+                   "Pass@1 difference", "McNemar p", "DPR difference", "Wilcoxon p"):
         table.add_column(column, justify="left" if column in ("run", "baseline") else "right")
     for c in comparisons:
         table.add_row(
             c.run_a, c.run_b, str(c.tasks), f"{c.pass_a:.3f}", f"{c.pass_b:.3f}",
-            f"{c.only_a_passed} / {c.only_b_passed}", f"{c.mcnemar_p:.3g}", c.dpr_difference.format(),
-            f"{c.wilcoxon_p:.3g}",
+            f"{c.only_a_passed} / {c.only_b_passed}", c.pass_difference.format(), f"{c.mcnemar_p:.3g}",
+            c.dpr_difference.format(), f"{c.wilcoxon_p:.3g}",
         )
     return table
 

@@ -328,14 +328,15 @@ def paired_table(entries: list[RunEntry]) -> str | None:
             c = compare_runs(reference.path, other.path)
             rows.append([
                 other.method, reference.human, str(c.tasks), f"{c.pass_a:.3f} vs {c.pass_b:.3f}",
-                f"{c.only_a_passed} / {c.only_b_passed}", f"{c.mcnemar_p:.3g}", c.dpr_difference.format(),
-                f"{c.wilcoxon_p:.3g}",
+                f"{c.only_a_passed} / {c.only_b_passed}", c.pass_difference.format(), f"{c.mcnemar_p:.3g}",
+                c.dpr_difference.format(), f"{c.wilcoxon_p:.3g}",
             ])
     if not rows:
         return None
-    header = ["Empower vs", "Human", "Tasks", "Pass@1", "Only Empower / only other passed", "McNemar p",
+    header = ["Empower vs", "Human", "Tasks", "Pass@1", "Only Empower / only other passed",
+              "Pass@1 difference (Newcombe 95% CI)", "McNemar p",
               "DPR difference [95% CI]", "Wilcoxon p"]
-    return _table(header, rows, ["---", "---"] + ["--:"] * 6)
+    return _table(header, rows, ["---", "---"] + ["--:"] * 7)
 
 
 def sweep_table(sweep: Sweep) -> str:
@@ -404,7 +405,8 @@ def render_markdown(entries: list[RunEntry], sweeps: list[Sweep], grids: list[di
         "",
         "Pass@1 = share of tasks whose final program passes all tests; acceptance = accepted / shown "
         "suggestions (pooled); DPR = 1[passed] * gamma^(alpha * tokens read + beta * tokens written), "
-        "averaged over tasks. Brackets: 95% percentile-bootstrap intervals over tasks. Bold: best in its column "
+        "averaged over tasks. Brackets: 95% intervals, Wilson score for Pass@1 and acceptance, BCa bootstrap "
+        "over tasks for DPR and tokens. Bold: best in its column "
         "(point estimate; see the intervals and the paired tests before reading it as a win).",
         "",
     ]
@@ -420,8 +422,9 @@ def render_markdown(entries: list[RunEntry], sweeps: list[Sweep], grids: list[di
         paired = paired_table(group)
         if paired:
             parts += ["### Paired tests (same tasks)", "",
-                      "McNemar's exact test on pass/fail; DPR difference (Empower minus other) with a paired "
-                      "bootstrap CI and the Wilcoxon signed-rank test.", "", paired, ""]
+                      "Pass@1 difference (Empower minus other) with Newcombe's paired interval and McNemar's "
+                      "exact test; DPR difference with a paired BCa bootstrap interval and the Wilcoxon "
+                      "signed-rank test.", "", paired, ""]
     for i, sweep in enumerate(sweeps):
         name = f"eta-sweep-{i}.png" if len(sweeps) > 1 else "eta-sweep.png"
         plot_sweep(sweep, figures / name)
