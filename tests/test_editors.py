@@ -409,6 +409,9 @@ def test_llama_vim_against_the_embedded_fim_model_with_the_threshold_policy(tmp_
         assert answer["timings/predicted_n"] < 256
         warm = _infill(url, VIM_WARMUP)
         assert warm.status_code == 200 and warm.json() == {}
+        # t_max_predict_ms: past the limit, the suggestion ends at its first line end (llama.cpp's rule).
+        quick = _infill(url, vscode_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX) | {"t_max_predict_ms": 1}).json()
+        assert (quick["content"], quick["stop_type"]) == ("a + b\n", "limit")
 
 
 # ---- docs/editors.md: each configuration produces the requests replayed above -------------------------
