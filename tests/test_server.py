@@ -160,7 +160,7 @@ BAD_REQUESTS = [
     ("wrong type", {"model": MODEL, "prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
     ("unknown field", {"model": MODEL, "prompt": PROMPT, "best_guess": 1}, 400, "best_guess"),
     ("unknown model", {"model": "gpt-9", "prompt": PROMPT}, 404, "gpt-9"),
-    ("oversized body", {"model": MODEL, "prompt": "x" * 30000}, 413, "exceeds"),
+    ("oversized body", {"model": MODEL, "prompt": "x" * 30000}, 413, "larger than 20000 bytes"),
     ("prompt too long", {"model": MODEL, "prompt": "x " * 4000}, 400, "tokens"),
     ("max_tokens over the limit", {"model": MODEL, "prompt": PROMPT, "max_tokens": 5000}, 400, "max_tokens"),
     ("temperature out of range", {"model": MODEL, "prompt": PROMPT, "temperature": 7}, 400, "temperature"),
@@ -189,6 +189,48 @@ def test_bad_request_gets_a_4xx_and_the_server_stays_up(server, body, status, ne
     error = response.json()["error"]
     assert needle in error["message"] and error["type"] == "invalid_request_error"
     assert httpx.get(f"{server}/health").status_code == 200
+
+
+FIVE_MB = 5_000_000
+
+
+def test_official_client_reads_the_413_of_a_5_mb_body_and_does_not_retry(server):
+    sent = []
+    http = openai.DefaultHttpxClient(event_hooks={"request": [sent.append]})
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=3, http_client=http)
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.completions.create(model=MODEL, prompt="x" * FIVE_MB, max_tokens=2)
+    assert raised.value.status_code == 413
+    assert raised.value.body["code"] == "request_too_large"
+    assert len(sent) == 1
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_chunked_oversized_body_is_a_413_too(server):
+    """No Content-Length: the limit counts streamed bytes (FastAPI alone would answer 400)."""
+    response = httpx.post(
+        f"{server}/v1/completions",
+        content=(b"x" * 65536 for _ in range(FIVE_MB // 65536)),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
+
+
+def test_a_body_past_the_drain_bound_is_refused_and_the_connection_closed():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+
+    from empower.serve.body_limit import BodyLimit
+
+    echo = Starlette()
+    echo.add_route("/", lambda request: PlainTextResponse("read"), methods=["POST"])
+    app = BodyLimit(echo, limit=10, refuse=lambda m: PlainTextResponse(m, status_code=413), drain=100)
+    with TestClient(app) as local:
+        assert local.post("/", content=b"x" * 10).text == "read"
+        drained = local.post("/", content=b"x" * 50)
+        assert drained.status_code == 413 and "connection" not in drained.headers
+        closed = local.post("/", content=b"x" * 500)
+        assert closed.status_code == 413 and closed.headers["connection"] == "close"
 
 
 def test_unknown_path_gets_an_openai_shaped_404(server):

@@ -85,6 +85,13 @@ def stop_strings(stop: str | list[str] | None, param: str = "stop") -> tuple[str
     return tuple(stops)
 
 
+def body_too_large(message: str) -> JSONResponse:
+    """The 413 of ``empower serve``; ``x-should-retry: false`` tells the official client not to retry."""
+    response = ApiError(413, f"{message} (serve_max_body_bytes)", code="request_too_large").response()
+    response.headers["x-should-retry"] = "false"
+    return response
+
+
 def validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     first = err.errors()[0]
     if first.get("type") == "json_invalid":
@@ -98,34 +105,3 @@ def validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     if len(err.errors()) > 1:
         message += f" (and {len(err.errors()) - 1} more problem(s))"
     return message, param
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for bodies over ``limit`` bytes, declared or streamed, before parsing."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", ())).get(b"content-length")
-        too_large = ApiError(
-            413, f"request body exceeds {self.limit} bytes (serve_max_body_bytes)", code="request_too_large"
-        )
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await too_large.response()(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise too_large
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except ApiError as err:
-            await err.response()(scope, receive, send)

@@ -39,12 +39,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from empower.assistant import Policy
 from empower.configs import option
+from empower.serve.body_limit import BodyLimit
 from empower.serve.engine import Delta, Engine, PolicyRule, SamplingParams
 from empower.serve.infill import FimTokens, add_infill_route
 from empower.serve.openai_api import (
     ApiError,
-    BodyLimit,
     CompletionRequest,
+    body_too_large,
     stop_strings,
     validation_message,
 )
@@ -156,7 +157,7 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
         engine.close()
 
     app = FastAPI(title="empower completion server", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.add_middleware(BodyLimit, limit=config.serve_max_body_bytes)
+    app.add_middleware(BodyLimit, limit=config.serve_max_body_bytes, refuse=body_too_large)
     fim_tokens = FimTokens.of(tokenizer)
     max_positions = getattr(getattr(engine, "model", None), "config", None)
     max_positions = getattr(max_positions, "max_position_embeddings", None)

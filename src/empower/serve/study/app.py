@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select
 
 from empower.configs import config_from_dict, option
+from empower.serve.body_limit import BodyLimit
 from empower.serve.study.report import replay
 from empower.serve.study.store import (
     SURVEY_QUESTIONS,
@@ -144,47 +145,6 @@ class SurveyIn(_Request):
 
 
 # ------------------------------------------------------------------------------------ the app
-
-
-class _BodyLimit:
-    """ASGI middleware: refuse bodies over ``limit`` bytes (declared or streamed) with 413.
-
-    The body is read here, up to the limit, and handed on whole: a chunked upload without a
-    Content-Length is cut off at the limit instead of being buffered without bound.
-    """
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.limit:
-                return await self._refuse(scope, send)
-            more = message.get("more_body", False)
-        delivered = False
-
-        async def replay():
-            nonlocal delivered
-            if delivered:
-                return await receive()
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope, send):
-        response = JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, status_code=413)
-        await response(scope, None, send)
 
 
 class StudyServer:
@@ -467,7 +427,11 @@ def create_app(config: StudyServeConfig, load_assistants: bool = True) -> FastAP
         return server.survey(body)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.add_middleware(_BodyLimit, limit=config.max_request_kb * 1024)
+    app.add_middleware(
+        BodyLimit,
+        limit=config.max_request_kb * 1024,
+        refuse=lambda message: JSONResponse({"detail": message}, status_code=413),
+    )
     return app
 
 
