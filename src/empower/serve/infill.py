@@ -162,12 +162,13 @@ def build_prompt(tokenizer, fim: FimTokens, body: InfillRequest, budget: int) ->
     return InfillPrompt(ids, truncated)
 
 
-def indent_cut(text: str, n_indent: int) -> int | None:
+def indent_cut(text: str, n_indent: int, start: int = 0) -> int | None:
     """Where llama.cpp's ``n_indent`` rule ends ``text``: at the first character of a later line
-    indented by fewer than ``n_indent`` spaces or tabs (the indentation stays). None: not yet."""
+    indented by fewer than ``n_indent`` spaces or tabs (the indentation stays). None: not yet.
+    ``start``: where to look for the first line end (lines before it are already decided)."""
     if n_indent <= 0:
         return None
-    newline = text.find("\n")
+    newline = text.find("\n", start)
     while newline != -1:
         start = at = newline + 1
         while at < len(text) and text[at] in " \t":
@@ -212,10 +213,12 @@ def _timings(prompt_n: int, prompt_s: float, predicted_n: int, predicted_s: floa
     }
 
 
-def add_infill_route(app: FastAPI, config, engine, tokenizer, auth: list, prompt_limit) -> None:
-    """Register ``POST /infill`` on ``app``. ``prompt_limit``: most prompt tokens for a request
-    generating ``max_tokens`` (a function of it: the model's context minus what is generated)."""
-    fim = FimTokens.of(tokenizer)
+def add_infill_route(
+    app: FastAPI, config, engine, tokenizer, fim: FimTokens | None, auth: list, prompt_limit
+) -> None:
+    """Register ``POST /infill`` on ``app``. ``fim``: the tokenizer's FIM tokens (``FimTokens.of``);
+    ``prompt_limit``: most prompt tokens for a request generating ``max_tokens`` (a function of it:
+    the model's context minus what is generated)."""
     # Any special token in the generated text ends the middle (llama.cpp's end-of-generation set).
     special_stops = tuple(dict.fromkeys([*(fim.names if fim else ()), *tokenizer.all_special_tokens]))
 
@@ -285,12 +288,13 @@ async def _generate(engine, ids, params, body: InfillRequest, answer: dict, star
             first = first or now
             answer["tokens_predicted"] += delta.token_count
             piece, finish = delta.text, delta.finish_reason
-            cut = indent_cut(text + piece, body.n_indent)
+            # Only the last line of what came before can still be cut: scan from its start.
+            cut = indent_cut(text + piece, body.n_indent, start=max(text.rfind("\n"), 0))
             if cut is not None:
                 piece, finish = (text + piece)[len(text) : cut], "limit"
             elif (
                 body.t_max_predict_ms > 0
-                and "\n" in text + piece
+                and ("\n" in piece or "\n" in text)
                 and 1000 * (now - first) > body.t_max_predict_ms
             ):
                 finish = "limit"

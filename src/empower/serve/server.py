@@ -167,6 +167,7 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
         if max_positions:
             return min(config.serve_max_prompt_tokens, max_positions - max_tokens)
         return config.serve_max_prompt_tokens
+
     started = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -347,7 +348,7 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
             "total_tokens": prompt_tokens + completion_tokens,
         }
 
-    add_infill_route(app, config, engine, tokenizer, auth, prompt_limit)
+    add_infill_route(app, config, engine, tokenizer, fim_tokens, auth, prompt_limit)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
