@@ -104,9 +104,6 @@ class Estimate:
         return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
 
-Z95 = float(stats.norm.ppf(0.975))
-
-
 def _bootstrap(samples: tuple[np.ndarray, ...], statistic, config: MetricsConfig) -> Estimate:
     """BCa bootstrap over tasks; ``samples`` are per-task arrays resampled together (paired). Where
     BCa is undefined (every value the same), the percentile interval, which is then that value."""
