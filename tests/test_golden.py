@@ -55,7 +55,9 @@ def test_reference_human_traces_equal_the_golden_ones(policy, request, tmp_path)
     config = EvalConfig(**fields, human="reference", tasks="humaneval", limit=3, max_new_tokens=16,
                         out=tmp_path / "run", sim_batch_size=3, metrics_resamples=200,
                         assistant_device="cpu")  # fmt: skip
-    traces = sorted(read_traces(run_eval(config, progress=False) / "traces.jsonl"), key=lambda t: t["task_id"])
+    traces = sorted(
+        read_traces(run_eval(config, progress=False) / "traces.jsonl"), key=lambda t: t["task_id"]
+    )
     got = [{**{k: t[k] for k in KEPT}, "dpr": round(t["dpr"], 9)} for t in traces]
     path = GOLDEN / f"{policy}.json"
     if UPDATE:
