@@ -52,6 +52,8 @@ from transformers import (
 
 from empower import models
 from empower.configs import option
+from empower.engines.base import decode_continuation, encode
+from empower.engines.local import StepLogProbs, eos_token_ids
 from empower.labeling import empower_length
 from empower.prefix_cache import PrefixCache, batch_inputs, prefix_cache_for, store_prompts
 from empower.prompts import PromptTemplate, build_prompt
@@ -124,7 +126,8 @@ class AssistantConfig:
     assistant_device: str = option("", "torch device (empty: CUDA when present, else CPU)", resumable=True)
     assistant_prefix_cache: int = option(
         64,
-        "prompts whose key/value states are kept, so a turn encodes only what is new since the last (0: off)", resumable=True,
+        "prompts whose key/value states are kept, so a turn encodes only what is new since the last (0: off)",
+        resumable=True,
     )
 
     def __post_init__(self):
@@ -180,17 +183,6 @@ def threshold_length(bits: Sequence[float], eta_bits: float) -> int:
     2
     """
     return empower_length(np.asarray(bits, dtype=np.float64), eta_bits)
-
-
-class StepLogProbs(LogitsProcessor):
-    """Keeps the log-probabilities of the current step; must come first so it sees the raw logits."""
-
-    def __init__(self):
-        self.last: torch.Tensor | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.last = torch.log_softmax(scores.float(), dim=-1)
-        return scores
 
 
 class ThresholdStopping(StoppingCriteria):
@@ -371,21 +363,6 @@ class _Generated:
     prompt_ids: list[int]
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every token that ends a reply: the tokenizer's EOS and the model's generation-config EOS ids."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids.update([configured] if isinstance(configured, int) else configured or [])
-    return sorted(ids)
-
-
-def _encode(tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-    """Token ids per text; an empty text (a stdin task's empty first state) becomes one start token."""
-    ids = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return [row or [start] for row in ids]
-
-
 @torch.inference_mode()
 def generate_batch(
     model,
@@ -406,7 +383,7 @@ def generate_batch(
     states are kept for the next call (an episode's next prompt extends its last one).
     ``logits_processors`` run after the bits are recorded (they constrain, not re-score).
     """
-    rows = _encode(tokenizer, prompts, add_special_tokens)
+    rows = encode(tokenizer, prompts, add_special_tokens)
     enc = batch_inputs(prefix_cache or PrefixCache(0), rows, tokenizer.pad_token_id, model.device)
     layout = enc.pop("layout")
     eos = eos_token_ids(model, tokenizer)
@@ -454,15 +431,6 @@ def _before_fence(tokenizer, g: _Generated) -> _Generated:
     while kept and FENCE in decode_continuation(tokenizer, g.prompt_ids, g.ids[:kept]):
         kept -= 1
     return _Generated(g.ids[:kept], g.bits[:kept], True, g.prompt_ids)
-
-
-def decode_continuation(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
-    """Text of ``ids`` as it continues the prompt (keeps a leading space some tokenizers drop alone)."""
-    if not ids:
-        return ""
-    prefix = tokenizer.decode(prompt_ids)
-    full = tokenizer.decode(prompt_ids + ids)
-    return full[len(prefix) :] if full.startswith(prefix) else tokenizer.decode(ids)
 
 
 @torch.inference_mode()
@@ -538,7 +506,7 @@ class TransformersAssistant:
         bits_rows = [g.bits for g in gens]
         if threshold and self.estimator is not None:
             est_model, est_tok = self.estimator
-            contexts = _encode(est_tok, [r.state for r in requests])
+            contexts = encode(est_tok, [r.state for r in requests])
             bits_rows = score_continuations(est_model, contexts, [g.ids for g in gens], est_tok.pad_token_id)
         out = []
         for g, bits in zip(gens, bits_rows, strict=True):

@@ -1,0 +1,175 @@
+"""The in-process engine on the tiny random model: each stop rule per row, the two verbs agreeing
+with each other and with plain ``transformers``, batching and the prefix cache changing nothing.
+
+Run: .venv/bin/pytest tests/test_engines.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LogitsProcessor
+
+from empower.engines import Finish, GenerateRequest, ScoreRequest, decode_continuation, encode
+from empower.engines.local import LocalEngine
+
+STATES = ["def add(a, b):\n    ", "import os\n\n\ndef main():\n    path = os.getcwd()\n    ", "x = ["]
+
+
+@pytest.fixture
+def engine(tiny):
+    model, tokenizer = tiny
+    return LocalEngine(model, tokenizer, batch_size=8, prefix_cache=0)
+
+
+def prompts(tokenizer, states=STATES) -> list[list[int]]:
+    return encode(tokenizer, states)
+
+
+def free(engine, states=STATES, max_tokens=12):
+    return engine.generate([GenerateRequest(p, max_tokens) for p in prompts(engine.tokenizer, states)])
+
+
+def test_greedy_generation_equals_plain_transformers_one_prompt_at_a_time(engine, tiny):
+    model, tokenizer = tiny
+    for prompt, g in zip(prompts(tokenizer), free(engine), strict=True):
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=engine.pad_id
+        )
+        assert g.ids == out[0, len(prompt) :].tolist()
+        assert g.text == decode_continuation(tokenizer, prompt, g.ids)
+        assert g.finish is Finish.LENGTH and len(g.logprobs) == 12  # the random model never says EOS
+
+
+def test_batched_equals_one_at_a_time_and_comes_back_in_request_order(engine):
+    batched = free(engine)
+    alone = [free(engine, [s])[0] for s in STATES]
+    assert [g.ids for g in batched] == [g.ids for g in alone]
+    for b, a in zip(batched, alone, strict=True):
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+
+
+def test_generated_logprobs_equal_what_score_says_of_the_same_tokens(engine):
+    generated = free(engine)
+    scored = engine.score([ScoreRequest(g.prompt, g.ids) for g in generated])
+    for g, logprobs in zip(generated, scored, strict=True):
+        assert logprobs == pytest.approx(g.logprobs, abs=1e-4)
+        assert g.bits == pytest.approx([-lp / math.log(2) for lp in logprobs], abs=1e-4)
+
+
+def test_score_of_an_empty_continuation_is_empty_and_a_context_is_required(engine):
+    [ids] = prompts(engine.tokenizer, [STATES[0]])
+    assert engine.score([ScoreRequest(ids, []), ScoreRequest(ids[:2], ids[2:])])[0] == []
+    with pytest.raises(ValueError, match="context"):
+        ScoreRequest([], ids)
+
+
+def test_the_nll_budget_keeps_the_longest_prefix_strictly_below_it(engine):
+    budget = 40.0  # the random model spends ~15 bits a token: the cut comes after two or three
+    unbounded = free(engine)
+    cut = engine.generate([GenerateRequest(g.prompt, 12, budget_bits=budget) for g in unbounded])
+    for g, c in zip(unbounded, cut, strict=True):
+        k = len(c.ids)
+        assert 0 < k < len(g.ids) and c.ids == g.ids[:k]
+        assert sum(c.bits) < budget <= sum(g.bits[: k + 1])
+        assert c.finish is Finish.BUDGET and c.text == decode_continuation(engine.tokenizer, g.prompt, c.ids)
+
+
+def test_a_budget_below_the_first_token_generates_nothing(engine):
+    [c] = engine.generate([GenerateRequest(prompts(engine.tokenizer)[0], 12, budget_bits=0.01)])
+    assert (c.ids, c.text, c.logprobs, c.finish) == ([], "", [], Finish.BUDGET)
+
+
+def test_each_row_keeps_its_own_stop_strings_and_token_budget(engine):
+    """Rows of one batch end by their own rules; the others run on, unchanged."""
+    unbounded = free(engine)
+    first, second, third = unbounded
+    stop = first.text[4:7]
+    at = first.text.find(stop)
+    made = engine.generate(
+        [
+            GenerateRequest(first.prompt, 12, stop=(stop,)),
+            GenerateRequest(second.prompt, 5),
+            GenerateRequest(third.prompt, 12, stop=("never in the text",)),
+        ]
+    )
+    stopped, short, untouched = made
+    assert (stopped.finish, stopped.stop, stopped.text) == (Finish.STOP, stop, first.text[:at])
+    # The tokens kept are those that begin before the stop string.
+    assert stopped.ids == first.ids[: len(stopped.ids)]
+    assert len(decode_continuation(engine.tokenizer, first.prompt, stopped.ids[:-1])) < at
+    assert len(decode_continuation(engine.tokenizer, first.prompt, stopped.ids)) >= at
+    assert (short.ids, short.finish) == (second.ids[:5], Finish.LENGTH)
+    assert (untouched.ids, untouched.finish) == (third.ids, Finish.LENGTH)
+
+
+def test_a_stop_string_at_the_very_start_keeps_nothing(engine):
+    g = free(engine, [STATES[0]])[0]
+    [c] = engine.generate([GenerateRequest(g.prompt, 12, stop=(g.text[:2],))])
+    assert (c.ids, c.text, c.finish) == ([], "", Finish.STOP)
+
+
+class ForceAt(LogitsProcessor):
+    """Forces ``token`` at step ``step`` of every row (to make the random model end on cue)."""
+
+    def __init__(self, token: int, step: int):
+        self.token, self.step, self.seen = token, step, 0
+
+    def __call__(self, input_ids, scores):
+        if self.seen == self.step:
+            scores[:, :] = -math.inf
+            scores[:, self.token] = 0.0
+        self.seen += 1
+        return scores
+
+
+def test_end_of_sequence_ends_a_row_and_is_not_part_of_it(engine):
+    eos = engine.eos_ids[0]
+    unbounded = free(engine)
+    ended = engine.generate(
+        [GenerateRequest(g.prompt, 12) for g in unbounded], logits_processors=[ForceAt(eos, 3)]
+    )
+    for g, e in zip(unbounded, ended, strict=True):
+        assert (e.ids, e.finish) == (g.ids[:3], Finish.EOS)
+        assert len(e.logprobs) == 3
+
+
+def test_sampling_is_seeded_and_its_logprobs_are_the_models_own(engine):
+    requests = [GenerateRequest(p, 8, temperature=1.5) for p in prompts(engine.tokenizer)]
+    torch.manual_seed(0)
+    first = engine.generate(requests)
+    torch.manual_seed(0)
+    again = engine.generate(requests)
+    assert [g.ids for g in first] == [g.ids for g in again]
+    assert [g.ids for g in first] != [g.ids for g in free(engine, max_tokens=8)]
+    scored = engine.score([ScoreRequest(g.prompt, g.ids) for g in first])
+    for g, logprobs in zip(first, scored, strict=True):
+        assert g.logprobs == pytest.approx(logprobs, abs=1e-4)  # before the temperature
+
+
+def test_the_prefix_cache_changes_no_generation(tiny):
+    model, tokenizer = tiny
+    cached = LocalEngine(model, tokenizer, prefix_cache=8)
+    plain = LocalEngine(model, tokenizer, prefix_cache=0)
+    turn1 = [GenerateRequest(p, 6) for p in prompts(tokenizer)]
+    first = cached.generate(turn1)
+    turn2 = [GenerateRequest(list(g.prompt) + g.ids, 6) for g in first]  # the next turn extends the last
+    assert [g.ids for g in cached.generate(turn2)] == [g.ids for g in plain.generate(turn2)]
+    assert cached.prefix_cache.reused_tokens > 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(prompt=[], max_tokens=4), "prompt token"),
+        (dict(prompt=[1], max_tokens=0), "max_tokens"),
+        (dict(prompt=[1], max_tokens=4, budget_bits=0.0), "budget_bits"),
+        (dict(prompt=[1], max_tokens=4, temperature=-1.0), "temperature"),
+        (dict(prompt=[1], max_tokens=4, stop=("",)), "stop strings"),
+    ],
+)
+def test_bad_requests_are_refused_by_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        GenerateRequest(**fields)
