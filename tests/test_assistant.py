@@ -14,20 +14,18 @@ import pytest
 from empower.assistant import (
     AssistantConfig,
     Policy,
+    PolicyAssistant,
     SuggestionRequest,
-    TransformersAssistant,
-    _before_fence,
-    _Generated,
     build_assistant,
     cap_tokens,
     chat_prompt,
     decode_continuation,
     extract_addition,
     extract_code,
-    generate_batch,
-    score_continuations,
     threshold_length,
 )
+from empower.engines import GenerateRequest, ScoreRequest, encode
+from empower.engines.local import LocalEngine, finish_row
 
 STATE = "def add(a, b):\n    "
 STATES = ["def add(a, b):\n    ", "import os\n\n\ndef main():\n    path = os.getcwd()\n    ", "x = ["]
@@ -65,26 +63,27 @@ def test_threshold_length_keeps_the_longest_prefix_strictly_below_eta(bits, eta,
 
 def test_threshold_stops_where_one_pass_scoring_of_the_full_generation_says(tiny, tiny_model_path):
     """In-generation stopping == generating freely, scoring the tokens in one pass, then cutting."""
-    model, tokenizer = tiny
+    _, tokenizer = tiny
     eta = 40.0  # the random model spends ~15 bits a token: the rule cuts after two or three
     cut = assistant(tiny, tiny_model_path, policy="threshold", eta=eta).suggest(requests())
-    free = generate_batch(model, tokenizer, STATES, max_new_tokens=12)
-    scored = score_continuations(
-        model, [g.prompt_ids for g in free], [g.ids for g in free], tokenizer.pad_token_id
-    )
-    for c, g, bits in zip(cut, free, scored, strict=True):
+    engine = LocalEngine(*tiny)
+    free = engine.generate([GenerateRequest(p, 12) for p in encode(tokenizer, STATES)])
+    scored = engine.score([ScoreRequest(g.prompt, g.ids) for g in free])
+    for c, g, logprobs in zip(cut, free, scored, strict=True):
+        bits = [-lp / math.log(2) for lp in logprobs]
         k = threshold_length(bits, eta)
         assert 0 < k < len(g.ids)
         assert (c.tokens, c.stop_reason) == (k, "threshold")
-        assert c.text == decode_continuation(tokenizer, g.prompt_ids, g.ids[:k])
+        assert c.text == decode_continuation(tokenizer, g.prompt, g.ids[:k])
         assert c.bits == pytest.approx(sum(bits[:k]), abs=1e-3) and c.bits < eta
 
 
 def test_threshold_with_a_separate_estimator_cuts_the_same_as_in_generation(tiny, tiny_model_path):
     model, tokenizer = tiny
     config = AssistantConfig(assistant=tiny_model_path, policy="threshold", eta=40.0, max_new_tokens=12)
-    inline = TransformersAssistant(config, model, tokenizer).suggest(requests())
-    scored = TransformersAssistant(config, model, tokenizer, estimator=(model, tokenizer)).suggest(requests())
+    engine = LocalEngine(model, tokenizer)
+    inline = PolicyAssistant(config, engine).suggest(requests())
+    scored = PolicyAssistant(config, engine, estimator=LocalEngine(model, tokenizer)).suggest(requests())
     assert [(s.text, s.tokens, s.stop_reason) for s in scored] == [
         (s.text, s.tokens, s.stop_reason) for s in inline
     ]
@@ -128,13 +127,25 @@ def test_batched_suggestions_equal_one_at_a_time(tiny, tiny_model_path):
     assert [s.text for s in batched] == [s.text for s in alone]
 
 
-def test_a_code_fence_ends_a_suggestion_like_eos(tiny):
-    _, tokenizer = tiny
-    prompt_ids = tokenizer("x = 1\n")["input_ids"]
-    ids = tokenizer("y = 2\n```\n\nThis sets y.", add_special_tokens=False)["input_ids"]
-    cut = _before_fence(tokenizer, _Generated(ids, [1.0] * len(ids), False, prompt_ids))
-    assert decode_continuation(tokenizer, prompt_ids, cut.ids) in ("y = 2\n", "y = 2")
-    assert cut.eos and len(cut.bits) == len(cut.ids)
+class ScriptedEngine:
+    """An engine that 'generates' a fixed text (so a test can make a model write a fence)."""
+
+    name = "scripted"
+
+    def __init__(self, tokenizer, text: str):
+        self.tokenizer, self.text = tokenizer, text
+
+    def generate(self, requests):
+        ids = self.tokenizer(self.text, add_special_tokens=False)["input_ids"]
+        return [finish_row(self.tokenizer, r, ids, [-0.1] * len(ids), eos=False) for r in requests]
+
+
+def test_a_code_fence_ends_a_suggestion_like_eos(tiny, tiny_model_path):
+    config = AssistantConfig(assistant=tiny_model_path, policy="model", max_new_tokens=64)
+    engine = ScriptedEngine(tiny[1], "y = 2\n```\n\nThis sets y.")
+    [s] = PolicyAssistant(config, engine).suggest(requests(["x = 1\n"]))
+    assert (s.text, s.stop_reason) == ("y = 2\n", "eos")
+    assert s.tokens == len(tiny[1]("y = 2\n", add_special_tokens=False)["input_ids"])
 
 
 def test_an_empty_state_gets_a_suggestion(tiny, tiny_model_path):

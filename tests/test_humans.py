@@ -282,7 +282,7 @@ def test_local_llm_human_answers_the_same_from_cached_prompt_prefixes(tiny, tiny
             [turn] = human.respond([HumanView(make_task(), state, suggestion)])
             seen.append(turn.raw)
             state += suggestion or "# done\n"
-        replies[size] = seen, backend.prefix_cache
+        replies[size] = seen, backend.engine.prefix_cache
     assert replies[32][0] == replies[0][0]
     assert replies[0][1] is None and replies[32][1].reused_tokens > 0
 

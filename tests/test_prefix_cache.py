@@ -9,29 +9,45 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from empower.assistant import AssistantConfig, Policy, SuggestionRequest, build_assistant, generate_batch
+from empower.assistant import AssistantConfig, Policy, SuggestionRequest, build_assistant
+from empower.engines import GenerateRequest, encode
+from empower.engines.local import LocalEngine
 from empower.prefix_cache import PrefixCache, supports_prefix_cache
 
-STATES = ["def add(a, b):\n    \"\"\"Sum.\"\"\"\n", "import os\n\n\ndef main():\n    path = os.getcwd()\n",
-          "class Stack:\n    def __init__(self):\n", "x = ["]
+STATES = [
+    'def add(a, b):\n    """Sum."""\n',
+    "import os\n\n\ndef main():\n    path = os.getcwd()\n",
+    "class Stack:\n    def __init__(self):\n",
+    "x = [",
+]
 WRITTEN = ["    total = a", " + b\n", "    return total\n", "\n# the end\n"]
 
 
 def _play(tiny, tiny_model_path, cache_size: int, policy: Policy, turns: int = 4, edit: bool = False):
     """Suggestions over turns where each state grows (or, with ``edit``, is rewritten mid-way)."""
     model, tokenizer = tiny
-    config = AssistantConfig(assistant=tiny_model_path, policy=policy, eta=6.0, n=5, max_new_tokens=10,
-                             assistant_prefix_cache=cache_size)
+    config = AssistantConfig(
+        assistant=tiny_model_path,
+        policy=policy,
+        eta=6.0,
+        n=5,
+        max_new_tokens=10,
+        assistant_prefix_cache=cache_size,
+    )
     assistant = build_assistant(config, model=model, tokenizer=tokenizer)
     states, seen = list(STATES), []
     for turn in range(turns):
         suggestions = assistant.suggest([SuggestionRequest(state=s) for s in states])
-        seen.append([(s.text, s.tokens, s.stop_reason, None if s.bits is None else round(s.bits, 4))
-                     for s in suggestions])
+        seen.append(
+            [
+                (s.text, s.tokens, s.stop_reason, None if s.bits is None else round(s.bits, 4))
+                for s in suggestions
+            ]
+        )
         states = [s + WRITTEN[(turn + i) % len(WRITTEN)] for i, s in enumerate(states)]
         if edit and turn == 1:
             states = [s.replace("\n", "\n# edited\n", 1) for s in states]
-    return seen, assistant.prefix_cache
+    return seen, assistant.engine.prefix_cache
 
 
 @pytest.mark.parametrize("policy", [Policy.THRESHOLD, Policy.MODEL, Policy.BASE_N])
@@ -45,16 +61,16 @@ def test_suggestions_with_the_cache_equal_those_without(tiny, tiny_model_path, p
 
 def test_generated_tokens_and_their_bits_match_a_fresh_encoding(tiny):
     """The lowest level: every token's bits agree to float noise, turn after turn."""
-    model, tokenizer = tiny
-    cache, states = PrefixCache(16), list(STATES)
+    fresh_engine, reusing = LocalEngine(*tiny, prefix_cache=0), LocalEngine(*tiny, prefix_cache=16)
+    states = list(STATES)
     for turn in range(3):
-        fresh = generate_batch(model, tokenizer, states, max_new_tokens=8)
-        reused = generate_batch(model, tokenizer, states, max_new_tokens=8, prefix_cache=cache)
+        requests = [GenerateRequest(p, 8) for p in encode(tiny[1], states)]
+        fresh, reused = fresh_engine.generate(requests), reusing.generate(requests)
         for a, b in zip(fresh, reused, strict=True):
-            assert a.ids == b.ids and a.prompt_ids == b.prompt_ids
+            assert a.ids == b.ids and a.prompt == b.prompt
             assert a.bits == pytest.approx(b.bits, abs=2e-5)  # float noise here is ~1e-6
         states = [s + WRITTEN[(turn + i) % len(WRITTEN)] for i, s in enumerate(states)]
-    assert cache.reused_tokens > 0
+    assert reusing.prefix_cache.reused_tokens > 0
 
 
 def test_a_state_edited_mid_way_reuses_only_the_common_prefix(tiny, tiny_model_path):
@@ -97,7 +113,7 @@ def test_sliding_window_models_are_not_cached(tiny, tiny_model_path):
     model = AutoModelForCausalLM.from_config(config)
     assert not supports_prefix_cache(model)
     assistant = build_assistant(AssistantConfig(assistant=tiny_model_path), model=model, tokenizer=tiny[1])
-    assert assistant.prefix_cache is None
+    assert assistant.engine.prefix_cache is None
 
 
 def test_negative_cache_size_is_refused_by_name():
@@ -108,11 +124,11 @@ def test_negative_cache_size_is_refused_by_name():
 @pytest.mark.integration
 def test_smollm2_suggestions_are_unchanged_by_the_cache(smol):
     """The embedded model, where a wrong position or mask would change real code suggestions."""
-    model, tokenizer = smol
-    cache, states = PrefixCache(16), list(STATES)
+    fresh_engine, reusing = LocalEngine(*smol, prefix_cache=0), LocalEngine(*smol, prefix_cache=16)
+    cache, states = reusing.prefix_cache, list(STATES)
     for turn in range(3):
-        fresh = generate_batch(model, tokenizer, states, max_new_tokens=12, eta_bits=8.0)
-        reused = generate_batch(model, tokenizer, states, max_new_tokens=12, eta_bits=8.0, prefix_cache=cache)
+        requests = [GenerateRequest(p, 12, budget_bits=8.0) for p in encode(smol[1], states)]
+        fresh, reused = fresh_engine.generate(requests), reusing.generate(requests)
         assert [g.ids for g in reused] == [g.ids for g in fresh]
         for a, b in zip(fresh, reused, strict=True):
             assert a.bits == pytest.approx(b.bits, abs=1e-3)

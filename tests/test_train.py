@@ -388,7 +388,7 @@ def test_assistant_builds_the_prompt_training_used_under_the_statement_template(
     assistant = build_assistant(AssistantConfig(assistant=str(model_dir), max_new_tokens=1,
                                                 assistant_prefix_cache=0, assistant_device="cpu"))  # fmt: skip
     seen = []
-    hook = assistant.model.register_forward_pre_hook(
+    hook = assistant.engine.model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()), with_kwargs=True
     )
     for row, expected in zip(pairs, trained_prompts, strict=True):

@@ -42,25 +42,26 @@ from typing import Protocol
 import numpy as np
 import torch
 from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
     StoppingCriteria,
-    StoppingCriteriaList,
-    TemperatureLogitsWarper,
 )
 
 from empower import models
 from empower.configs import option
-from empower.engines.base import decode_continuation, encode
-from empower.engines.local import StepLogProbs, eos_token_ids
+from empower.engines.base import (
+    LN2,
+    Engine,
+    Finish,
+    GenerateRequest,
+    Generation,
+    ScoreRequest,
+    decode_continuation,
+    encode,
+)
+from empower.engines.local import LocalEngine, StepLogProbs
 from empower.labeling import empower_length
-from empower.prefix_cache import PrefixCache, batch_inputs, prefix_cache_for, store_prompts
 from empower.prompts import PromptTemplate, build_prompt
 
 log = logging.getLogger(__name__)
-
-LN2 = math.log(2.0)
 
 
 class Policy(str, enum.Enum):
@@ -352,227 +353,121 @@ def chat_prompt(tokenizer, state: str, statement: str | None = None, prefill: bo
 
 
 # ---------------------------------------------------------------------------------------------
-# Batched generation
-
-
-@dataclass
-class _Generated:
-    ids: list[int]  # generated tokens, without end-of-sequence or padding
-    bits: list[float]  # bits of each of ``ids`` under the generating model
-    eos: bool  # ended by end-of-sequence
-    prompt_ids: list[int]
-
-
-@torch.inference_mode()
-def generate_batch(
-    model,
-    tokenizer,
-    prompts: list[str],
-    *,
-    max_new_tokens: int,
-    eta_bits: float = math.inf,
-    temperature: float = 0.0,
-    stop_strings: list[str] | None = None,
-    add_special_tokens: bool = True,
-    prefix_cache: PrefixCache | None = None,
-    logits_processors: Sequence[LogitsProcessor] = (),
-) -> list[_Generated]:
-    """Continue every prompt in one left-padded ``generate`` call, with bits per token recorded.
-
-    With ``prefix_cache``, each prompt's longest cached prefix is not encoded again, and the prompts'
-    states are kept for the next call (an episode's next prompt extends its last one).
-    ``logits_processors`` run after the bits are recorded (they constrain, not re-score).
-    """
-    rows = encode(tokenizer, prompts, add_special_tokens)
-    enc = batch_inputs(prefix_cache or PrefixCache(0), rows, tokenizer.pad_token_id, model.device)
-    layout = enc.pop("layout")
-    eos = eos_token_ids(model, tokenizer)
-    stop = ThresholdStopping(eta_bits, eos)
-    processors = [stop.recorder, *logits_processors]
-    processors += [TemperatureLogitsWarper(temperature)] if temperature > 0 else []
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        # Sampling at temperature 1 without top-k/top-p: our own warper applies the temperature,
-        # after the recorder has seen the raw logits (the bits are those of the model itself).
-        **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}),
-        repetition_penalty=1.0,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-        stop_strings=stop_strings,
-    )
-    out = model.generate(
-        **enc,
-        generation_config=config,
-        logits_processor=LogitsProcessorList(processors),
-        stopping_criteria=StoppingCriteriaList([stop]),
-        tokenizer=tokenizer if stop_strings else None,
-    )
-    if prefix_cache is not None:
-        store_prompts(prefix_cache, rows, enc["cache"], layout)
-    width = enc["input_ids"].shape[1]
-    results = []
-    for row, prompt_ids in enumerate(rows):
-        bits = stop.bits(row)
-        new = out[row, width:].tolist()[: len(bits)]
-        results.append(_Generated(new, bits[: len(new)], bool(stop.eos_hit[row]), prompt_ids))
-    return results
-
+# Policies over an engine
 
 FENCE = "```"
 
 
-def _before_fence(tokenizer, g: _Generated) -> _Generated:
-    """Untuned chat models end code with a markdown fence and then explain it: a fence ends the
-    suggestion like end-of-sequence (whole tokens before the one that starts the fence are kept)."""
-    if FENCE not in decode_continuation(tokenizer, g.prompt_ids, g.ids):
-        return g
-    kept = len(g.ids)
-    while kept and FENCE in decode_continuation(tokenizer, g.prompt_ids, g.ids[:kept]):
-        kept -= 1
-    return _Generated(g.ids[:kept], g.bits[:kept], True, g.prompt_ids)
+class PolicyAssistant:
+    """Every policy over an engine (and, for threshold, optionally a separate estimator engine).
 
+    The one place where a suggestion is made from a state: ``empower eval`` and ``empower serve``
+    both call :meth:`suggest`.
+    """
 
-@torch.inference_mode()
-def score_continuations(
-    model, contexts: list[list[int]], continuations: list[list[int]], pad_id: int
-) -> list[list[float]]:
-    """Bits of every continuation token given its context: one left-padded forward pass, keeping
-    only the logits of the continuation positions (a full vocabulary row per token is large)."""
-    rows = [c + x for c, x in zip(contexts, continuations, strict=True)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=model.device)
-    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    keep = max(len(x) for x in continuations) + 1
-    logits = model(
-        input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep
-    ).logits
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (batch, keep, vocab); position p predicts token p + 1
-    out = []
-    for row, x in enumerate(continuations):
-        if not x:
-            out.append([])
-            continue
-        predicting = logp[row, keep - 1 - len(x) : keep - 1]
-        target = torch.tensor(x, device=logp.device)[:, None]
-        out.append((-predicting.gather(1, target).squeeze(1).double() / LN2).tolist())
-    return out
-
-
-class TransformersAssistant:
-    """Every policy on a ``transformers`` causal LM (and optionally a separate estimator)."""
-
-    def __init__(self, config: AssistantConfig, model, tokenizer, estimator: tuple | None = None):
+    def __init__(self, config: AssistantConfig, engine: Engine, estimator: Engine | None = None):
         self.config = config
-        self.model, self.tokenizer = model, tokenizer
+        self.engine, self.tokenizer = engine, engine.tokenizer
         self.estimator = estimator
         self.name = assistant_name(config)
-        self.prefix_cache = prefix_cache_for(model, config.assistant_prefix_cache)
         if estimator is not None:
-            self._same_vocab = estimator[1].get_vocab() == tokenizer.get_vocab()
+            self._same_vocab = estimator.tokenizer.get_vocab() == self.tokenizer.get_vocab()
 
     def suggest(self, requests: list[SuggestionRequest]) -> list[Suggestion]:
-        """Suggestions for many states at once, in order (batched by similar length)."""
-        order = sorted(range(len(requests)), key=lambda i: len(requests[i].state))
-        results: list[Suggestion | None] = [None] * len(requests)
-        size = self.config.assistant_batch_size
-        for begin in range(0, len(order), size):
-            chunk = order[begin : begin + size]
-            batch = [requests[i] for i in chunk]
-            base = self.config.policy in (Policy.BASE, Policy.BASE_N)
-            made = self._suggest_base(batch) if base else self._suggest_plain(batch)
-            for i, suggestion in zip(chunk, made, strict=True):
-                results[i] = suggestion
-        return results
+        """Suggestions for many states at once, in order (the engine batches them)."""
+        if self.config.policy in (Policy.BASE, Policy.BASE_N):
+            return self._suggest_base(requests)
+        return self._suggest_plain(requests)
 
     def _suggest_plain(self, requests: list[SuggestionRequest]) -> list[Suggestion]:
         cfg = self.config
-        prompts = [build_prompt(r.state, r.statement, cfg.prompt_template) for r in requests]
         threshold = cfg.policy is Policy.THRESHOLD
-        gens = generate_batch(
-            self.model,
-            self.tokenizer,
-            prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            eta_bits=cfg.eta if threshold and self.estimator is None else math.inf,
-            temperature=cfg.assistant_temperature,
-            stop_strings=[FENCE],
-            prefix_cache=self.prefix_cache,
+        prompts = encode(
+            self.tokenizer, [build_prompt(r.state, r.statement, cfg.prompt_template) for r in requests]
         )
-        gens = [_before_fence(self.tokenizer, g) for g in gens]
+        # With the assistant as its own estimator the budget ends generation; another estimator
+        # scores the free generation, and the same rule cuts it below.
+        budget = cfg.eta if threshold and self.estimator is None else math.inf
+        # An untuned model may close a markdown fence and explain its code: the fence ends it like EOS.
+        gens = self.engine.generate(
+            [
+                GenerateRequest(p, cfg.max_new_tokens, (FENCE,), budget, cfg.assistant_temperature)
+                for p in prompts
+            ]
+        )
         if threshold and self.estimator is not None and not self._same_vocab:
             return self._cut_by_foreign_estimator(requests, gens)
         bits_rows = [g.bits for g in gens]
         if threshold and self.estimator is not None:
-            est_model, est_tok = self.estimator
-            contexts = encode(est_tok, [r.state for r in requests])
-            bits_rows = score_continuations(est_model, contexts, [g.ids for g in gens], est_tok.pad_token_id)
+            contexts = encode(self.estimator.tokenizer, [r.state for r in requests])
+            scored = self.estimator.score(
+                [ScoreRequest(c, g.ids) for c, g in zip(contexts, gens, strict=True)]
+            )
+            bits_rows = [[-lp / LN2 for lp in row] for row in scored]
         out = []
         for g, bits in zip(gens, bits_rows, strict=True):
             kept = threshold_length(bits, cfg.eta) if threshold else len(g.ids)
-            text = decode_continuation(self.tokenizer, g.prompt_ids, g.ids[:kept])
-            out.append(_suggestion(text, kept, _reason(kept, len(g.ids), g.eos), sum(bits[:kept])))
+            text = (
+                g.text if kept == len(g.ids) else decode_continuation(self.tokenizer, g.prompt, g.ids[:kept])
+            )
+            out.append(_suggestion(text, kept, _reason(kept, g), sum(bits[:kept])))
         return out
 
-    def _cut_by_foreign_estimator(self, requests, gens: list[_Generated]) -> list[Suggestion]:
+    def _cut_by_foreign_estimator(self, requests, gens: list[Generation]) -> list[Suggestion]:
         """Threshold under an estimator with another tokenizer: score the text, cut at a character."""
-        est_model, est_tok = self.estimator
-        texts = [decode_continuation(self.tokenizer, g.prompt_ids, g.ids) for g in gens]
-        contexts, continuations, spans = [], [], []
-        for r, text in zip(requests, texts, strict=True):
-            enc = est_tok(r.state + text, add_special_tokens=True, return_offsets_mapping=True)
+        est_tok = self.estimator.tokenizer
+        scoring, spans = [], []
+        for r, g in zip(requests, gens, strict=True):
+            enc = est_tok(r.state + g.text, add_special_tokens=True, return_offsets_mapping=True)
             ids, offsets = enc["input_ids"], enc["offset_mapping"]
             # The first token that reaches into the generated text starts the continuation.
             first = next((i for i, (_, end) in enumerate(offsets) if end > len(r.state)), len(ids))
             first = max(first, 1)
-            contexts.append(ids[:first])
-            continuations.append(ids[first:])
+            scoring.append(ScoreRequest(ids[:first], ids[first:]))
             spans.append(offsets[first:])
-        bits_rows = score_continuations(est_model, contexts, continuations, est_tok.pad_token_id)
         out = []
-        for r, g, text, bits, span in zip(requests, gens, texts, bits_rows, spans, strict=True):
+        for r, g, logprobs, span in zip(requests, gens, self.estimator.score(scoring), spans, strict=True):
+            bits = [-lp / LN2 for lp in logprobs]
             kept = threshold_length(bits, self.config.eta)
             end = span[kept - 1][1] - len(r.state) if kept else 0
-            cut = text if kept == len(bits) else text[: max(0, end)]
-            reason = _reason(kept, len(bits), g.eos)
+            cut = g.text if kept == len(bits) else g.text[: max(0, end)]
+            reason = StopReason.THRESHOLD if kept < len(bits) else _reason(len(g.ids), g)
             out.append(_suggestion(cut, count_tokens(cut, self.tokenizer), reason, sum(bits[:kept])))
         return out
 
     def _suggest_base(self, requests: list[SuggestionRequest]) -> list[Suggestion]:
         cfg = self.config
-        prompts = [chat_prompt(self.tokenizer, r.state, r.statement, cfg.base_prefill) for r in requests]
+        texts = [chat_prompt(self.tokenizer, r.state, r.statement, cfg.base_prefill) for r in requests]
+        # The chat template already holds the special tokens.
+        prompts = encode(self.tokenizer, texts, add_special_tokens=False)
         budget = cfg.max_new_tokens if cfg.policy is Policy.BASE else min(cfg.max_new_tokens, cfg.n + 8)
+        budgets = [budget] * len(requests)
         if not cfg.base_prefill:  # the model retypes the code (and fences it) before extending it
-            budget += max(count_tokens(r.state, self.tokenizer) for r in requests) + 16
-        gens = generate_batch(
-            self.model,
-            self.tokenizer,
-            prompts,
-            max_new_tokens=budget,
-            temperature=cfg.assistant_temperature,
-            stop_strings=[FENCE],
-            add_special_tokens=False,  # the chat template already holds the special tokens
-            prefix_cache=self.prefix_cache,
+            budgets = [budget + count_tokens(r.state, self.tokenizer) + 16 for r in requests]
+        gens = self.engine.generate(
+            [
+                GenerateRequest(p, b, (FENCE,), temperature=cfg.assistant_temperature)
+                for p, b in zip(prompts, budgets, strict=True)
+            ]
         )
         out = []
         for r, g in zip(requests, gens, strict=True):
-            generated = decode_continuation(self.tokenizer, g.prompt_ids, g.ids)
-            reply = ("```python\n" + r.state if cfg.base_prefill else "") + generated
+            reply = ("```python\n" + r.state if cfg.base_prefill else "") + g.text
             addition = extract_addition(r.state, reply)
             capped = False
             if cfg.policy is Policy.BASE_N:
                 addition, capped = cap_tokens(addition, self.tokenizer, cfg.n)
-            ended = g.eos or FENCE in generated
+            ended = g.finish in (Finish.EOS, Finish.STOP)
             reason = StopReason.CAP if capped else StopReason.EOS if ended else StopReason.MAX_TOKENS
             out.append(_suggestion(addition, count_tokens(addition, self.tokenizer), reason, None))
         return out
 
 
-def _reason(kept: int, generated: int, eos: bool) -> StopReason:
-    if kept < generated:
+def _reason(kept: int, g: Generation) -> StopReason:
+    """Why a plain or threshold suggestion of ``kept`` of ``g``'s tokens ended."""
+    if kept < len(g.ids) or g.finish is Finish.BUDGET:
         return StopReason.THRESHOLD
-    return StopReason.EOS if eos else StopReason.MAX_TOKENS
+    return StopReason.EOS if g.finish in (Finish.EOS, Finish.STOP) else StopReason.MAX_TOKENS
 
 
 def _suggestion(text: str, tokens: int, reason: StopReason, bits: float | None) -> Suggestion:
@@ -612,12 +507,25 @@ def build_assistant(config: AssistantConfig, *, model=None, tokenizer=None) -> A
     device = config.assistant_device or None
     if model is None:
         model, tokenizer = models.load_model(config.assistant, device=device)
-    tokenizer.padding_side = "left"
     if config.policy in (Policy.BASE, Policy.BASE_N):
         chat_prompt(tokenizer, "")  # fails early, naming the model, when there is no chat template
+    engine = LocalEngine(
+        model,
+        tokenizer,
+        batch_size=config.assistant_batch_size,
+        prefix_cache=config.assistant_prefix_cache,
+        name=config.assistant,
+    )
     estimator = None
     if config.policy is Policy.THRESHOLD and config.estimator and config.estimator != config.assistant:
-        estimator = models.load_model(config.estimator, device=device)
+        est_model, est_tokenizer = models.load_model(config.estimator, device=device)
+        estimator = LocalEngine(
+            est_model,
+            est_tokenizer,
+            batch_size=config.assistant_batch_size,
+            prefix_cache=0,
+            name=config.estimator,
+        )
     if config.assistant_temperature > 0:
         torch.manual_seed(config.assistant_seed)
-    return TransformersAssistant(config, model, tokenizer, estimator)
+    return PolicyAssistant(config, engine, estimator)

@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Protocol
 from transformers import LogitsProcessor
 
 from empower import models
-from empower.assistant import cap_tokens, decode_continuation, eos_token_ids, extract_addition, generate_batch
+from empower.assistant import cap_tokens, extract_addition
 from empower.configs import option
-from empower.prefix_cache import prefix_cache_for
+from empower.engines import Finish, GenerateRequest, encode
+from empower.engines.local import LocalEngine, eos_token_ids
 
 if TYPE_CHECKING:
     from empower.tasks import Task
@@ -101,12 +102,18 @@ class HumanConfig:
     human_temperature: float = option(0.0, "llm: sampling temperature (0 = greedy)")
     human_batch_size: int = option(8, "llm (local): prompts per generate() call", resumable=True)
     human_prefix_cache: int = option(
-        64, "llm (local): prompts whose key/value states are kept for the next turn's prompts (0: off)", resumable=True
+        64,
+        "llm (local): prompts whose key/value states are kept for the next turn's prompts (0: off)",
+        resumable=True,
     )
     human_concurrency: int = option(8, "llm (server): requests in flight at once", resumable=True)
     human_timeout_s: float = option(120.0, "llm (server): timeout of one request (seconds)", resumable=True)
-    human_retries: int = option(3, "llm (server): retries with exponential backoff before giving up", resumable=True)
-    human_device: str = option("", "llm (local): torch device (empty: CUDA when present, else CPU)", resumable=True)
+    human_retries: int = option(
+        3, "llm (server): retries with exponential backoff before giving up", resumable=True
+    )
+    human_device: str = option(
+        "", "llm (local): torch device (empty: CUDA when present, else CPU)", resumable=True
+    )
 
     def __post_init__(self):
         self.human = HumanKind(self.human)
@@ -357,43 +364,46 @@ class ChatReply:
 
 
 class LocalChat:
-    """Chat completions from a local ``transformers`` model, batched."""
+    """Chat completions from a local model, through the in-process engine (batched)."""
 
     supports_prefill = True
 
     def __init__(self, spec: str, config: HumanConfig, model=None, tokenizer=None):
         if model is None:
             model, tokenizer = models.load_model(spec, device=config.human_device or None)
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.config = config
+        self.engine = LocalEngine(
+            model,
+            tokenizer,
+            batch_size=config.human_batch_size,
+            prefix_cache=config.human_prefix_cache,
+            name=spec,
+        )
+        self.tokenizer = tokenizer
         self.label = spec
-        self.prefix_cache = prefix_cache_for(model, config.human_prefix_cache)
         self._ending = ending_tokens(model, tokenizer)  # once: it walks the whole vocabulary
 
     def complete(self, requests: list[ChatRequest]) -> list[ChatReply]:
         replies = []
-        size = self.config.human_batch_size
-        for begin in range(0, len(requests), size):
-            batch = requests[begin : begin + size]
-            prompts = [
+        for begin in range(0, len(requests), self.config.human_batch_size):
+            batch = requests[begin : begin + self.config.human_batch_size]
+            texts = [
                 self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
                 + r.prefill
                 for r in batch
             ]
+            # The chat template already holds the special tokens.
+            prompts = encode(self.tokenizer, texts, add_special_tokens=False)
             holds = [r.hold_end for r in batch]
-            gens = generate_batch(
-                self.model,
-                self.tokenizer,
-                prompts,
-                max_new_tokens=max(r.max_tokens for r in batch),
-                temperature=self.config.human_temperature,
-                stop_strings=["```"],
-                add_special_tokens=False,
-                prefix_cache=self.prefix_cache,
+            gens = self.engine.generate(
+                [
+                    GenerateRequest(p, r.max_tokens, ("```",), temperature=self.config.human_temperature)
+                    for p, r in zip(prompts, batch, strict=True)
+                ],
                 logits_processors=[HoldEnd(self.tokenizer, holds, self._ending)] if any(holds) else [],
             )
             for r, g in zip(batch, gens, strict=True):
-                text = decode_continuation(self.tokenizer, g.prompt_ids, g.ids[: r.max_tokens])
-                replies.append(ChatReply(r.prefill + text, g.eos or "```" in text))
+                replies.append(ChatReply(r.prefill + g.text, g.finish in (Finish.EOS, Finish.STOP)))
         return replies
 
 

@@ -37,14 +37,9 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from transformers.generation import TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.generation.streamers import BaseStreamer
 
-from empower.assistant import (
-    Policy,
-    StepLogProbs,
-    ThresholdStopping,
-    chat_prompt,
-    decode_continuation,
-    eos_token_ids,
-)
+from empower.assistant import Policy, ThresholdStopping, chat_prompt
+from empower.engines.base import decode_continuation
+from empower.engines.local import StepLogProbs, eos_token_ids
 from empower.prefix_cache import PrefixCache, batch_inputs, prefix_cache_for, store_prompts
 
 log = logging.getLogger(__name__)
