@@ -1,0 +1,50 @@
+"""Simulated humans behind one interface: shown a state and a suggestion, they decide and write.
+
+- ``reference`` (:mod:`.reference`): deterministic and fast; it writes the task's reference program.
+- ``llm`` (:mod:`.llm`): the paper's human, two LLM calls per turn, its model local or behind any
+  OpenAI-compatible server (:mod:`.backends`).
+
+Example::
+
+    human = build_human(HumanConfig(human="reference"))
+    [turn] = human.respond([HumanView(task=task, state=task.prompt, suggestion="    return a + b\\n")])
+"""
+
+from __future__ import annotations
+
+from empower.humans.backends import ChatReply, ChatRequest, HoldEnd, LocalChat, ServerChat, ending_tokens
+from empower.humans.base import (
+    Decision,
+    Human,
+    HumanConfig,
+    HumanKind,
+    HumanServerError,
+    HumanTurn,
+    HumanView,
+)
+from empower.humans.llm import LLMHuman, incomplete, parse_appended, parse_decision
+from empower.humans.reference import ReferenceHuman, agrees, align, edit_distance
+
+
+def build_human(config: HumanConfig, *, model=None, tokenizer=None) -> Human:
+    """The simulated human of ``config`` (``model``/``tokenizer``: an already loaded local LLM).
+
+    Raises HumanServerError when a server URL is unreachable after retries.
+    """
+    if config.human is HumanKind.REFERENCE:
+        return ReferenceHuman(config)
+    url = config.human_url or (
+        config.human_model if config.human_model.startswith(("http://", "https://")) else ""
+    )
+    if url:
+        backend = ServerChat(url, "" if url == config.human_model else config.human_model, config)
+    else:
+        backend = LocalChat(config.human_model, config, model, tokenizer)
+    return LLMHuman(config, backend)
+
+
+__all__ = [
+    "ChatReply", "ChatRequest", "Decision", "HoldEnd", "Human", "HumanConfig", "HumanKind", "HumanServerError",
+    "HumanTurn", "HumanView", "LLMHuman", "LocalChat", "ReferenceHuman", "ServerChat", "agrees", "align",
+    "build_human", "edit_distance", "ending_tokens", "incomplete", "parse_appended", "parse_decision",
+]  # fmt: skip

@@ -1,0 +1,104 @@
+"""What every simulated human shares: its config, the view it is shown and the turn it returns.
+
+Each turn a human returns a :class:`HumanTurn`: ACCEPT (the suggestion is appended, then
+``written``), REJECT (only ``written`` is appended) or FINISH (the episode ends after ``written``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from empower import models
+from empower.configs import option
+
+if TYPE_CHECKING:
+    from empower.tasks import Task
+
+
+class Decision(str, enum.Enum):
+    ACCEPT = "accept"
+    REJECT = "reject"
+    FINISH = "finish"
+
+
+class HumanKind(str, enum.Enum):
+    REFERENCE = "reference"
+    LLM = "llm"
+
+
+@dataclass
+class HumanView:
+    task: Task
+    state: str
+    suggestion: str
+
+
+@dataclass
+class HumanTurn:
+    decision: Decision
+    written: str = ""
+    malformed: bool = False  # the model's answer could not be parsed (logged; a default was used)
+    raw: dict | None = None  # llm: the model's answers {"acceptor": ..., "appender": ...}, saved in the trace
+
+
+class Human(Protocol):
+    name: str
+
+    def respond(self, views: list[HumanView]) -> list[HumanTurn]: ...
+
+
+class HumanServerError(ConnectionError):
+    """The simulated human's server could not be reached (or refused the request) after retries."""
+
+
+@dataclass
+class HumanConfig:
+    human: HumanKind = option(HumanKind.REFERENCE, "simulated human: reference | llm")
+    human_model: str = option(
+        models.HUMAN_MODEL, "llm: local model spec, or the URL of an OpenAI-compatible server (http...)"
+    )
+    human_url: str = option(
+        "",
+        "llm: base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1 (then human_model "
+        "names the served model; the server's first model when it serves no such name)",
+    )
+    human_tolerance: float = option(
+        0.0, "reference: largest normalized edit distance of an accepted suggestion (0 = exact agreement)"
+    )
+    human_max_tokens: int = option(10, "K_H: most tokens the human writes per turn")
+    human_tokenizer: str = option(models.DEFAULT_MODEL, "tokenizer counting the human's K_H tokens")
+    human_max_new_tokens: int = option(48, "llm: generation budget of the appender (cut to K_H afterwards)")
+    human_temperature: float = option(0.0, "llm: sampling temperature (0 = greedy)")
+    human_batch_size: int = option(8, "llm (local): prompts per generate() call", resumable=True)
+    human_prefix_cache: int = option(
+        64,
+        "llm (local): prompts whose key/value states are kept for the next turn's prompts (0: off)",
+        resumable=True,
+    )
+    human_concurrency: int = option(8, "llm (server): requests in flight at once", resumable=True)
+    human_timeout_s: float = option(120.0, "llm (server): timeout of one request (seconds)", resumable=True)
+    human_retries: int = option(
+        3, "llm (server): retries with exponential backoff before giving up", resumable=True
+    )
+    human_device: str = option(
+        "", "llm (local): torch device (empty: CUDA when present, else CPU)", resumable=True
+    )
+
+    def __post_init__(self):
+        self.human = HumanKind(self.human)
+        if not 0.0 <= self.human_tolerance <= 1.0:
+            raise ValueError(f"human_tolerance must be in [0, 1], got {self.human_tolerance}")
+        for name in ("human_max_tokens", "human_max_new_tokens", "human_batch_size", "human_concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.human_prefix_cache < 0:
+            raise ValueError(f"human_prefix_cache must be >= 0, got {self.human_prefix_cache}")
+        if self.human_retries < 0 or self.human_timeout_s <= 0 or self.human_temperature < 0:
+            raise ValueError(
+                f"need human_retries >= 0, human_timeout_s > 0, human_temperature >= 0; got "
+                f"{self.human_retries}, {self.human_timeout_s}, {self.human_temperature}"
+            )
+        if self.human_url and not self.human_url.startswith(("http://", "https://")):
+            raise ValueError(f"human_url must start with http:// or https://, got {self.human_url!r}")
