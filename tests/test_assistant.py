@@ -24,7 +24,7 @@ from empower.assistant import (
     extract_code,
     threshold_length,
 )
-from empower.engines import GenerateRequest, ScoreRequest, encode
+from empower.engines import Finish, GenerateRequest, ScoreRequest, encode
 from empower.engines.local import LocalEngine, finish_row
 
 STATE = "def add(a, b):\n    "
@@ -137,7 +137,7 @@ class ScriptedEngine:
 
     def generate(self, requests):
         ids = self.tokenizer(self.text, add_special_tokens=False)["input_ids"]
-        return [finish_row(self.tokenizer, r, ids, [-0.1] * len(ids), eos=False) for r in requests]
+        return [finish_row(self.tokenizer, r, ids, [-0.1] * len(ids), Finish.STOP) for r in requests]
 
 
 def test_a_code_fence_ends_a_suggestion_like_eos(tiny, tiny_model_path):

@@ -173,3 +173,43 @@ def test_the_prefix_cache_changes_no_generation(tiny):
 def test_bad_requests_are_refused_by_field(fields, message):
     with pytest.raises(ValueError, match=message):
         GenerateRequest(**fields)
+
+
+def test_on_token_hears_exactly_the_kept_tokens_in_order(engine):
+    """Streaming: the budget's crossing token is never heard, and every kept one is, as it comes."""
+    heard: dict[int, list[tuple[int, float]]] = {0: [], 1: [], 2: []}
+    requests = [GenerateRequest(p, 12, budget_bits=40.0) for p in prompts(engine.tokenizer)]
+    made = engine.generate(requests, on_token=lambda i, token, lp, top: heard[i].append((token, lp)))
+    for i, g in enumerate(made):
+        assert g.finish is Finish.BUDGET
+        assert [t for t, _ in heard[i]] == g.ids and [lp for _, lp in heard[i]] == g.logprobs
+
+
+def test_a_cancelled_row_stops_and_the_others_run_on(engine):
+    seen = {0: 0, 1: 0, 2: 0}
+
+    def hear(i, *_):
+        seen[i] += 1
+
+    made = engine.generate(
+        [GenerateRequest(p, 12) for p in prompts(engine.tokenizer)],
+        on_token=hear,
+        cancelled=lambda i: i == 1 and seen[1] >= 3,
+    )
+    assert made[1].finish is Finish.CANCELLED and len(made[1].ids) == 3
+    assert [g.finish for g in (made[0], made[2])] == [Finish.LENGTH, Finish.LENGTH]
+
+
+def test_top_logprobs_list_the_most_likely_alternatives(engine):
+    [g] = engine.generate([GenerateRequest(prompts(engine.tokenizer)[0], 4, top_logprobs=3)])
+    assert len(g.top_logprobs) == len(g.ids) == 4
+    for token, logprob, top in zip(g.ids, g.logprobs, g.top_logprobs, strict=True):
+        assert len(top) == 3 and max(top, key=top.get) == token  # greedy takes the most likely
+        assert top[token] == pytest.approx(logprob)
+
+
+def test_a_tiny_top_p_samples_the_greedy_tokens(engine):
+    sampled = engine.generate(
+        [GenerateRequest(p, 6, temperature=1.0, top_p=1e-6) for p in prompts(engine.tokenizer)]
+    )
+    assert [g.ids for g in sampled] == [g.ids for g in free(engine, max_tokens=6)]

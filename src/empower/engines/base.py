@@ -30,6 +30,7 @@ class Finish(str, enum.Enum):
     STOP = "stop"  # one of the request's stop strings (the text ends before it)
     LENGTH = "length"  # ``max_tokens`` reached
     BUDGET = "budget"  # the next token would have brought the cumulative bits to the budget or above
+    CANCELLED = "cancelled"  # the caller went away
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,9 @@ class GenerateRequest:
     ``prompt`` is token ids (the caller's tokenizer is the engine's, :attr:`Engine.tokenizer`).
     Generation ends at end-of-sequence, after ``max_tokens`` tokens, where the text first contains one
     of ``stop`` (the text ends before it), or before the token that would bring the cumulative NLL of
-    the generated tokens to ``budget_bits`` or above. ``temperature`` 0 is greedy.
+    the generated tokens to ``budget_bits`` or above. ``temperature`` 0 is greedy; ``top_p`` < 1 samples
+    from the smallest set of tokens that holds that much probability. ``top_logprobs``: how many most
+    likely alternatives to report per token.
     """
 
     prompt: tuple[int, ...]
@@ -47,6 +50,8 @@ class GenerateRequest:
     stop: tuple[str, ...] = ()
     budget_bits: float = math.inf
     temperature: float = 0.0
+    top_p: float = 1.0
+    top_logprobs: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "prompt", tuple(self.prompt))
@@ -59,6 +64,10 @@ class GenerateRequest:
             raise ValueError(f"budget_bits must be > 0, got {self.budget_bits}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1 or self.top_logprobs < 0:
+            raise ValueError(
+                f"need 0 < top_p <= 1 and top_logprobs >= 0, got {self.top_p}, {self.top_logprobs}"
+            )
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
 
@@ -69,7 +78,8 @@ class Generation:
 
     ``ids`` are the generated tokens whose text is (at least partly) in ``text``: a stop string that
     begins inside a token keeps that token and cuts the text in it; end-of-sequence is never included.
-    ``logprobs[i]`` is the natural log-probability of ``ids[i]``.
+    ``logprobs[i]`` is the natural log-probability of ``ids[i]``; ``top_logprobs[i]`` maps the most
+    likely alternatives at that step (token id -> log-probability), when the request asked for them.
     """
 
     ids: list[int]
@@ -78,6 +88,7 @@ class Generation:
     finish: Finish
     stop: str = ""  # the stop string that ended it (finish STOP)
     prompt: tuple[int, ...] = field(default=(), repr=False)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list, repr=False)
 
     @property
     def bits(self) -> list[float]:

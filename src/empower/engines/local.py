@@ -17,7 +17,7 @@ Example::
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import (
@@ -27,6 +27,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
     TemperatureLogitsWarper,
+    TopPLogitsWarper,
 )
 
 from empower.engines.base import LN2, Finish, GenerateRequest, Generation, ScoreRequest, decode_continuation
@@ -54,12 +55,14 @@ class StepLogProbs(LogitsProcessor):
 
 
 class RowStops(StoppingCriteria):
-    """Per-row stop rules of a batch, with every generated token's log-probability recorded.
+    """Per-row stop rules of a batch, with every kept token's log-probability recorded.
 
     A row stops at end-of-sequence, at its ``max_tokens``, once its text contains one of its stop
-    strings, or once the cumulative bits of its tokens reach its ``budget_bits``. The token that
-    crosses the budget is generated (its probability is only known then) and is dropped afterwards by
-    :func:`empower.labeling.empower_length`. End-of-sequence tokens are not recorded.
+    strings, or before the token that would bring its cumulative bits to ``budget_bits``: that token
+    is generated (its probability is only known then) and dropped at once, by
+    :func:`empower.labeling.empower_length`, the labeling rule. ``on_token(row, token, logprob, top)``
+    hears each kept token as it comes (streaming), and a row whose ``cancelled(row)`` turns true stops
+    at the next step.
 
     Use::
 
@@ -67,36 +70,54 @@ class RowStops(StoppingCriteria):
         model.generate(..., logits_processor=[stops.recorder], stopping_criteria=[stops])
     """
 
-    def __init__(self, requests: Sequence[GenerateRequest], eos_ids: Sequence[int], tokenizer):
+    def __init__(
+        self,
+        requests: Sequence[GenerateRequest],
+        eos_ids: Sequence[int],
+        tokenizer,
+        on_token: Callable[[int, int, float, dict[int, float]], None] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
+    ):
         self.requests = list(requests)
         self.tokenizer = tokenizer
-        self.eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
-        self.budgets = torch.tensor([r.budget_bits for r in requests], dtype=torch.float64)
-        self.max_tokens = torch.tensor([r.max_tokens for r in requests])
+        self.eos = set(eos_ids)
+        self.on_token, self.cancelled = on_token, cancelled
         self.recorder = StepLogProbs()
         self.ids: list[list[int]] = [[] for _ in requests]
         self.logprobs: list[list[float]] = [[] for _ in requests]
-        self.done = torch.zeros(len(requests), dtype=torch.bool)
-        self.eos_hit = torch.zeros(len(requests), dtype=torch.bool)
-        self.cum_bits = torch.zeros(len(requests), dtype=torch.float64)
+        self.top: list[list[dict[int, float]]] = [[] for _ in requests]
+        self.finish: list[Finish | None] = [None] * len(requests)
+        self._bits: list[list[float]] = [[] for _ in requests]
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        tokens = input_ids[:, -1].cpu()
-        logp = self.recorder.last.gather(1, input_ids[:, -1:]).squeeze(1).double().cpu()
-        is_eos = torch.isin(tokens, self.eos)
-        counted = ~self.done & ~is_eos
-        self.cum_bits += torch.where(counted, -logp / LN2, 0.0)
-        self.eos_hit |= ~self.done & is_eos
-        for row in torch.nonzero(counted).flatten().tolist():
-            self.ids[row].append(int(tokens[row]))
-            self.logprobs[row].append(float(logp[row]))
-        lengths = torch.tensor([len(ids) for ids in self.ids])
-        self.done |= is_eos | (counted & (self.cum_bits >= self.budgets)) | (lengths >= self.max_tokens)
-        for row in torch.nonzero(counted & ~self.done).flatten().tolist():
-            stops = self.requests[row].stop
-            if stops and _first_stop(self._text(row), stops)[0] is not None:
-                self.done[row] = True
-        return self.done.to(input_ids.device).clone()
+        logp = self.recorder.last.gather(1, input_ids[:, -1:]).squeeze(1).double().cpu().tolist()
+        tokens = input_ids[:, -1].cpu().tolist()
+        for row, request in enumerate(self.requests):
+            if self.finish[row] is None:
+                self.finish[row] = self._step(row, request, tokens[row], logp[row])
+        return torch.tensor([f is not None for f in self.finish], device=input_ids.device)
+
+    def _step(self, row: int, request: GenerateRequest, token: int, logprob: float) -> Finish | None:
+        if self.cancelled is not None and self.cancelled(row):
+            return Finish.CANCELLED
+        if token in self.eos:
+            return Finish.EOS
+        bits = [*self._bits[row], -logprob / LN2]
+        if empower_length(bits, request.budget_bits) < len(bits):
+            return Finish.BUDGET
+        self._bits[row] = bits
+        self.ids[row].append(token)
+        self.logprobs[row].append(logprob)
+        top = {}
+        if request.top_logprobs:
+            values, ids = self.recorder.last[row].topk(request.top_logprobs)
+            top = dict(zip(ids.tolist(), values.double().tolist(), strict=True))
+            self.top[row].append(top)
+        if self.on_token is not None:
+            self.on_token(row, token, logprob, top)
+        if request.stop and _first_stop(self._text(row), request.stop)[0] is not None:
+            return Finish.STOP
+        return Finish.LENGTH if len(self.ids[row]) >= request.max_tokens else None
 
     def _text(self, row: int) -> str:
         # A few prompt tokens are enough context for the decoder to keep a leading space.
@@ -110,24 +131,23 @@ def _first_stop(text: str, stops: Sequence[str]) -> tuple[int | None, str]:
 
 
 def finish_row(
-    tokenizer, request: GenerateRequest, ids: list[int], logprobs: list[float], eos: bool
+    tokenizer,
+    request: GenerateRequest,
+    ids: list[int],
+    logprobs: list[float],
+    finish: Finish,
+    top: list[dict[int, float]] | None = None,
 ) -> Generation:
-    """The generation of one row from its raw tokens: the NLL budget cut, then the stop strings.
-
-    ``ids`` may run past the budget (the crossing token) or past a stop string (generation stops after
-    the token that completes it); whichever rule cuts earlier decides the finish.
-    """
-    kept = empower_length([-lp / LN2 for lp in logprobs], request.budget_bits)
-    text = decode_continuation(tokenizer, request.prompt, ids[:kept])
-    at, word = _first_stop(text, request.stop) if request.stop else (None, "")
-    if at is not None:
-        kept = _tokens_before(tokenizer, request.prompt, ids[:kept], at)
-        return Generation(ids[:kept], text[:at], logprobs[:kept], Finish.STOP, word, request.prompt)
-    if kept < len(ids):
-        finish = Finish.BUDGET
-    else:
-        finish = Finish.EOS if eos else Finish.LENGTH
-    return Generation(ids[:kept], text, logprobs[:kept], finish, "", request.prompt)
+    """The generation of one row from its kept tokens: the text, cut before a stop string when one
+    ended it (the tokens that begin before the stop string are kept)."""
+    text = decode_continuation(tokenizer, request.prompt, ids)
+    at, word = _first_stop(text, request.stop) if finish is Finish.STOP else (None, "")
+    if at is None:
+        return Generation(ids, text, logprobs, finish, "", request.prompt, top or [])
+    kept = _tokens_before(tokenizer, request.prompt, ids, at)
+    return Generation(
+        ids[:kept], text[:at], logprobs[:kept], finish, word, request.prompt, (top or [])[:kept]
+    )
 
 
 def _tokens_before(tokenizer, prompt: Sequence[int], ids: list[int], at: int) -> int:
@@ -160,42 +180,57 @@ class LocalEngine:
         self.prefix_cache = prefix_cache_for(model, prefix_cache)
 
     def generate(
-        self, requests: Sequence[GenerateRequest], logits_processors: Sequence[LogitsProcessor] = ()
+        self,
+        requests: Sequence[GenerateRequest],
+        logits_processors: Sequence[LogitsProcessor] = (),
+        *,
+        on_token: Callable[[int, int, float, dict[int, float]], None] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
     ) -> list[Generation]:
         """Every request's generation, in order.
 
         ``logits_processors`` (in-process only) constrain sampling after the log-probabilities are
         recorded; they see the rows of one batch, so requests must then fit one batch.
+        ``on_token(i, token, logprob, top)`` hears each kept token of ``requests[i]`` as it is made,
+        and ``cancelled(i)`` stops ``requests[i]`` at the next step (finish ``cancelled``).
         """
         if logits_processors and len(requests) > self.batch_size:
             raise ValueError("logits processors see one batch: pass at most batch_size requests")
-        order = sorted(range(len(requests)), key=lambda i: (requests[i].temperature, len(requests[i].prompt)))
-        if logits_processors:
-            order = list(range(len(requests)))
+        key = lambda i: (requests[i].temperature, requests[i].top_p)  # noqa: E731 -- one generate call each
+        order = list(range(len(requests)))
+        if not logits_processors:
+            order.sort(key=lambda i: (*key(i), len(requests[i].prompt)))
         results: list[Generation | None] = [None] * len(requests)
-        for _, group in itertools.groupby(order, key=lambda i: requests[i].temperature):
+        for _, group in itertools.groupby(order, key=key):
             group = list(group)
             for begin in range(0, len(group), self.batch_size):
                 chunk = group[begin : begin + self.batch_size]
-                made = self._generate([requests[i] for i in chunk], logits_processors)
+                hear = (lambda row, *a, c=chunk: on_token(c[row], *a)) if on_token else None
+                stop = (lambda row, c=chunk: cancelled(c[row])) if cancelled else None
+                made = self._generate([requests[i] for i in chunk], logits_processors, hear, stop)
                 for i, generation in zip(chunk, made, strict=True):
                     results[i] = generation
         return results
 
     @torch.inference_mode()
-    def _generate(self, requests: list[GenerateRequest], logits_processors) -> list[Generation]:
+    def _generate(
+        self, requests: list[GenerateRequest], logits_processors, on_token, cancelled
+    ) -> list[Generation]:
         rows = [list(r.prompt) for r in requests]
         inputs = batch_inputs(self.prefix_cache or PrefixCache(0), rows, self.pad_id, self.model.device)
         layout = inputs.pop("layout")
-        stops = RowStops(requests, self.eos_ids, self.tokenizer)
-        temperature = requests[0].temperature
+        stops = RowStops(requests, self.eos_ids, self.tokenizer, on_token, cancelled)
+        temperature, top_p = requests[0].temperature, requests[0].top_p
         processors = [stops.recorder, *logits_processors]
-        processors += [TemperatureLogitsWarper(temperature)] if temperature > 0 else []
+        if temperature > 0:
+            processors.append(TemperatureLogitsWarper(temperature))
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
         config = GenerationConfig(
             max_new_tokens=max(r.max_tokens for r in requests),
             do_sample=temperature > 0,
-            # Sampling at temperature 1 without top-k/top-p: our own warper applies the temperature,
-            # after the recorder has seen the raw logits (the log-probs are those of the model itself).
+            # Sampling at temperature 1 without top-k/top-p: our own warpers apply the request's
+            # settings after the recorder has seen the raw logits (the log-probs are the model's own).
             **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}),
             repetition_penalty=1.0,
             eos_token_id=self.eos_ids,
@@ -210,7 +245,14 @@ class LocalEngine:
         if self.prefix_cache is not None:
             store_prompts(self.prefix_cache, rows, inputs["cache"], layout)
         return [
-            finish_row(self.tokenizer, r, stops.ids[i], stops.logprobs[i], bool(stops.eos_hit[i]))
+            finish_row(
+                self.tokenizer,
+                r,
+                stops.ids[i],
+                stops.logprobs[i],
+                stops.finish[i] or Finish.LENGTH,
+                stops.top[i],
+            )
             for i, r in enumerate(requests)
         ]
 
