@@ -23,13 +23,13 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import httpx
 
 from empower import models
-from empower.assistant import Policy
-from empower.serve.engine import PolicyRule
+from empower.assistant import AssistantConfig, Policy, PolicyAssistant
 from empower.serve.upstream import _free_port, _wait_healthy, launch_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,13 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def _raw_generate(texts: list[str], rule: PolicyRule, counts: list[int]) -> Timings:
+def _model_inputs(rule: AssistantConfig, tokenizer, texts: list[str]) -> list[list[int]]:
+    """The token ids the policy's model continues for each text (what the server computes)."""
+    policy = PolicyAssistant(rule, types.SimpleNamespace(tokenizer=tokenizer))
+    return [policy.model_input(text) for text in texts]
+
+
+def _raw_generate(texts: list[str], rule: AssistantConfig, counts: list[int]) -> Timings:
     """Batch-1 ``generate`` of exactly ``counts[i]`` tokens after prompt ``i``, in this process."""
     import torch
 
@@ -129,19 +135,16 @@ def _raw_generate(texts: list[str], rule: PolicyRule, counts: list[int]) -> Timi
     with torch.inference_mode():  # warm-up, as the servers had
         model.generate(**tokenizer(texts[0], return_tensors="pt"), max_new_tokens=2, do_sample=False)
     out = []
-    for text, count in zip(texts, counts, strict=True):
-        ids = tokenizer(
-            rule.model_input(tokenizer, text), add_special_tokens=not rule.chat, return_tensors="pt"
-        )
+    for ids, count in zip(_model_inputs(rule, tokenizer, texts), counts, strict=True):
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(**ids, max_new_tokens=count, min_new_tokens=count, do_sample=False)
+            model.generate(torch.tensor([ids]), max_new_tokens=count, min_new_tokens=count, do_sample=False)
         out.append((time.perf_counter() - start, count))
     return out, sum(seconds for seconds, _ in out)
 
 
 def _measure_empower(
-    name: str, rule: PolicyRule, spec: str, texts: list[str], workdir: Path
+    name: str, rule: AssistantConfig, spec: str, texts: list[str], workdir: Path
 ) -> tuple[list, list]:
     """Rows for our server and raw generate; returns (rows, completion tokens per prompt)."""
     port = _free_port()
@@ -149,7 +152,7 @@ def _measure_empower(
     command = [sys.executable, "-m", "empower", "serve", "--assistant", spec, "--policy", rule.policy.value]
     command += ["--n", str(rule.n), "--eta", str(rule.eta), "--port", str(port), "--model-name", "m"]
     command += ["--threads", str(THREADS)]
-    budget = rule.cap(64)
+    budget = 64
     bodies = [{"model": "m", "prompt": t, "max_tokens": budget, "temperature": 0} for t in texts]
     rows, counts = [], None
     server = _start(command, url, workdir / f"empower-{rule.policy.value}.log")
@@ -174,14 +177,12 @@ def _measure_empower(
 
 
 def _fixed_bodies(
-    texts: list[str], rule: PolicyRule, counts: list[int], tokenizer, as_ids: bool
+    texts: list[str], rule: AssistantConfig, counts: list[int], tokenizer, as_ids: bool
 ) -> list[dict]:
     """The same model input and number of tokens as our server produced, end-of-sequence banned."""
     bodies = []
-    for text, count in zip(texts, counts, strict=True):
-        prompt = rule.model_input(tokenizer, text)
-        if as_ids:
-            prompt = tokenizer(prompt, add_special_tokens=not rule.chat).input_ids
+    for ids, count in zip(_model_inputs(rule, tokenizer, texts), counts, strict=True):
+        prompt = ids if as_ids else tokenizer.decode(ids, skip_special_tokens=False)
         bodies.append(
             {
                 "model": "m",
@@ -208,11 +209,18 @@ def main() -> str:
     texts = _prompts()
     has_empower = (EMPOWER_MODEL / "empower-model.json").exists()
     empower = (
-        ("Empower (trained, model)", PolicyRule(Policy.MODEL), str(EMPOWER_MODEL))
+        ("Empower (trained, model)", AssistantConfig(str(EMPOWER_MODEL), Policy.MODEL), str(EMPOWER_MODEL))
         if has_empower
-        else ("Empower-style threshold eta=4", PolicyRule(Policy.THRESHOLD, eta=4.0), models.DEFAULT_MODEL)
+        else (
+            "Empower-style threshold eta=4",
+            AssistantConfig(models.DEFAULT_MODEL, Policy.THRESHOLD, eta=4.0),
+            models.DEFAULT_MODEL,
+        )
     )
-    policies = [empower, ("Base-20", PolicyRule(Policy.BASE_N, n=20), models.DEFAULT_MODEL)]
+    policies = [
+        empower,
+        ("Base-20", AssistantConfig(models.DEFAULT_MODEL, Policy.BASE_N, n=20), models.DEFAULT_MODEL),
+    ]
     workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     rows, counts, notes = [], {}, []
     for name, rule, spec in policies:

@@ -17,9 +17,18 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from empower.assistant import Policy, threshold_length
-from empower.serve.engine import Engine, PolicyRule, SamplingParams, _scan_stops
-from empower.serve.server import ServeConfig, create_app
+from empower.assistant import (
+    AssistantConfig,
+    Policy,
+    PolicyAssistant,
+    SuggestionRequest,
+    build_assistant,
+    threshold_length,
+)
+from empower.engines import GenerateRequest
+from empower.engines.local import LocalEngine
+from empower.engines.wrappers import Batcher, _first_stop_at, _stop_prefix
+from empower.serve.server import ServeConfig, create_app, local_engine
 from empower.serve.upstream import UpstreamEngine
 from serve_process import serve_process
 
@@ -260,11 +269,16 @@ def test_health_needs_no_key(server):
 # ---- policies, on the in-process engine ---------------------------------------------------------
 
 
-def _run(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> list:
+def _run(engine, requests: list[GenerateRequest], logprobs: bool = False) -> list:
     async def collect():
-        return [delta async for delta in engine.stream([prompt_ids], params)]
+        return [delta async for delta in engine.stream(requests, logprobs)]
 
     return asyncio.run(collect())
+
+
+def _policy(tiny, **fields) -> PolicyAssistant:
+    config = ServeConfig(assistant=MODEL, **fields).assistant_config
+    return PolicyAssistant(config, LocalEngine(*tiny))
 
 
 @pytest.fixture
@@ -272,25 +286,34 @@ def prompt_ids(tiny) -> list[int]:
     return tiny[1](PROMPT).input_ids
 
 
-def test_base_n_caps_the_suggestion_at_n_tokens(tiny, prompt_ids):
-    engine = Engine(*tiny, PolicyRule(Policy.BASE_N, n=3))
+def test_the_batcher_streams_what_the_engine_generates(tiny, prompt_ids):
+    """The wrapper adds no rule of its own: its deltas join into the engine's generation."""
+    engine = LocalEngine(*tiny, prefix_cache=0)
+    batcher = Batcher(LocalEngine(*tiny, prefix_cache=0))
+    requests = [GenerateRequest(prompt_ids, 10), GenerateRequest(prompt_ids[:3], 6, budget_bits=40.0)]
     try:
-        deltas = _run(engine, prompt_ids, SamplingParams(max_tokens=20, temperature=0))
+        deltas = _run(batcher, requests, logprobs=True)
     finally:
-        engine.close()
-    assert sum(d.token_count for d in deltas) == 3
+        batcher.close()
+    for index, g in enumerate(engine.generate(requests)):
+        mine = [d for d in deltas if d.index == index]
+        assert "".join(d.text for d in mine) == g.text and len(mine) > 1
+        assert [lp for d in mine for lp in d.token_logprobs] == pytest.approx(g.logprobs, abs=1e-4)
+        assert mine[-1].generation.ids == g.ids and all(d.finish_reason is None for d in mine[:-1])
+    # The budgeted row ends first, without waiting for the rest of its batch.
+    assert [(d.index, d.finish_reason) for d in deltas if d.finish_reason] == [(1, "stop"), (0, "length")]
 
 
 def test_threshold_keeps_the_tokens_the_labeling_rule_keeps(tiny, prompt_ids):
-    free = Engine(*tiny, PolicyRule(Policy.MODEL))
-    capped = Engine(*tiny, PolicyRule(Policy.THRESHOLD, eta=40.0))
+    policy = _policy(tiny, policy=Policy.THRESHOLD, eta=40.0)
+    batcher = Batcher(LocalEngine(*tiny))
     try:
-        deltas = _run(free, prompt_ids, SamplingParams(max_tokens=10, temperature=0, logprobs=0))
-        bits = [-lp / 0.6931471805599453 for d in deltas for lp in d.token_logprobs]
-        kept = _run(capped, prompt_ids, SamplingParams(max_tokens=10, temperature=0))
+        free = _run(batcher, [GenerateRequest(prompt_ids, 10)], logprobs=True)
+        bits = [-lp / 0.6931471805599453 for d in free for lp in d.token_logprobs]
+        request = policy.request_for(SuggestionRequest(PROMPT), prompt_ids=prompt_ids, max_tokens=10)
+        kept = _run(batcher, [request])
     finally:
-        free.close()
-        capped.close()
+        batcher.close()
     assert 0 < threshold_length(bits, 40.0) < 10  # the case is informative: eta cuts inside the budget
     assert sum(d.token_count for d in kept) == threshold_length(bits, 40.0)
     assert kept[-1].finish_reason == "stop"
@@ -298,27 +321,25 @@ def test_threshold_keeps_the_tokens_the_labeling_rule_keeps(tiny, prompt_ids):
 
 def test_an_editor_retyping_its_file_gets_the_same_completions_from_cached_prefixes(tiny, prompt_ids):
     """Each request extends the last (typing); with the prefix cache only the new tokens are encoded."""
-    params = SamplingParams(max_tokens=8, temperature=0, logprobs=0)
-    engines = {size: Engine(*tiny, PolicyRule(Policy.MODEL), prefix_cache=size) for size in (0, 16)}
+    batchers = {size: Batcher(LocalEngine(*tiny, prefix_cache=size)) for size in (0, 16)}
     seen = {}
     try:
-        for size, engine in engines.items():
-            seen[size] = [[(d.text, d.tokens) for d in _run(engine, prompt_ids + typed, params)]
-                          for typed in ([], prompt_ids[:3], prompt_ids[:3] + prompt_ids[:5])]
+        for size, batcher in batchers.items():
+            seen[size] = [[(d.text, d.tokens) for d in _run(batcher, [GenerateRequest(prompt_ids + typed, 8)], True)]
+                          for typed in ([], prompt_ids[:3], prompt_ids[:3] + prompt_ids[:5])]  # fmt: skip
     finally:
-        for engine in engines.values():
-            engine.close()
+        for batcher in batchers.values():
+            batcher.close()
     assert seen[16] == seen[0]
-    assert engines[0].prefix_cache is None and engines[16].prefix_cache.reused_tokens > len(prompt_ids)
+    assert batchers[0].prefix_cache is None and batchers[16].prefix_cache.reused_tokens > len(prompt_ids)
 
 
 def test_upstream_engine_cuts_the_stream_where_the_threshold_rule_does(server, prompt_ids):
     """The --engine vllm proxy, with our own server standing in for vLLM (same OpenAI API)."""
-    free = UpstreamEngine(server, MODEL, PolicyRule(Policy.MODEL), api_key=KEY)
-    capped = UpstreamEngine(server, MODEL, PolicyRule(Policy.THRESHOLD, eta=40.0), api_key=KEY)
-    params = SamplingParams(max_tokens=10, temperature=0, logprobs=0)
-    bits = [-lp / 0.6931471805599453 for d in _run(free, prompt_ids, params) for lp in d.token_logprobs]
-    kept = _run(capped, prompt_ids, params)
+    upstream = UpstreamEngine(server, MODEL, api_key=KEY)
+    bits = [-lp / 0.6931471805599453 for d in _run(upstream, [GenerateRequest(prompt_ids, 10)], True)
+            for lp in d.token_logprobs]  # fmt: skip
+    kept = _run(upstream, [GenerateRequest(prompt_ids, 10, budget_bits=40.0)])
     assert 0 < threshold_length(bits, 40.0) < 10
     assert sum(d.token_count for d in kept) == threshold_length(bits, 40.0)
     assert kept[-1].finish_reason == "stop"
@@ -326,7 +347,7 @@ def test_upstream_engine_cuts_the_stream_where_the_threshold_rule_does(server, p
 
 def _in_process(model, tokenizer, **options) -> TestClient:
     config = ServeConfig(assistant=MODEL, **options)
-    return TestClient(create_app(config, Engine(model, tokenizer, config.rule), tokenizer))
+    return TestClient(create_app(config, local_engine(config, model, tokenizer), tokenizer))
 
 
 def test_suffix_is_dropped_when_the_server_is_told_to(tiny):
@@ -353,10 +374,42 @@ def test_suffix_becomes_a_fill_in_the_middle_prompt_when_the_tokenizer_has_fim_t
     assert out.status_code == 200 and out.json()["usage"]["prompt_tokens"] == len(expected)
 
 
-def test_stop_scan_cuts_at_the_earliest_stop_and_holds_back_a_partial_one():
-    assert _scan_stops("x = 1\n\ny = 2", 0, ("y", "\n\n")) == (5, 0, "\n\n")
-    assert _scan_stops("x = 1\n", 0, ("\n\n",)) == (None, 1, "")  # "\n" may start "\n\n": not sent yet
-    assert _scan_stops("x = 1", 0, ("\n\n",)) == (None, 0, "")
+def test_the_stream_holds_back_what_could_begin_a_stop_string():
+    assert _first_stop_at("x = 1\n\ny = 2", ("y", "\n\n")) == 5
+    assert _stop_prefix("x = 1\n", 0, ("\n\n",)) == 1  # "\n" may start "\n\n": not sent yet
+    assert _stop_prefix("x = 1", 0, ("\n\n",)) == 0
+
+
+STATES = ["def add(a, b):\n    ", "import os\n\n\ndef main():\n    path = os.getcwd()\n    ", "x = ["]
+
+
+@pytest.mark.parametrize("policy", list(Policy))
+def test_serve_and_eval_give_the_same_suggestion_for_the_same_state(tiny, tiny_model_path, policy):
+    """One policy module: /v1/completions (streamed or not) and empower eval's assistant agree."""
+    fields = dict(policy=policy, n=3, eta=40.0)
+    config = AssistantConfig(assistant=tiny_model_path, max_new_tokens=12, **fields)
+    evaluated = build_assistant(config, model=tiny[0], tokenizer=tiny[1]).suggest(
+        [SuggestionRequest(state) for state in STATES]
+    )
+    if policy is Policy.THRESHOLD:  # the case is informative: eta cuts inside the budget
+        assert any(s.stop_reason == "threshold" for s in evaluated)
+    if policy is Policy.BASE_N:
+        assert any(s.stop_reason == "cap" for s in evaluated)
+    with _in_process(*tiny, **fields) as client:
+        for state, suggestion in zip(STATES, evaluated, strict=True):
+            body = {"model": MODEL, "prompt": state, "max_tokens": 12, "temperature": 0}
+            whole = client.post("/v1/completions", json=body).json()["choices"][0]
+            streamed = client.post("/v1/completions", json=body | {"stream": True}).text
+            pieces = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+            assert whole["text"] == suggestion.text
+            assert "".join(p["choices"][0]["text"] for p in pieces) == suggestion.text
+            assert whole["finish_reason"] == ("length" if suggestion.stop_reason == "max_tokens" else "stop")
+
+
+def test_base_policies_refuse_logprobs_by_name(tiny):
+    with _in_process(*tiny, policy=Policy.BASE_N) as client:
+        out = client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "logprobs": 1})
+    assert out.status_code == 400 and out.json()["error"]["param"] == "logprobs"
 
 
 def test_config_refuses_a_nonpositive_limit():

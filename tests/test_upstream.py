@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from empower.assistant import Policy
-from empower.serve.engine import PolicyRule, SamplingParams
+from empower.engines import GenerateRequest
 from empower.serve.server import ServeConfig, create_app
 from empower.serve.upstream import UpstreamEngine
 
@@ -33,29 +33,29 @@ CHUNK = {
 }
 
 
-def _engine(policy: Policy) -> UpstreamEngine:
+def _engine(tokenizer=None) -> UpstreamEngine:
     body = f"data: {json.dumps(CHUNK)}\n\ndata: [DONE]\n\n"
-    engine = UpstreamEngine(URL, "m", PolicyRule(policy, eta=40.0))
+    engine = UpstreamEngine(URL, "m", tokenizer)
     engine._client = httpx.AsyncClient(
         base_url=URL, transport=httpx.MockTransport(lambda request: httpx.Response(200, text=body))
     )
     return engine
 
 
-def _deltas(engine: UpstreamEngine, params: SamplingParams) -> list:
+def _deltas(engine: UpstreamEngine, request: GenerateRequest, logprobs: bool = False) -> list:
     async def collect():
-        return [delta async for delta in engine.stream([[1, 2, 3]], params)]
+        return [delta async for delta in engine.stream([request], logprobs)]
 
     return asyncio.run(collect())
 
 
-def test_threshold_policy_refuses_a_missing_logprob_instead_of_counting_zero_bits():
+def test_an_nll_budget_refuses_a_missing_logprob_instead_of_counting_zero_bits():
     with pytest.raises(RuntimeError, match=rf"{URL} sent no log-probability for token 1 \('b'\) of choice 0"):
-        _deltas(_engine(Policy.THRESHOLD), SamplingParams(max_tokens=2))
+        _deltas(_engine(), GenerateRequest([1, 2, 3], 2, budget_bits=40.0))
 
 
-def test_other_policies_pass_a_missing_logprob_on_as_null():
-    [delta] = _deltas(_engine(Policy.MODEL), SamplingParams(max_tokens=2, logprobs=0))
+def test_without_a_budget_a_missing_logprob_passes_on_as_null():
+    [delta] = _deltas(_engine(), GenerateRequest([1, 2, 3], 2), logprobs=True)
     assert delta.tokens == ["a", "b"] and delta.token_logprobs == [-0.1, None]
     assert delta.token_count == 2 and delta.text == "ab"
 
@@ -63,7 +63,7 @@ def test_other_policies_pass_a_missing_logprob_on_as_null():
 def test_a_streaming_client_gets_the_error_in_band(tiny):
     _, tokenizer = tiny
     config = ServeConfig(assistant="tiny-random", policy=Policy.THRESHOLD, eta=40.0)
-    with TestClient(create_app(config, _engine(Policy.THRESHOLD), tokenizer)) as client:
+    with TestClient(create_app(config, _engine(tokenizer), tokenizer)) as client:
         response = client.post(
             "/v1/completions", json={"model": "tiny-random", "prompt": "x", "max_tokens": 2, "stream": True}
         )
@@ -71,5 +71,5 @@ def test_a_streaming_client_gets_the_error_in_band(tiny):
     assert response.status_code == 200
     assert [e["error"]["message"] for e in events if "error" in e] == [
         f"upstream server at {URL} sent no log-probability for token 1 ('b') of choice 0; "
-        "the threshold policy needs every one"
+        "the NLL budget needs every one"
     ]

@@ -7,19 +7,17 @@ Policies (:class:`Policy`):
 - ``base``: an instruct model asked through its chat template to retype the current code and extend
   it, the way the paper prompted its assistants; the suggestion is what it added, after stripping
   markdown fences and prose as a completion plugin would;
-- ``base-n``: ``base`` cut at ``n`` tokens;
+- ``base-n``: ``base``, the cleaned reply cut at its first ``n`` tokens (:func:`cap_tokens`; default
+  10, the paper's Base-10; its human study's Base-20 is ``n=20``);
 - ``threshold``: training-free Empower decoding. The longest continuation whose cumulative
   negative log-likelihood (bits) under an estimator stays below ``eta`` -- the labeling rule
-  applied at inference time. With the generating model as its own estimator, generation stops
-  inside ``generate`` (:class:`ThresholdStopping`); another estimator scores the generated tokens
-  in one forward pass and the text is cut afterwards.
+  applied at inference time. With the generating model as its own estimator, eta is the engine's
+  NLL budget and generation stops there; another estimator scores the generated tokens in one
+  forward pass and the same rule (:func:`threshold_length`) cuts them.
 
-Generation is batched over many requests (left padding), greedy unless ``assistant_temperature > 0``.
-
-Pieces a streaming server reuses: :func:`threshold_length` (the rule), :class:`StepLogProbs` +
-:class:`ThresholdStopping` (the rule as ``transformers`` logits processor + stopping criterion),
-:func:`chat_prompt` (the ``base`` prompt), :func:`extract_addition` / :func:`extract_code`
-(plugin-style cleanup), :func:`cap_tokens` (the ``base-n`` cap).
+Every policy runs over an engine (:mod:`empower.engines`), greedy unless ``assistant_temperature >
+0``. :class:`PolicyAssistant` is the one place a suggestion is made: ``empower eval`` and ``empower
+serve`` both build their requests with it and finish their generations with it.
 
 Example::
 
@@ -41,9 +39,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from transformers import (
-    StoppingCriteria,
-)
 
 from empower import models
 from empower.configs import option
@@ -57,7 +52,7 @@ from empower.engines.base import (
     decode_continuation,
     encode,
 )
-from empower.engines.local import LocalEngine, StepLogProbs
+from empower.engines.local import LocalEngine
 from empower.labeling import empower_length
 from empower.prompts import PromptTemplate, build_prompt
 
@@ -107,7 +102,9 @@ class AssistantConfig:
         models.DEFAULT_MODEL, "assistant model spec: embedded name, folder, .gguf or hub id"
     )
     policy: Policy = option(Policy.MODEL, "model | base | base-n | threshold")
-    n: int = option(10, "base-n: suggestions are cut at this many tokens")
+    n: int = option(
+        10, "base-n: suggestions are cut at this many tokens (the paper's Base-10; its human study used 20)"
+    )
     eta: float = option(4.0, "threshold: cumulative NLL budget in BITS of one suggestion")
     estimator: str = option("", "threshold: model spec scoring the tokens (empty: the assistant itself)")
     max_new_tokens: int = option(64, "generation budget per suggestion (tokens added to the code)")
@@ -184,50 +181,6 @@ def threshold_length(bits: Sequence[float], eta_bits: float) -> int:
     2
     """
     return empower_length(np.asarray(bits, dtype=np.float64), eta_bits)
-
-
-class ThresholdStopping(StoppingCriteria):
-    """Stops each row once the cumulative bits of its generated tokens reach ``eta_bits``.
-
-    Records the bits of every generated token (``bits(row)``), so with ``eta_bits=inf`` it is a
-    tracker. The token that crosses eta is generated (its probability is only known then) and must be
-    dropped: keep ``threshold_length(bits(row), eta)`` tokens. End-of-sequence tokens carry no bits.
-
-    Use::
-
-        stop = ThresholdStopping(eta, eos_token_ids)
-        model.generate(..., logits_processor=[stop.recorder], stopping_criteria=[stop])
-    """
-
-    def __init__(self, eta_bits: float = math.inf, eos_token_ids: Sequence[int] = ()):
-        self.eta_bits = eta_bits
-        self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
-        self.recorder = StepLogProbs()
-        self.done: torch.Tensor | None = None
-        self.cum_bits: torch.Tensor | None = None
-        self.eos_hit: torch.Tensor | None = None
-        self._steps: list[torch.Tensor] = []
-        self._counted: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        tokens = input_ids[:, -1]
-        if self.done is None:
-            self.done = torch.zeros_like(tokens, dtype=torch.bool)
-            self.eos_hit = torch.zeros_like(self.done)
-            self.cum_bits = torch.zeros(tokens.shape, dtype=torch.float64, device=tokens.device)
-        step_bits = -self.recorder.last.gather(1, tokens[:, None]).squeeze(1).double() / LN2
-        is_eos = torch.isin(tokens, self.eos.to(tokens.device))
-        counted = ~self.done & ~is_eos
-        self.cum_bits += torch.where(counted, step_bits, 0.0)
-        self._steps.append(step_bits.cpu())
-        self._counted.append(counted.cpu())
-        self.eos_hit |= ~self.done & is_eos
-        self.done |= is_eos | (counted & (self.cum_bits >= self.eta_bits))
-        return self.done.clone()
-
-    def bits(self, row: int) -> list[float]:
-        """Bits of the tokens generated for ``row`` before it stopped (excluding end-of-sequence)."""
-        return [float(s[row]) for s, c in zip(self._steps, self._counted, strict=True) if c[row]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,8 +314,9 @@ FENCE = "```"
 class PolicyAssistant:
     """Every policy over an engine (and, for threshold, optionally a separate estimator engine).
 
-    The one place where a suggestion is made from a state: ``empower eval`` and ``empower serve``
-    both call :meth:`suggest`.
+    The one place where a suggestion is made from a state. ``empower eval`` calls :meth:`suggest`;
+    ``empower serve`` builds the same requests (:meth:`request_for`) and finishes them the same way
+    (:meth:`finish`), streaming the text as it comes where the policy allows (:attr:`live`).
     """
 
     def __init__(self, config: AssistantConfig, engine: Engine, estimator: Engine | None = None):
@@ -373,40 +327,89 @@ class PolicyAssistant:
         if estimator is not None:
             self._same_vocab = estimator.tokenizer.get_vocab() == self.tokenizer.get_vocab()
 
+    @property
+    def chat(self) -> bool:
+        """base and base-n ask an instruct model, through its chat template, to extend the code."""
+        return self.config.policy in (Policy.BASE, Policy.BASE_N)
+
+    @property
+    def live(self) -> bool:
+        """Whether the generated text is the suggestion as it comes (so it can be streamed): not for
+        base (the reply is cleaned and capped once whole), nor for a separate estimator (it scores
+        the whole generation)."""
+        return not self.chat and self.estimator is None
+
+    def model_input(self, state: str, statement: str | None = None) -> list[int]:
+        """The token ids the model continues for ``state``."""
+        cfg = self.config
+        if self.chat:
+            text = chat_prompt(self.tokenizer, state, statement, cfg.base_prefill)
+            return encode(self.tokenizer, [text], add_special_tokens=False)[0]  # the template has them
+        return encode(self.tokenizer, [build_prompt(state, statement, cfg.prompt_template)])[0]
+
+    def request_for(
+        self,
+        r: SuggestionRequest,
+        *,
+        prompt_ids: Sequence[int] | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] = (),
+        temperature: float | None = None,
+        top_p: float = 1.0,
+        top_logprobs: int = 0,
+    ) -> GenerateRequest:
+        """What to ask the engine for ``r``: the policy's prompt (or ``prompt_ids`` as they are), its
+        token budget (base-n generates a few tokens past ``n``, cut by :meth:`finish`), the closing
+        code fence as a stop string, and for threshold eta as the NLL budget."""
+        cfg = self.config
+        budget = max_tokens or cfg.max_new_tokens
+        if cfg.policy is Policy.BASE_N:
+            budget = min(budget, cfg.n + 8)  # room for the cleanup to drop a few tokens
+        if self.chat and not cfg.base_prefill:  # the model retypes the code (and fences it) first
+            budget += count_tokens(r.state, self.tokenizer) + 16
+        own_threshold = cfg.policy is Policy.THRESHOLD and self.estimator is None
+        return GenerateRequest(
+            tuple(prompt_ids) if prompt_ids is not None else self.model_input(r.state, r.statement),
+            budget,
+            # An untuned model closes a markdown fence and explains its code: the fence ends it like EOS.
+            tuple(dict.fromkeys([FENCE, *stop])),
+            cfg.eta if own_threshold else math.inf,
+            cfg.assistant_temperature if temperature is None else temperature,
+            top_p,
+            top_logprobs,
+        )
+
+    def finish(self, r: SuggestionRequest, g: Generation) -> Suggestion:
+        """The suggestion a generation for ``r`` makes (for a separate estimator, see :meth:`suggest`)."""
+        if not self.chat:
+            return _suggestion(g.text, len(g.ids), _reason(len(g.ids), g), sum(g.bits))
+        reply = ("```python\n" + r.state if self.config.base_prefill else "") + g.text
+        addition = extract_addition(r.state, reply)
+        capped = False
+        if self.config.policy is Policy.BASE_N:
+            addition, capped = cap_tokens(addition, self.tokenizer, self.config.n)
+        ended = g.finish in (Finish.EOS, Finish.STOP)
+        reason = StopReason.CAP if capped else StopReason.EOS if ended else StopReason.MAX_TOKENS
+        return _suggestion(addition, count_tokens(addition, self.tokenizer), reason, None)
+
     def suggest(self, requests: list[SuggestionRequest]) -> list[Suggestion]:
         """Suggestions for many states at once, in order (the engine batches them)."""
-        if self.config.policy in (Policy.BASE, Policy.BASE_N):
-            return self._suggest_base(requests)
-        return self._suggest_plain(requests)
+        gens = self.engine.generate([self.request_for(r) for r in requests])
+        if self.config.policy is Policy.THRESHOLD and self.estimator is not None:
+            if not self._same_vocab:
+                return self._cut_by_foreign_estimator(requests, gens)
+            return self._cut_by_estimator(requests, gens)
+        return [self.finish(r, g) for r, g in zip(requests, gens, strict=True)]
 
-    def _suggest_plain(self, requests: list[SuggestionRequest]) -> list[Suggestion]:
-        cfg = self.config
-        threshold = cfg.policy is Policy.THRESHOLD
-        prompts = encode(
-            self.tokenizer, [build_prompt(r.state, r.statement, cfg.prompt_template) for r in requests]
-        )
-        # With the assistant as its own estimator the budget ends generation; another estimator
-        # scores the free generation, and the same rule cuts it below.
-        budget = cfg.eta if threshold and self.estimator is None else math.inf
-        # An untuned model may close a markdown fence and explain its code: the fence ends it like EOS.
-        gens = self.engine.generate(
-            [
-                GenerateRequest(p, cfg.max_new_tokens, (FENCE,), budget, cfg.assistant_temperature)
-                for p in prompts
-            ]
-        )
-        if threshold and self.estimator is not None and not self._same_vocab:
-            return self._cut_by_foreign_estimator(requests, gens)
-        bits_rows = [g.bits for g in gens]
-        if threshold and self.estimator is not None:
-            contexts = encode(self.estimator.tokenizer, [r.state for r in requests])
-            scored = self.estimator.score(
-                [ScoreRequest(c, g.ids) for c, g in zip(contexts, gens, strict=True)]
-            )
-            bits_rows = [[-lp / LN2 for lp in row] for row in scored]
+    def _cut_by_estimator(self, requests, gens: list[Generation]) -> list[Suggestion]:
+        """Threshold under another estimator with the same vocabulary: it scores the generated tokens
+        given the plain code state, and the rule cuts them."""
+        contexts = encode(self.estimator.tokenizer, [r.state for r in requests])
+        scored = self.estimator.score([ScoreRequest(c, g.ids) for c, g in zip(contexts, gens, strict=True)])
         out = []
-        for g, bits in zip(gens, bits_rows, strict=True):
-            kept = threshold_length(bits, cfg.eta) if threshold else len(g.ids)
+        for g, logprobs in zip(gens, scored, strict=True):
+            bits = [-lp / LN2 for lp in logprobs]
+            kept = threshold_length(bits, self.config.eta)
             text = (
                 g.text if kept == len(g.ids) else decode_continuation(self.tokenizer, g.prompt, g.ids[:kept])
             )
@@ -433,33 +436,6 @@ class PolicyAssistant:
             cut = g.text if kept == len(bits) else g.text[: max(0, end)]
             reason = StopReason.THRESHOLD if kept < len(bits) else _reason(len(g.ids), g)
             out.append(_suggestion(cut, count_tokens(cut, self.tokenizer), reason, sum(bits[:kept])))
-        return out
-
-    def _suggest_base(self, requests: list[SuggestionRequest]) -> list[Suggestion]:
-        cfg = self.config
-        texts = [chat_prompt(self.tokenizer, r.state, r.statement, cfg.base_prefill) for r in requests]
-        # The chat template already holds the special tokens.
-        prompts = encode(self.tokenizer, texts, add_special_tokens=False)
-        budget = cfg.max_new_tokens if cfg.policy is Policy.BASE else min(cfg.max_new_tokens, cfg.n + 8)
-        budgets = [budget] * len(requests)
-        if not cfg.base_prefill:  # the model retypes the code (and fences it) before extending it
-            budgets = [budget + count_tokens(r.state, self.tokenizer) + 16 for r in requests]
-        gens = self.engine.generate(
-            [
-                GenerateRequest(p, b, (FENCE,), temperature=cfg.assistant_temperature)
-                for p, b in zip(prompts, budgets, strict=True)
-            ]
-        )
-        out = []
-        for r, g in zip(requests, gens, strict=True):
-            reply = ("```python\n" + r.state if cfg.base_prefill else "") + g.text
-            addition = extract_addition(r.state, reply)
-            capped = False
-            if cfg.policy is Policy.BASE_N:
-                addition, capped = cap_tokens(addition, self.tokenizer, cfg.n)
-            ended = g.finish in (Finish.EOS, Finish.STOP)
-            reason = StopReason.CAP if capped else StopReason.EOS if ended else StopReason.MAX_TOKENS
-            out.append(_suggestion(addition, count_tokens(addition, self.tokenizer), reason, None))
         return out
 
 

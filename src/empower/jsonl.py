@@ -32,7 +32,9 @@ def iter_jsonl(path: str | Path, *, cut_tail_ok: bool = False) -> Iterator[tuple
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 if cut_tail_ok and not line.endswith("\n"):
-                    log.warning("%s:%d: incomplete last line skipped (interrupted run): %s", path, number, err.msg)
+                    log.warning(
+                        "%s:%d: incomplete last line skipped (interrupted run): %s", path, number, err.msg
+                    )
                     return
                 raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
             if not isinstance(record, dict):

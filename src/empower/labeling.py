@@ -67,10 +67,14 @@ class DataConfig(CorpusConfig):
     scoring_max_tokens: int = option(2048, "window length; longer documents are scored in windows")
     scoring_overlap: int = option(256, "context tokens shared by consecutive windows (at least 1)")
     scoring_cache: Path | None = option(
-        None, "folder of per-document NLLs shared by builds over the same corpus (methods, eta values)", resumable=True
+        None,
+        "folder of per-document NLLs shared by builds over the same corpus (methods, eta values)",
+        resumable=True,
     )
     device: str | None = option(None, "cuda / cpu (default: cuda when available)", resumable=True)
-    resume: bool = option(False, "continue an interrupted build in --out, skipping finished documents", resumable=True)
+    resume: bool = option(
+        False, "continue an interrupted build in --out, skipping finished documents", resumable=True
+    )
     overwrite: bool = option(False, "delete an existing build in --out first", resumable=True)
     progress: bool = option(True, "show a progress bar", resumable=True)
 
@@ -106,8 +110,6 @@ class DataConfig(CorpusConfig):
         if self.method is Method.SFT_RAND:
             return f"sft-rand-{self.sft_rand_min}-{self.sft_rand_max}"
         return "empower"
-
-
 
 
 # ---------------------------------------------------------------- the rule
@@ -312,9 +314,7 @@ def _prepare_out(config: DataConfig) -> set[str]:
     finished = list(_whole_lines(out / "documents.jsonl"))
     done = {d["doc_id"] for d in finished}
     _rewrite_jsonl(out / "documents.jsonl", finished)
-    _rewrite_jsonl(
-        out / "pairs.jsonl", (r for r in _whole_lines(out / "pairs.jsonl") if r["doc_id"] in done)
-    )
+    _rewrite_jsonl(out / "pairs.jsonl", (r for r in _whole_lines(out / "pairs.jsonl") if r["doc_id"] in done))
     shutil.rmtree(out / "dataset", ignore_errors=True)
     log.info("resuming %s: %d documents already done", out, len(done))
     return done

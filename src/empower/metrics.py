@@ -43,8 +43,18 @@ from empower.jsonl import iter_jsonl
 log = logging.getLogger(__name__)
 
 TRACE_FIELDS = (
-    "task_id", "passed", "tokens_read", "tokens_written", "suggestions", "accepted",
-    "suggestion_tokens", "suggestion_chars", "chars_deleted_from_accepted", "turns", "end_reason", "status",
+    "task_id",
+    "passed",
+    "tokens_read",
+    "tokens_written",
+    "suggestions",
+    "accepted",
+    "suggestion_tokens",
+    "suggestion_chars",
+    "chars_deleted_from_accepted",
+    "turns",
+    "end_reason",
+    "status",
 )
 
 
@@ -70,7 +80,9 @@ class MetricsConfig:
             raise ValueError(f"metrics_resamples must be >= 100, got {self.metrics_resamples}")
 
 
-def discounted_pass(passed: bool, tokens_read: int, tokens_written: int, config: MetricsConfig | None = None) -> float:
+def discounted_pass(
+    passed: bool, tokens_read: int, tokens_written: int, config: MetricsConfig | None = None
+) -> float:
     """DPR of one episode: success discounted by the human's reading and writing effort.
 
     Example: ``discounted_pass(True, 100, 20)`` = 0.999 ** (0.1 * 100 + 0.5 * 20) ~ 0.980.
@@ -112,8 +124,13 @@ def _bootstrap(samples: tuple[np.ndarray, ...], statistic, config: MetricsConfig
         return Estimate(value)
     degenerate = all(np.all(s == s[0]) for s in samples)
     result = stats.bootstrap(
-        samples, statistic, n_resamples=config.metrics_resamples, paired=True, vectorized=True,
-        method="percentile" if degenerate else "BCa", rng=np.random.default_rng(config.metrics_seed),
+        samples,
+        statistic,
+        n_resamples=config.metrics_resamples,
+        paired=True,
+        vectorized=True,
+        method="percentile" if degenerate else "BCa",
+        rng=np.random.default_rng(config.metrics_seed),
     )
     low, high = result.confidence_interval
     return Estimate(value, float(low), float(high))
@@ -173,7 +190,9 @@ class EpisodeMetrics:
         return acceptance_rate(self.accepted, self.shown)
 
 
-def episode_metrics(trace: dict, config: MetricsConfig | None = None, *, where: str = "trace") -> EpisodeMetrics:
+def episode_metrics(
+    trace: dict, config: MetricsConfig | None = None, *, where: str = "trace"
+) -> EpisodeMetrics:
     """Score one trace line (DPR recomputed with ``config``, so runs compare under one setting)."""
     missing = [name for name in TRACE_FIELDS if name not in trace]
     if missing:
@@ -241,9 +260,16 @@ class Summary:
 
 
 def summarize_episodes(
-    episodes: list[EpisodeMetrics], config: MetricsConfig | None = None, *, run: str = "run",
-    assistant: str = "?", human: str = "?", tasks: str = "?", expected: int | None = None,
-    excluded: int = 0, count_tokenizer: str | None = None,
+    episodes: list[EpisodeMetrics],
+    config: MetricsConfig | None = None,
+    *,
+    run: str = "run",
+    assistant: str = "?",
+    human: str = "?",
+    tasks: str = "?",
+    expected: int | None = None,
+    excluded: int = 0,
+    count_tokenizer: str | None = None,
 ) -> Summary:
     """Aggregate episodes (one per task) into a :class:`Summary`; ``expected`` = tasks the run should have."""
     config = config or MetricsConfig()
@@ -261,7 +287,11 @@ def summarize_episodes(
     lengths = [n for e in episodes for n in e.suggestion_tokens]
     chars = [n for e in episodes for n in e.suggestion_chars]
     return Summary(
-        run=run, assistant=assistant, human=human, tasks=tasks, excluded=excluded,
+        run=run,
+        assistant=assistant,
+        human=human,
+        tasks=tasks,
+        excluded=excluded,
         count_tokenizer=count_tokenizer,
         episodes=len(episodes),
         expected=expected,
@@ -275,7 +305,9 @@ def summarize_episodes(
         mean_suggestion_tokens=float(np.mean(lengths)) if lengths else None,
         mean_suggestion_chars=float(np.mean(chars)) if chars else None,
         tokens_read=_bootstrap((np.array([e.tokens_read for e in episodes], dtype=float),), _mean, config),
-        tokens_written=_bootstrap((np.array([e.tokens_written for e in episodes], dtype=float),), _mean, config),
+        tokens_written=_bootstrap(
+            (np.array([e.tokens_written for e in episodes], dtype=float),), _mean, config
+        ),
         chars_deleted_from_accepted=sum(e.chars_deleted_from_accepted for e in episodes),
         mean_turns=float(np.mean([e.turns for e in episodes])),
         end_reasons=dict(Counter(e.end_reason for e in episodes)),
@@ -367,8 +399,12 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
 
 
 def compare_episodes(
-    a: list[EpisodeMetrics], b: list[EpisodeMetrics], config: MetricsConfig | None = None,
-    *, run_a: str = "A", run_b: str = "B",
+    a: list[EpisodeMetrics],
+    b: list[EpisodeMetrics],
+    config: MetricsConfig | None = None,
+    *,
+    run_a: str = "A",
+    run_b: str = "B",
 ) -> Comparison:
     """Paired tests of two runs; only tasks present in both count (an error if there are none)."""
     config = config or MetricsConfig()
@@ -383,13 +419,19 @@ def compare_episodes(
     nonzero = differences[differences != 0]
     wilcoxon_p = float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) else 1.0
     return Comparison(
-        run_a=run_a, run_b=run_b, tasks=len(pairs),
-        pass_a=float(passed_a.mean()), pass_b=float(passed_b.mean()),
-        only_a_passed=only_a, only_b_passed=only_b, mcnemar_p=mcnemar_exact(only_a, only_b),
+        run_a=run_a,
+        run_b=run_b,
+        tasks=len(pairs),
+        pass_a=float(passed_a.mean()),
+        pass_b=float(passed_b.mean()),
+        only_a_passed=only_a,
+        only_b_passed=only_b,
+        mcnemar_p=mcnemar_exact(only_a, only_b),
         pass_difference=paired_difference(
             int((passed_a & passed_b).sum()), only_a, only_b, int((~passed_a & ~passed_b).sum())
         ),
-        dpr_difference=_bootstrap((differences,), _mean, config), wilcoxon_p=wilcoxon_p,
+        dpr_difference=_bootstrap((differences,), _mean, config),
+        wilcoxon_p=wilcoxon_p,
     )
 
 
@@ -397,8 +439,11 @@ def compare_runs(run_a: str | Path, run_b: str | Path, config: MetricsConfig | N
     """Paired comparison of two run folders (DPR weights of run A unless ``config`` given)."""
     config = config or _metrics_config(_run_config(Path(run_a)))
     return compare_episodes(
-        run_episodes(run_a, config), run_episodes(run_b, config), config,
-        run_a=Path(run_a).name, run_b=Path(run_b).name,
+        run_episodes(run_a, config),
+        run_episodes(run_b, config),
+        config,
+        run_a=Path(run_a).name,
+        run_b=Path(run_b).name,
     )
 
 
@@ -407,16 +452,36 @@ def summary_table(summaries: list[Summary]):
     from rich.table import Table
 
     table = Table(title="Evaluation runs (95% intervals: Wilson for proportions, BCa bootstrap for means)")
-    for column in ("run", "assistant", "human", "tasks", "Pass@1", "acceptance", "DPR",
-                   "read/ep", "written/ep", "sugg/ep", "len tok", "len chars"):
+    for column in (
+        "run",
+        "assistant",
+        "human",
+        "tasks",
+        "Pass@1",
+        "acceptance",
+        "DPR",
+        "read/ep",
+        "written/ep",
+        "sugg/ep",
+        "len tok",
+        "len chars",
+    ):
         table.add_column(column, justify="left" if column in ("run", "assistant", "human") else "right")
     for s in summaries:
         done = f"{s.episodes}" + ("" if s.complete or s.expected is None else f"/{s.expected} (incomplete)")
         table.add_row(
-            s.run, s.assistant, s.human, done + (f" -{s.excluded}" if s.excluded else ""),
-            s.pass_at_1.format(), s.acceptance.format() if s.acceptance else "n/a", s.dpr.format(),
-            f"{s.tokens_read.value:.1f}", f"{s.tokens_written.value:.1f}", f"{s.suggestions_per_episode:.1f}",
-            _maybe(s.mean_suggestion_tokens), _maybe(s.mean_suggestion_chars),
+            s.run,
+            s.assistant,
+            s.human,
+            done + (f" -{s.excluded}" if s.excluded else ""),
+            s.pass_at_1.format(),
+            s.acceptance.format() if s.acceptance else "n/a",
+            s.dpr.format(),
+            f"{s.tokens_read.value:.1f}",
+            f"{s.tokens_written.value:.1f}",
+            f"{s.suggestions_per_episode:.1f}",
+            _maybe(s.mean_suggestion_tokens),
+            _maybe(s.mean_suggestion_chars),
         )
     return table
 
@@ -426,14 +491,31 @@ def comparison_table(comparisons: list[Comparison]):
     from rich.table import Table
 
     table = Table(title="Paired tests (same tasks)")
-    for column in ("run", "baseline", "tasks", "Pass@1", "baseline Pass@1", "only run / only base",
-                   "Pass@1 difference", "McNemar p", "DPR difference", "Wilcoxon p"):
+    for column in (
+        "run",
+        "baseline",
+        "tasks",
+        "Pass@1",
+        "baseline Pass@1",
+        "only run / only base",
+        "Pass@1 difference",
+        "McNemar p",
+        "DPR difference",
+        "Wilcoxon p",
+    ):
         table.add_column(column, justify="left" if column in ("run", "baseline") else "right")
     for c in comparisons:
         table.add_row(
-            c.run_a, c.run_b, str(c.tasks), f"{c.pass_a:.3f}", f"{c.pass_b:.3f}",
-            f"{c.only_a_passed} / {c.only_b_passed}", c.pass_difference.format(), f"{c.mcnemar_p:.3g}",
-            c.dpr_difference.format(), f"{c.wilcoxon_p:.3g}",
+            c.run_a,
+            c.run_b,
+            str(c.tasks),
+            f"{c.pass_a:.3f}",
+            f"{c.pass_b:.3f}",
+            f"{c.only_a_passed} / {c.only_b_passed}",
+            c.pass_difference.format(),
+            f"{c.mcnemar_p:.3g}",
+            c.dpr_difference.format(),
+            f"{c.wilcoxon_p:.3g}",
         )
     return table
 

@@ -29,7 +29,9 @@ def supports_prefix_cache(model) -> bool:
     config = model.config.get_text_config(decoder=True)
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "use_sliding_window", False):
         return False
-    return all(kind == "full_attention" for kind in (getattr(config, "layer_types", None) or ["full_attention"]))
+    return all(
+        kind == "full_attention" for kind in (getattr(config, "layer_types", None) or ["full_attention"])
+    )
 
 
 def prefix_cache_for(model, size: int) -> PrefixCache | None:

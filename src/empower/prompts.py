@@ -17,7 +17,9 @@ class PromptTemplate(str, enum.Enum):
     STATEMENT = "statement"  # the statement as a leading comment block, then the code state
 
 
-def build_prompt(state: str, statement: str | None = None, template: PromptTemplate = PromptTemplate.PLAIN) -> str:
+def build_prompt(
+    state: str, statement: str | None = None, template: PromptTemplate = PromptTemplate.PLAIN
+) -> str:
     """Model input for a code ``state``.
 
     Example::

@@ -197,7 +197,9 @@ def plot_metrics(entries: list[RunEntry], path: Path, title: str) -> Path:
     humans = _ordered(e.human for e in entries)
     by_key = {(e.method, e.human): e.summary for e in entries}
     width = 0.8 / len(humans)
-    fig, axes = plt.subplots(1, 3, figsize=(min(16.0, 4.0 + 1.5 * len(methods)), 4.5), constrained_layout=True)
+    fig, axes = plt.subplots(
+        1, 3, figsize=(min(16.0, 4.0 + 1.5 * len(methods)), 4.5), constrained_layout=True
+    )
     for ax, (name, attr) in zip(axes, METRICS, strict=True):
         for h, human in enumerate(humans):
             estimates = [getattr(by_key[(m, human)], attr) if (m, human) in by_key else None for m in methods]
@@ -219,8 +221,9 @@ def plot_lengths(entries: list[RunEntry], path: Path, title: str) -> Path:
     """Box plots of suggestion lengths (tokens) per method, one panel per human; means marked."""
     plt = _plt()
     humans = _ordered(e.human for e in entries)
-    fig, axes = plt.subplots(1, len(humans), figsize=(5.5 * len(humans), 4.2), squeeze=False,
-                             constrained_layout=True)
+    fig, axes = plt.subplots(
+        1, len(humans), figsize=(5.5 * len(humans), 4.2), squeeze=False, constrained_layout=True
+    )
     for ax, human in zip(axes[0], humans, strict=True):
         runs = sorted((e for e in entries if e.human == human), key=lambda e: _method_key(e.method))
         data = [e.lengths or [0] for e in runs]
@@ -252,7 +255,9 @@ def plot_sweep(sweep: Sweep, path: Path) -> Path:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel("eta (bits)")
-        ax.axvline(sweep.recommended, color="C3", linestyle="--", label=f"recommended eta = {sweep.recommended:g}")
+        ax.axvline(
+            sweep.recommended, color="C3", linestyle="--", label=f"recommended eta = {sweep.recommended:g}"
+        )
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=120)
@@ -287,7 +292,9 @@ def main_table(entries: list[RunEntry]) -> str:
     best = {}
     for human in humans:
         for _, attr in METRICS:
-            values = [getattr(s, attr).value for (m, h), s in by_key.items() if h == human and getattr(s, attr)]
+            values = [
+                getattr(s, attr).value for (m, h), s in by_key.items() if h == human and getattr(s, attr)
+            ]
             # No bold when every method ties: there is no best.
             best[(human, attr)] = max(values) if values and min(values) < max(values) else None
     rows = []
@@ -304,18 +311,36 @@ def main_table(entries: list[RunEntry]) -> str:
 
 def detail_table(entries: list[RunEntry]) -> str:
     """Effort and suggestion statistics per run (what DPR is discounted by)."""
-    header = ["Method", "Human", "Tasks", "Suggestions/ep", "Mean length (tok)", "Mean length (chars)",
-              "Read/ep", "Written/ep", "Turns/ep", "Run"]
+    header = [
+        "Method",
+        "Human",
+        "Tasks",
+        "Suggestions/ep",
+        "Mean length (tok)",
+        "Mean length (chars)",
+        "Read/ep",
+        "Written/ep",
+        "Turns/ep",
+        "Run",
+    ]
     rows = []
     for e in sorted(entries, key=lambda e: (e.human, _method_key(e.method))):
         s = e.summary
         done = f"{s.episodes}" + ("" if s.complete or s.expected is None else f"/{s.expected} (incomplete)")
-        rows.append([
-            e.method, e.human, done, f"{s.suggestions_per_episode:.1f}",
-            _fmt(s.mean_suggestion_tokens), _fmt(s.mean_suggestion_chars),
-            f"{s.tokens_read.value:.1f}", f"{s.tokens_written.value:.1f}", f"{s.mean_turns:.1f}",
-            f"`{e.path.parent.name}/{e.path.name}`",
-        ])
+        rows.append(
+            [
+                e.method,
+                e.human,
+                done,
+                f"{s.suggestions_per_episode:.1f}",
+                _fmt(s.mean_suggestion_tokens),
+                _fmt(s.mean_suggestion_chars),
+                f"{s.tokens_read.value:.1f}",
+                f"{s.tokens_written.value:.1f}",
+                f"{s.mean_turns:.1f}",
+                f"`{e.path.parent.name}/{e.path.name}`",
+            ]
+        )
     return _table(header, rows, ["---", "---"] + ["--:"] * 7 + ["---"])
 
 
@@ -326,23 +351,45 @@ def paired_table(entries: list[RunEntry]) -> str | None:
         others = [e for e in entries if e.human == reference.human and e.method != REFERENCE_METHOD]
         for other in sorted(others, key=lambda e: _method_key(e.method)):
             c = compare_runs(reference.path, other.path)
-            rows.append([
-                other.method, reference.human, str(c.tasks), f"{c.pass_a:.3f} vs {c.pass_b:.3f}",
-                f"{c.only_a_passed} / {c.only_b_passed}", c.pass_difference.format(), f"{c.mcnemar_p:.3g}",
-                c.dpr_difference.format(), f"{c.wilcoxon_p:.3g}",
-            ])
+            rows.append(
+                [
+                    other.method,
+                    reference.human,
+                    str(c.tasks),
+                    f"{c.pass_a:.3f} vs {c.pass_b:.3f}",
+                    f"{c.only_a_passed} / {c.only_b_passed}",
+                    c.pass_difference.format(),
+                    f"{c.mcnemar_p:.3g}",
+                    c.dpr_difference.format(),
+                    f"{c.wilcoxon_p:.3g}",
+                ]
+            )
     if not rows:
         return None
-    header = ["Empower vs", "Human", "Tasks", "Pass@1", "Only Empower / only other passed",
-              "Pass@1 difference (Newcombe 95% CI)", "McNemar p",
-              "DPR difference [95% CI]", "Wilcoxon p"]
+    header = [
+        "Empower vs",
+        "Human",
+        "Tasks",
+        "Pass@1",
+        "Only Empower / only other passed",
+        "Pass@1 difference (Newcombe 95% CI)",
+        "McNemar p",
+        "DPR difference [95% CI]",
+        "Wilcoxon p",
+    ]
     return _table(header, rows, ["---", "---"] + ["--:"] * 7)
 
 
 def sweep_table(sweep: Sweep) -> str:
     rows = [
-        [f"{eta:g}" + (" (recommended)" if eta == sweep.recommended else ""), _cell(s.dpr), _cell(s.acceptance),
-         _cell(s.pass_at_1), _fmt(s.mean_suggestion_tokens), str(s.episodes)]
+        [
+            f"{eta:g}" + (" (recommended)" if eta == sweep.recommended else ""),
+            _cell(s.dpr),
+            _cell(s.acceptance),
+            _cell(s.pass_at_1),
+            _fmt(s.mean_suggestion_tokens),
+            str(s.episodes),
+        ]
         for eta, s in zip(sweep.etas, sweep.summaries, strict=True)
     ]
     return _table(["eta (bits)", "DPR", "Acceptance", "Pass@1", "Mean length (tok)", "Tasks"], rows)
@@ -351,8 +398,11 @@ def sweep_table(sweep: Sweep) -> str:
 def sensitivity(sweep: Sweep) -> str:
     """How much each metric moves over the sweep, and which etas are within the best DPR's CI."""
     best = max(sweep.summaries, key=lambda s: s.dpr.value)
-    close = [eta for eta, s in zip(sweep.etas, sweep.summaries, strict=True)
-             if best.dpr.low is None or s.dpr.value >= best.dpr.low]
+    close = [
+        eta
+        for eta, s in zip(sweep.etas, sweep.summaries, strict=True)
+        if best.dpr.low is None or s.dpr.value >= best.dpr.low
+    ]
     lines = []
     for name, attr in (("DPR", "dpr"), ("Acceptance", "acceptance"), ("Pass@1", "pass_at_1")):
         values = [getattr(s, attr).value for s in sweep.summaries if getattr(s, attr) is not None]
@@ -385,9 +435,11 @@ def _provenance(grids: list[dict]) -> list[str]:
             lines.append(f"- Config: `{grid['config']}`")
         if grid.get("wall_time_s") is not None:
             cpu = grid.get("cpu_time_s")
-            lines.append(f"- Wall time of the stages: {grid['wall_time_s'] / 60:.1f} min"
-                         + (f", CPU time {cpu / 60:.1f} min" if cpu is not None else "")
-                         + f" ({grid.get('machine', '')})")
+            lines.append(
+                f"- Wall time of the stages: {grid['wall_time_s'] / 60:.1f} min"
+                + (f", CPU time {cpu / 60:.1f} min" if cpu is not None else "")
+                + f" ({grid.get('machine', '')})"
+            )
         cpu = grid.get("stage_cpu_seconds", {})
         for stage, seconds in grid.get("stage_seconds", {}).items():
             extra = f" (CPU {cpu[stage] / 60:.1f} min)" if stage in cpu else ""
@@ -421,16 +473,33 @@ def render_markdown(entries: list[RunEntry], sweeps: list[Sweep], grids: list[di
         parts += [f"![Suggestion lengths on {tasks}](figures/lengths-{slug}.png)", ""]
         paired = paired_table(group)
         if paired:
-            parts += ["### Paired tests (same tasks)", "",
-                      "Pass@1 difference (Empower minus other) with Newcombe's paired interval and McNemar's "
-                      "exact test; DPR difference with a paired BCa bootstrap interval and the Wilcoxon "
-                      "signed-rank test.", "", paired, ""]
+            parts += [
+                "### Paired tests (same tasks)",
+                "",
+                "Pass@1 difference (Empower minus other) with Newcombe's paired interval and McNemar's "
+                "exact test; DPR difference with a paired BCa bootstrap interval and the Wilcoxon "
+                "signed-rank test.",
+                "",
+                paired,
+                "",
+            ]
     for i, sweep in enumerate(sweeps):
         name = f"eta-sweep-{i}.png" if len(sweeps) > 1 else "eta-sweep.png"
         plot_sweep(sweep, figures / name)
-        parts += ["## Choosing eta", "", sweep.description, "",
-                  f"**Recommended eta: {sweep.recommended:g} bits** (highest DPR on the validation tasks).", "",
-                  sweep_table(sweep), "", sensitivity(sweep), "", f"![eta sweep](figures/{name})", ""]
+        parts += [
+            "## Choosing eta",
+            "",
+            sweep.description,
+            "",
+            f"**Recommended eta: {sweep.recommended:g} bits** (highest DPR on the validation tasks).",
+            "",
+            sweep_table(sweep),
+            "",
+            sensitivity(sweep),
+            "",
+            f"![eta sweep](figures/{name})",
+            "",
+        ]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -445,11 +514,15 @@ def render_html(markdown: str, out: Path) -> str:
         return f'src="data:image/png;base64,{data}"'
 
     body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;line-height:1.4}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
-             "img{max-width:100%}code{background:#f4f4f4}")
-    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>Empower report</title>"
-            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
+        "img{max-width:100%}code{background:#f4f4f4}"
+    )
+    return (
+        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>Empower report</title>"
+        f"<style>{style}</style></head><body>\n{body}</body></html>\n"
+    )
 
 
 def build_report(run_dirs: list[str | Path], out: str | Path) -> Path:

@@ -51,9 +51,14 @@ class GridMethod(str, enum.Enum):
 
 
 LABELS = {
-    GridMethod.EMPOWER: "Empower", GridMethod.SFT_10: "SFT-10", GridMethod.SFT_20: "SFT-20",
-    GridMethod.SFT_RAND: "SFT-RAND-1-30", GridMethod.BASE: "Base", GridMethod.BASE_10: "Base-10",
-    GridMethod.BASE_20: "Base-20", GridMethod.THRESHOLD: "Threshold",
+    GridMethod.EMPOWER: "Empower",
+    GridMethod.SFT_10: "SFT-10",
+    GridMethod.SFT_20: "SFT-20",
+    GridMethod.SFT_RAND: "SFT-RAND-1-30",
+    GridMethod.BASE: "Base",
+    GridMethod.BASE_10: "Base-10",
+    GridMethod.BASE_20: "Base-20",
+    GridMethod.THRESHOLD: "Threshold",
 }
 # DataConfig settings of each trained method (the rest of DataConfig is shared: same corpus, cuts, seed).
 _DATA = {
@@ -87,7 +92,9 @@ class GridConfig:
     """Which methods are compared, with which humans, on which task sets."""
 
     methods: list[GridMethod] = option(list(GridMethod), "methods to compare (default: all eight)")
-    eta: float | None = option(0.32, "Empower / threshold eta in BITS; null: calibrate first and use its choice")
+    eta: float | None = option(
+        0.32, "Empower / threshold eta in BITS; null: calibrate first and use its choice"
+    )
     humans: list[dict] = option(
         [{"human": "reference"}],
         "one entry per simulated human: EvalConfig human_* fields (human, human_model, human_url, ...) "
@@ -102,7 +109,9 @@ class GridConfig:
     def __post_init__(self):
         self.methods = [GridMethod(m) for m in self.methods]
         if not self.methods:
-            raise ValueError("grid.methods is empty; name at least one of " + ", ".join(m.value for m in GridMethod))
+            raise ValueError(
+                "grid.methods is empty; name at least one of " + ", ".join(m.value for m in GridMethod)
+            )
         if self.eta is not None and not self.eta > 0:
             raise ValueError(f"grid.eta must be > 0 bits (or null to calibrate), got {self.eta}")
         for name in ("humans", "task_sets"):
@@ -116,14 +125,20 @@ class GridConfig:
         for task_set in self.task_sets:
             unknown = sorted(set(task_set.get("humans", known)) - known)
             if unknown:
-                raise ValueError(f"grid.task_sets ({entry_label(task_set, 'task_sets')}): humans {unknown} are not "
-                                 f"grid humans; labels: {', '.join(sorted(known))}")
+                raise ValueError(
+                    f"grid.task_sets ({entry_label(task_set, 'task_sets')}): humans {unknown} are not "
+                    f"grid humans; labels: {', '.join(sorted(known))}"
+                )
 
     def cells(self) -> list[tuple[dict, dict, GridMethod]]:
         """(task set, human, method) of every evaluation run, task sets outermost."""
-        return [(t, h, m) for t in self.task_sets for h in self.humans
-                if entry_label(h, "humans") in t.get("humans", [entry_label(h, "humans")])
-                for m in self.methods]
+        return [
+            (t, h, m)
+            for t in self.task_sets
+            for h in self.humans
+            if entry_label(h, "humans") in t.get("humans", [entry_label(h, "humans")])
+            for m in self.methods
+        ]
 
 
 @dataclass
@@ -150,14 +165,24 @@ class ReproduceConfig:
     """One experiment: shared stage settings plus the grid; YAML sections data/train/eval/grid/calibration."""
 
     out: Path = option(Path("runs/reproduce"), "the run folder everything is written under")
-    data: dict = option({}, "empower.labeling.DataConfig fields shared by all training sets (corpus_*, estimator, "
-                            "cuts_per_doc, seed, ...)")
-    train: dict = option({}, "empower.train.TrainConfig fields shared by all trained methods (base, max_steps, "
-                             "lr, lora_*, ...); max_steps is required so every method trains equally long")
-    eval: dict = option({}, "empower.env.EvalConfig fields shared by all runs (sim_*, sandbox_*, dpr_*, "
-                            "max_new_tokens, ...)")
-    data_fallback: dict = option({}, "data fields used instead of data's corpus_* settings when data.corpus names "
-                                     "a path that does not exist (e.g. {corpus: stdlib}: the offline default)")
+    data: dict = option(
+        {},
+        "empower.labeling.DataConfig fields shared by all training sets (corpus_*, estimator, "
+        "cuts_per_doc, seed, ...)",
+    )
+    train: dict = option(
+        {},
+        "empower.train.TrainConfig fields shared by all trained methods (base, max_steps, "
+        "lr, lora_*, ...); max_steps is required so every method trains equally long",
+    )
+    eval: dict = option(
+        {}, "empower.env.EvalConfig fields shared by all runs (sim_*, sandbox_*, dpr_*, max_new_tokens, ...)"
+    )
+    data_fallback: dict = option(
+        {},
+        "data fields used instead of data's corpus_* settings when data.corpus names "
+        "a path that does not exist (e.g. {corpus: stdlib}: the offline default)",
+    )
     grid: GridConfig = option(default_factory=GridConfig, help="methods, eta, humans and task sets")
     calibration: CalibrationConfig | None = option(None, "how to choose eta (needed when grid.eta is null)")
     report: bool = option(True, "write the report at the end")
@@ -177,13 +202,17 @@ class ReproduceConfig:
                 raise ValueError(f"{section}: {', '.join(clash)} are set by the grid per method; remove them")
         corpus = str(self.data.get("corpus", "stdlib"))
         if self.data_fallback and corpus != "stdlib" and not Path(corpus).exists():
-            console.print(f"[yellow]data.corpus {corpus} does not exist; using data_fallback {self.data_fallback}[/]")
+            console.print(
+                f"[yellow]data.corpus {corpus} does not exist; using data_fallback {self.data_fallback}[/]"
+            )
             kept = {k: v for k, v in self.data.items() if not k.startswith("corpus")}
             self.data, self.data_fallback = {**kept, **self.data_fallback}, {}
         if self.grid.eta is None and self.calibration is None:
             raise ValueError("grid.eta is null (calibrate) but there is no calibration section")
         if any(m in _DATA for m in self.grid.methods) and not self.train.get("max_steps"):
-            raise ValueError("train.max_steps is required: every trained method gets the same number of steps")
+            raise ValueError(
+                "train.max_steps is required: every trained method gets the same number of steps"
+            )
         self.validate()
 
     def validate(self) -> None:
@@ -231,10 +260,17 @@ def data_config(config: ReproduceConfig, method: GridMethod, eta: float, out: Pa
     """The DataConfig of a trained method: the shared ``data`` section plus the method's labeling rule."""
     from empower.labeling import DataConfig
 
-    folder = out or config.out / "data" / (f"empower-eta{eta:g}" if method is GridMethod.EMPOWER else method.value)
+    folder = out or config.out / "data" / (
+        f"empower-eta{eta:g}" if method is GridMethod.EMPOWER else method.value
+    )
     # One score cache for the whole grid: the estimator reads each document once, whatever the method.
-    values = {"scoring_cache": config.out / "data" / "scores", **config.data, **_DATA[method], "out": folder,
-              "resume": True}
+    values = {
+        "scoring_cache": config.out / "data" / "scores",
+        **config.data,
+        **_DATA[method],
+        "out": folder,
+        "resume": True,
+    }
     if method is GridMethod.EMPOWER:
         values["eta"] = eta
     return config_from_dict(DataConfig, values, where="data")
@@ -261,8 +297,15 @@ def estimator(config: ReproduceConfig) -> str:
     return str(config.data.get("estimator", models.DEFAULT_MODEL))
 
 
-def eval_config(config: ReproduceConfig, method: GridMethod, human: dict, task_set: dict, eta: float,
-                model_dir: Path | None = None, out: Path | None = None):
+def eval_config(
+    config: ReproduceConfig,
+    method: GridMethod,
+    human: dict,
+    task_set: dict,
+    eta: float,
+    model_dir: Path | None = None,
+    out: Path | None = None,
+):
     """The EvalConfig of one cell of the grid: shared ``eval`` < task set < human < the method's policy."""
     if method in _DATA:
         folder = model_dir or config.out / "models" / data_config(config, method, eta).out.name
@@ -271,10 +314,16 @@ def eval_config(config: ReproduceConfig, method: GridMethod, human: dict, task_s
         policy = {"assistant": base_model(config), **_POLICY[method]}
         if method is GridMethod.THRESHOLD:
             policy.update(eta=eta, estimator=estimator(config))
-    run = out or (config.out / "eval" / entry_label(task_set, "task_sets") / entry_label(human, "humans")
-                  / method.value)
-    return eval_fields(config.eval, task_set, human, {**policy, "out": run, "resume": True},
-                        where=f"eval ({method.value}, {entry_label(human, 'humans')})")
+    run = out or (
+        config.out / "eval" / entry_label(task_set, "task_sets") / entry_label(human, "humans") / method.value
+    )
+    return eval_fields(
+        config.eval,
+        task_set,
+        human,
+        {**policy, "out": run, "resume": True},
+        where=f"eval ({method.value}, {entry_label(human, 'humans')})",
+    )
 
 
 def calibration_human(config: ReproduceConfig) -> dict:
@@ -334,7 +383,9 @@ class Stages:
         try:
             work()
         except BaseException:
-            console.print(f"{head} [bold red]failed[/]: finished stages are kept; rerun the same command to resume")
+            console.print(
+                f"{head} [bold red]failed[/]: finished stages are kept; rerun the same command to resume"
+            )
             raise
         finally:
             self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - start
@@ -347,8 +398,9 @@ def run_data(data_cfg, loaded: dict) -> None:
     from empower.labeling import build_data
 
     if "estimator" not in loaded:  # one estimator load serves every training set
-        loaded["estimator"] = models.load_model(data_cfg.estimator, device=data_cfg.device,
-                                                dtype=data_cfg.scoring_dtype)
+        loaded["estimator"] = models.load_model(
+            data_cfg.estimator, device=data_cfg.device, dtype=data_cfg.scoring_dtype
+        )
     model, tokenizer = loaded["estimator"]
     build_data(data_cfg, model=model, tokenizer=tokenizer)
 
@@ -380,8 +432,10 @@ def check_saved(config: ReproduceConfig) -> None:
     if saved.get("grid", {}).get("eta") != current["grid"]["eta"]:
         changed.append("grid.eta")
     if changed:
-        raise ValueError(f"{config.out} holds a run with different {', '.join(changed)} settings; "
-                         "use the saved config or another out folder")
+        raise ValueError(
+            f"{config.out} holds a run with different {', '.join(changed)} settings; "
+            "use the saved config or another out folder"
+        )
 
 
 def _machine() -> str:
@@ -447,7 +501,9 @@ def reproduce(config: ReproduceConfig, *, command: str | None = None) -> Path:
         loaded: dict = {}
         for method in trained:
             data_cfg = data_config(config, method, eta)
-            stages.run("data", LABELS[method], data_cfg.out, data_done, lambda c=data_cfg: run_data(c, loaded))
+            stages.run(
+                "data", LABELS[method], data_cfg.out, data_done, lambda c=data_cfg: run_data(c, loaded)
+            )
         loaded.clear()
         for method in trained:
             train_cfg = train_config(config, method, data_config(config, method, eta).out)
@@ -455,10 +511,21 @@ def reproduce(config: ReproduceConfig, *, command: str | None = None) -> Path:
         for task_set, human, method in cells:
             eval_cfg = eval_config(config, method, human, task_set, eta)
             tasks_label, human_label = entry_label(task_set, "task_sets"), entry_label(human, "humans")
-            stages.run("eval", f"{LABELS[method]} / {human_label} / {tasks_label}", eval_cfg.out, eval_done,
-                       lambda c=eval_cfg: run_evaluation(c))
-            runs.append({"run": str(eval_cfg.out.relative_to(config.out)), "method": LABELS[method],
-                         "human": human_label, "tasks": tasks_label})
+            stages.run(
+                "eval",
+                f"{LABELS[method]} / {human_label} / {tasks_label}",
+                eval_cfg.out,
+                eval_done,
+                lambda c=eval_cfg: run_evaluation(c),
+            )
+            runs.append(
+                {
+                    "run": str(eval_cfg.out.relative_to(config.out)),
+                    "method": LABELS[method],
+                    "human": human_label,
+                    "tasks": tasks_label,
+                }
+            )
     finally:
         _write_grid(config, runs, stages, command)
     if not config.report:

@@ -104,28 +104,46 @@ class SandboxConfig:
     """Limits for running one program (and all its tests), and the size of the worker pool."""
 
     sandbox_timeout_s: float = option(
-        10.0, "wall-clock limit for one program and all its tests (seconds); CPU time is capped the same")
+        10.0, "wall-clock limit for one program and all its tests (seconds); CPU time is capped the same"
+    )
     sandbox_memory_mb: int = option(1024, "address-space limit of a program (MB)")
     sandbox_max_processes: int = option(
-        16, "processes and threads (RLIMIT_NPROC, counted per uid: a program's own when the evaluator is "
-        "root, else all of the user's)")
-    sandbox_max_file_mb: int = option(16, "largest file a program may write, including its captured output (MB)")
+        16,
+        "processes and threads (RLIMIT_NPROC, counted per uid: a program's own when the evaluator is "
+        "root, else all of the user's)",
+    )
+    sandbox_max_file_mb: int = option(
+        16, "largest file a program may write, including its captured output (MB)"
+    )
     sandbox_max_open_files: int = option(64, "open file descriptors of a program")
     sandbox_workers: int = option(
-        0, "programs run in parallel by run_many (0: two per CPU core, as each waits on process start-up "
-        "more than it computes)", resumable=True)
+        0,
+        "programs run in parallel by run_many (0: two per CPU core, as each waits on process start-up "
+        "more than it computes)",
+        resumable=True,
+    )
     sandbox_guard: bool = option(
-        True, "audit-hook guard inside the program (defence in depth; the OS limits hold without it)")
+        True, "audit-hook guard inside the program (defence in depth; the OS limits hold without it)"
+    )
     sandbox_python: str = option(
-        "", "Python for programs (default: this one if an unprivileged user can read it, else python3 on PATH)")
+        "",
+        "Python for programs (default: this one if an unprivileged user can read it, else python3 on PATH)",
+    )
 
     def __post_init__(self):
-        for name in ("sandbox_timeout_s", "sandbox_memory_mb", "sandbox_max_processes", "sandbox_max_file_mb",
-                     "sandbox_max_open_files"):
+        for name in (
+            "sandbox_timeout_s",
+            "sandbox_memory_mb",
+            "sandbox_max_processes",
+            "sandbox_max_file_mb",
+            "sandbox_max_open_files",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.sandbox_memory_mb < 64:
-            raise ValueError(f"sandbox_memory_mb={self.sandbox_memory_mb} is too small for a Python interpreter (>= 64)")
+            raise ValueError(
+                f"sandbox_memory_mb={self.sandbox_memory_mb} is too small for a Python interpreter (>= 64)"
+            )
         if self.sandbox_workers < 0:
             raise ValueError(f"sandbox_workers must be >= 0 (0: two per core), got {self.sandbox_workers}")
         if self.sandbox_python and not shutil.which(self.sandbox_python):
@@ -176,14 +194,23 @@ def _interpreter(requested: str) -> tuple[str, bool]:
     ours = f"{sys.version_info[0]}.{sys.version_info[1]}"
     script = "import os, sys; print(os.__file__, f'{sys.version_info[0]}.{sys.version_info[1]}')"
     for candidate in candidates:
-        probe = subprocess.run([candidate, "-I", "-S", "-c", script], capture_output=True, text=True).stdout.split()
+        probe = subprocess.run(
+            [candidate, "-I", "-S", "-c", script], capture_output=True, text=True
+        ).stdout.split()
         if len(probe) == 2 and _world_readable(candidate) and _world_readable(probe[0]):
             if probe[1] != ours:
-                logger.warning("programs run on Python %s (%s), not this interpreter's %s, which the sandbox user "
-                               "cannot read", probe[1], candidate, ours)
+                logger.warning(
+                    "programs run on Python %s (%s), not this interpreter's %s, which the sandbox user "
+                    "cannot read",
+                    probe[1],
+                    candidate,
+                    ours,
+                )
             return candidate, True
-    logger.warning("no Python interpreter whose stdlib an unprivileged user can read: programs keep root's "
-                   "uid (set sandbox_python to a world-readable interpreter to fix this)")
+    logger.warning(
+        "no Python interpreter whose stdlib an unprivileged user can read: programs keep root's "
+        "uid (set sandbox_python to a world-readable interpreter to fix this)"
+    )
     return candidates[0], False
 
 
@@ -191,7 +218,9 @@ def _interpreter(requested: str) -> tuple[str, bool]:
 def _warn_isolation(layers: tuple[str, ...]) -> None:
     missing = [layer for layer in ISOLATION_LAYERS if layer not in layers]
     if missing:
-        logger.warning("sandbox runs without %s (see empower.sandbox docs for what that allows)", ", ".join(missing))
+        logger.warning(
+            "sandbox runs without %s (see empower.sandbox docs for what that allows)", ", ".join(missing)
+        )
 
 
 def _sandbox_uid() -> int:
@@ -212,8 +241,16 @@ def _kill_all(proc: subprocess.Popen, uids: list[int], python: str) -> None:
         # kill(-1) from inside the uid reaches every process of that uid, including ones that left the
         # group with setsid(), atomically enough to stop a fork bomb.
         for _ in range(5):
-            subprocess.run([python, "-I", "-S", "-c", "import os; os.kill(-1, 9)"], user=uid, group=uid,
-                           extra_groups=[], env={}, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [python, "-I", "-S", "-c", "import os; os.kill(-1, 9)"],
+                user=uid,
+                group=uid,
+                extra_groups=[],
+                env={},
+                cwd="/",
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             if not _uid_has_processes(uid):
                 break
             time.sleep(0.05)
@@ -298,7 +335,9 @@ def _frame(spec: dict) -> bytes:
     return b"%d\n" % len(data) + data
 
 
-def _execute(spec: dict, config: SandboxConfig, program_spec: dict | None = None) -> tuple[dict | None, bool, int, str, float, str]:
+def _execute(
+    spec: dict, config: SandboxConfig, program_spec: dict | None = None
+) -> tuple[dict | None, bool, int, str, float, str]:
     """Run the harness on ``spec``; with ``program_spec`` (a judge), the harness first forks a second
     confined process for the program, joined to the judge by two pipes. Returns (report, timed_out,
     returncode, stderr tail, seconds, the program process's stderr tail)."""
@@ -309,15 +348,32 @@ def _execute(spec: dict, config: SandboxConfig, program_spec: dict | None = None
     try:
         files = {name: open(Path(private) / name, "w+b") for name in ("out", "err", "program.err")}
         pass_fds = ()
-        if program_spec is not None:  # its frame goes first: the harness forks it off before reading the tests
-            confined.append(_confined(program_spec | {"stderr_fd": files["program.err"].fileno()}, config, can_drop))
+        if (
+            program_spec is not None
+        ):  # its frame goes first: the harness forks it off before reading the tests
+            confined.append(
+                _confined(program_spec | {"stderr_fd": files["program.err"].fileno()}, config, can_drop)
+            )
             pass_fds = (files["program.err"].fileno(),)
         confined.append(_confined(spec, config, can_drop))
         workdir = confined[-1]["workdir"]
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-               "LC_ALL": "C.UTF-8"}
-        proc = subprocess.Popen([python, "-I", "-S", "-B", str(HARNESS)], stdin=subprocess.PIPE, stdout=files["out"],
-                                stderr=files["err"], cwd=workdir, env=env, start_new_session=True, pass_fds=pass_fds)
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": workdir,
+            "TMPDIR": workdir,
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+        }
+        proc = subprocess.Popen(
+            [python, "-I", "-S", "-B", str(HARNESS)],
+            stdin=subprocess.PIPE,
+            stdout=files["out"],
+            stderr=files["err"],
+            cwd=workdir,
+            env=env,
+            start_new_session=True,
+            pass_fds=pass_fds,
+        )
         try:
             try:
                 proc.stdin.write(b"".join(_frame(c) for c in confined))
@@ -366,8 +422,14 @@ def _trusted_prelude(prompt: str, entry_point: str) -> str:
     body = tree.body
     if body and isinstance(body[-1], ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
         body = body[:-1]
-    kept = [node for node in body if not (isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
-                                          and node.name in (entry_point, "Solution"))]
+    kept = [
+        node
+        for node in body
+        if not (
+            isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            and node.name in (entry_point, "Solution")
+        )
+    ]
     return ast.unparse(ast.Module(body=kept, type_ignores=[]))
 
 
@@ -439,7 +501,9 @@ def _compare(task: Task, cases: tuple[TestCase, ...], outputs: list) -> tuple[in
     return None
 
 
-def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None, public_only: bool = False) -> ExecutionResult:
+def run_task_tests(
+    task: Task, program: str, config: SandboxConfig | None = None, public_only: bool = False
+) -> ExecutionResult:
     """Run ``program`` against the task's tests (or only its public ones, for the editor's run button).
 
     Args:
@@ -460,15 +524,27 @@ def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None
     cases = task.public_test_cases if public_only else task.test_cases
     humaneval = task.test_type is TestType.HUMANEVAL
     if humaneval:
-        spec = {"role": "judge", "test_code": task.test_code, "public": public_only,
-                "prelude": _trusted_prelude(task.prompt, task.entry_point), "entry_point": task.entry_point,
-                "inputs": [[c.input, c.output] for c in cases]}
+        spec = {
+            "role": "judge",
+            "test_code": task.test_code,
+            "public": public_only,
+            "prelude": _trusted_prelude(task.prompt, task.entry_point),
+            "entry_point": task.entry_point,
+            "inputs": [[c.input, c.output] for c in cases],
+        }
         program_spec = {"role": "program", "program": program, "preamble": ""}
     else:
-        spec = {"role": task.test_type.value, "program": program, "entry_point": task.entry_point,
-                "inputs": [c.input for c in cases], "preamble": PROGRAM_PREAMBLE}
+        spec = {
+            "role": task.test_type.value,
+            "program": program,
+            "entry_point": task.entry_point,
+            "inputs": [c.input for c in cases],
+            "preamble": PROGRAM_PREAMBLE,
+        }
         program_spec = None
-    report, timed_out, returncode, stderr_tail, duration, program_stderr = _execute(spec, config, program_spec)
+    report, timed_out, returncode, stderr_tail, duration, program_stderr = _execute(
+        spec, config, program_spec
+    )
     well_formed = report is not None and _well_formed(report, task.test_type, len(cases))
     layers = tuple(str(layer) for layer in report.get("isolation", ())) if well_formed else ()
     if well_formed:
@@ -484,7 +560,9 @@ def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None
     if well_formed and report["status"] == "died":  # the program's process ended while the judge waited
         return _crash_result(report["returncode"], program_stderr, result)
     if not well_formed:
-        return result(Status.ERROR, "malformed harness report (did the program write to the harness's channel?)")
+        return result(
+            Status.ERROR, "malformed harness report (did the program write to the harness's channel?)"
+        )
     index = report.get("failed_index")
     case = cases[index] if index is not None and index < len(cases) else None
     status = report["status"]
@@ -495,26 +573,44 @@ def run_task_tests(task: Task, program: str, config: SandboxConfig | None = None
             if report.get("test_line"):
                 failure["input"] = report["test_line"]
         kind = {"error": Status.ERROR, "memory": Status.MEMORY, "failed": Status.FAILED}[status]
-        where = f" on test {index}" if index is not None else f" at `{_cut(report['test_line'])}`" if report.get("test_line") else ""
+        where = (
+            f" on test {index}"
+            if index is not None
+            else f" at `{_cut(report['test_line'])}`"
+            if report.get("test_line")
+            else ""
+        )
         return result(kind, report["message"] + where, failure)
     if humaneval:
         if public_only and not cases:
             return result(Status.PASSED, "ran without error; this task has no public tests")
-        return result(Status.PASSED, f"passed {len(cases)} public tests" if public_only else "passed the tests")
+        return result(
+            Status.PASSED, f"passed {len(cases)} public tests" if public_only else "passed the tests"
+        )
     wrong = _compare(task, cases, report["outputs"])
     if wrong is not None:
         index, actual = wrong
-        return result(Status.FAILED, f"wrong answer on test {index}", _failure(index, cases[index], actual, None))
+        return result(
+            Status.FAILED, f"wrong answer on test {index}", _failure(index, cases[index], actual, None)
+        )
     return result(Status.PASSED, f"passed {len(cases)} test{'s' if len(cases) != 1 else ''}")
 
 
 def _well_formed(report, test_type: TestType, n_cases: int) -> bool:
     """Whether a report has the harness's shape. Stdin and functional programs share the harness's
     process and could write to its channel, so nothing in a report may crash the evaluator."""
-    if not isinstance(report, dict) or report.get("status") not in ("ok", "error", "memory", "failed", "died"):
+    if not isinstance(report, dict) or report.get("status") not in (
+        "ok",
+        "error",
+        "memory",
+        "failed",
+        "died",
+    ):
         return False
-    if report["status"] == "died" and (test_type is not TestType.HUMANEVAL  # only a judge reports the program's end
-                                       or type(report.get("returncode")) is not int):
+    if report["status"] == "died" and (
+        test_type is not TestType.HUMANEVAL  # only a judge reports the program's end
+        or type(report.get("returncode")) is not int
+    ):
         return False
     if not isinstance(report.get("isolation", []), list):
         return False
@@ -530,8 +626,10 @@ def _well_formed(report, test_type: TestType, n_cases: int) -> bool:
         return False
     if test_type is TestType.STDIN:
         return all(isinstance(o, str) for o in outputs)
-    return all(isinstance(o, list) and len(o) == 2 and o[0] in ("json", "repr") and isinstance(o[1], str)
-               for o in outputs) and all(_is_json(o[1]) for o in outputs if o[0] == "json")
+    return all(
+        isinstance(o, list) and len(o) == 2 and o[0] in ("json", "repr") and isinstance(o[1], str)
+        for o in outputs
+    ) and all(_is_json(o[1]) for o in outputs if o[0] == "json")
 
 
 def _is_json(text: str) -> bool:
@@ -551,11 +649,17 @@ def _crash_result(returncode: int, stderr_tail: str, result) -> ExecutionResult:
     if "MemoryError" in stderr_tail:
         return result(Status.MEMORY, f"died at the memory limit: {stderr_tail[-300:]}")
     if returncode == -signal.SIGSEGV:
-        return result(Status.ERROR, "the interpreter crashed (SIGSEGV: e.g. a C stack overflow or a broken extension)")
-    return result(Status.ERROR, f"the program's interpreter exited with {returncode}: {stderr_tail[-300:]}".strip())
+        return result(
+            Status.ERROR, "the interpreter crashed (SIGSEGV: e.g. a C stack overflow or a broken extension)"
+        )
+    return result(
+        Status.ERROR, f"the program's interpreter exited with {returncode}: {stderr_tail[-300:]}".strip()
+    )
 
 
-def run_many(items: list[tuple[Task, str]], config: SandboxConfig | None = None, public_only: bool = False) -> list[ExecutionResult]:
+def run_many(
+    items: list[tuple[Task, str]], config: SandboxConfig | None = None, public_only: bool = False
+) -> list[ExecutionResult]:
     """Run many (task, program) pairs with a pool of ``sandbox_workers`` threads, each driving one
     child process; results come back in the order of ``items``."""
     config = config or SandboxConfig()
@@ -564,7 +668,9 @@ def run_many(items: list[tuple[Task, str]], config: SandboxConfig | None = None,
         return list(pool.map(lambda item: run_task_tests(item[0], item[1], config, public_only), items))
 
 
-def validate_references(tasks: list[Task], config: SandboxConfig | None = None) -> tuple[list[Task], list[tuple[Task, ExecutionResult]]]:
+def validate_references(
+    tasks: list[Task], config: SandboxConfig | None = None
+) -> tuple[list[Task], list[tuple[Task, ExecutionResult]]]:
     """Run each task's reference against its tests; tasks whose own reference fails are excluded.
 
     Returns:
@@ -572,13 +678,17 @@ def validate_references(tasks: list[Task], config: SandboxConfig | None = None) 
         and (task, result) for each excluded task, so callers can report the count and the reasons.
     """
     checked = [t for t in tasks if t.reference is not None]
-    results = dict(zip((t.task_id for t in checked), run_many([(t, t.reference) for t in checked], config), strict=True))
+    results = dict(
+        zip((t.task_id for t in checked), run_many([(t, t.reference) for t in checked], config), strict=True)
+    )
     good = [t for t in tasks if t.task_id not in results or results[t.task_id].passed]
     excluded = [(t, results[t.task_id]) for t in checked if not results[t.task_id].passed]
     if excluded:
         logger.warning(
             "excluded %d of %d tasks whose tests fail on their own reference: %s",
-            len(excluded), len(tasks), ", ".join(f"{t.task_id} ({r.status.value})" for t, r in excluded[:10]),
+            len(excluded),
+            len(tasks),
+            ", ".join(f"{t.task_id} ({r.status.value})" for t, r in excluded[:10]),
         )
     return good, excluded
 

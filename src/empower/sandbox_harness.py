@@ -26,17 +26,48 @@ CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWUSER = 0x00020000, 0x40000000, 0x10000000
 PR_SET_DUMPABLE = 4
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-BLOCKED_EVENTS = frozenset({
-    "socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
-    "socket.gethostbyname", "socket.gethostbyaddr", "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn",
-    "os.spawn", "os.fork", "os.forkpty", "pty.spawn", "os.startfile", "resource.setrlimit", "resource.prlimit",
-    "sys.remote_exec", "os.chroot",
-})
+BLOCKED_EVENTS = frozenset(
+    {
+        "socket.__new__",
+        "socket.connect",
+        "socket.bind",
+        "socket.sendto",
+        "socket.sendmsg",
+        "socket.getaddrinfo",
+        "socket.gethostbyname",
+        "socket.gethostbyaddr",
+        "subprocess.Popen",
+        "os.system",
+        "os.exec",
+        "os.posix_spawn",
+        "os.spawn",
+        "os.fork",
+        "os.forkpty",
+        "pty.spawn",
+        "os.startfile",
+        "resource.setrlimit",
+        "resource.prlimit",
+        "sys.remote_exec",
+        "os.chroot",
+    }
+)
 # audit event -> how many leading arguments are paths the program may only touch inside its folder
 PATH_EVENTS = {
-    "os.remove": 1, "os.rmdir": 1, "os.rename": 2, "os.replace": 2, "os.mkdir": 1, "os.chmod": 1, "os.chown": 1,
-    "os.link": 2, "os.symlink": 2, "os.truncate": 1, "os.utime": 1, "shutil.rmtree": 1, "os.mkfifo": 1,
-    "os.mknod": 1, "sqlite3.connect": 1,
+    "os.remove": 1,
+    "os.rmdir": 1,
+    "os.rename": 2,
+    "os.replace": 2,
+    "os.mkdir": 1,
+    "os.chmod": 1,
+    "os.chown": 1,
+    "os.link": 2,
+    "os.symlink": 2,
+    "os.truncate": 1,
+    "os.utime": 1,
+    "shutil.rmtree": 1,
+    "os.mkfifo": 1,
+    "os.mknod": 1,
+    "sqlite3.connect": 1,
 }
 _result = None
 _isolation = []
@@ -134,7 +165,9 @@ def install_guard(workdir):
         elif event in PATH_EVENTS:
             for path in args[: PATH_EVENTS[event]]:
                 if not inside(path):
-                    raise PermissionError(f"blocked by sandbox: {event} {path!r} outside the working directory")
+                    raise PermissionError(
+                        f"blocked by sandbox: {event} {path!r} outside the working directory"
+                    )
         elif event in ("os.kill", "os.killpg") and args[0] not in (pid, 0):
             raise PermissionError(f"blocked by sandbox: {event} of pid {args[0]}")
 
@@ -147,6 +180,7 @@ def install_guard(workdir):
 # A message holds terms and a table. A term is a JSON scalar (None, bool, int, float including
 # NaN/Infinity, str) or ``[index]``, a reference into the table, whose entries are ``[tag, payload]``.
 # Sharing and cycles survive (a linked list with a loop), and neither side recurses on depth.
+
 
 class WireError(ValueError):
     """A message that is not well-formed plain data."""
@@ -163,7 +197,13 @@ def encode(roots, shared=(), handles=None):
 
     def term(value):
         kind = type(value)
-        if value is None or kind is bool or kind is str or kind is float or (kind is int and -2**63 < value < 2**63):
+        if (
+            value is None
+            or kind is bool
+            or kind is str
+            or kind is float
+            or (kind is int and -(2**63) < value < 2**63)
+        ):
             return value
         if kind is not int and kind is not bool:
             for base in (str, float):  # a subclass travels as its plain value, without its methods
@@ -216,7 +256,9 @@ def decode(terms, table, classes, handles=None, remote=None):
     """The values of ``terms``: builtin data, instances of ``classes`` (name -> class, created
     without running any of their code but ``__new__``), and handles (``handles`` resolves the
     program's own, ``remote`` makes the judge's stand-ins). Raises WireError on anything else."""
-    if not isinstance(table, list) or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) for e in table):
+    if not isinstance(table, list) or not all(
+        isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) for e in table
+    ):
         raise WireError("the table is not a list of [tag, payload]")
     values = [_MISSING] * len(table)
     building = set()
@@ -224,10 +266,14 @@ def decode(terms, table, classes, handles=None, remote=None):
     def value(term):
         if term is None or isinstance(term, (bool, int, float, str)):
             return term
-        if not (isinstance(term, list) and len(term) == 1 and type(term[0]) is int and 0 <= term[0] < len(table)):
+        if not (
+            isinstance(term, list) and len(term) == 1 and type(term[0]) is int and 0 <= term[0] < len(table)
+        ):
             raise WireError(f"not a term: {cut(repr(term), 100)}")
         i = term[0]
-        if values[i] is _MISSING:  # a tuple or frozenset, built from its items (it may hold a list, not itself)
+        if (
+            values[i] is _MISSING
+        ):  # a tuple or frozenset, built from its items (it may hold a list, not itself)
             if table[i][0] not in ("tuple", "frozenset"):
                 raise WireError("a range or iterator refers to a later range or iterator")
             if i in building:
@@ -350,9 +396,11 @@ class Remote:
         return f"<the program's {self._kind}{'.' + self._attr if self._attr else ''}>"
 
     def _refuse(self, *args):
-        raise TypeError(f"the program returned a {self._kind} object, which is not plain data: only None, bool, "
-                        "int, float, str, bytes, list, tuple, set, dict (and the task's own classes) cross the "
-                        "sandbox boundary, so the judge cannot compare or inspect it")
+        raise TypeError(
+            f"the program returned a {self._kind} object, which is not plain data: only None, bool, "
+            "int, float, str, bytes, list, tuple, set, dict (and the task's own classes) cross the "
+            "sandbox boundary, so the judge cannot compare or inspect it"
+        )
 
     __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __bool__ = __len__ = __iter__ = _refuse
     __getitem__ = __contains__ = __add__ = __sub__ = __mul__ = __int__ = __float__ = __index__ = _refuse
@@ -367,8 +415,11 @@ def _judge_fault(status, message):
     """The program broke the channel (died, wrote garbage, sent too much): report, never pass."""
     if status in ("error", "memory"):
         report(status=status, message=cut(message))
-    report(status="error", message=f"the program's process sent a verdict of its own ({cut(repr(status), 40)}) "
-                                   "instead of an answer: only the judge decides")
+    report(
+        status="error",
+        message=f"the program's process sent a verdict of its own ({cut(repr(status), 40)}) "
+        "instead of an answer: only the judge decides",
+    )
 
 
 def _judge_call(handle, attr, args, kwargs):
@@ -379,8 +430,9 @@ def _judge_call(handle, attr, args, kwargs):
     shared = sorted(k for k, v in _trusted.items() if isinstance(v, type) and k not in _program_names)
     terms, table = encode([list(args), dict(kwargs)], shared)
     try:
-        _channel.send({"call": handle, "attr": attr, "args": terms[0], "kwargs": terms[1], "t": table,
-                       "shared": shared})
+        _channel.send(
+            {"call": handle, "attr": attr, "args": terms[0], "kwargs": terms[1], "t": table, "shared": shared}
+        )
         reply = _channel.receive()
     except (EOFError, BrokenPipeError):
         program_died()
@@ -400,8 +452,9 @@ def _judge_call(handle, attr, args, kwargs):
                 raise error
         _judge_fault("error", str(reply.get("message", "")))
     try:
-        value, new_args, new_kwargs = decode([reply["value"], reply["args"], reply["kwargs"]], reply["t"], _trusted,
-                                             remote=Remote)
+        value, new_args, new_kwargs = decode(
+            [reply["value"], reply["args"], reply["kwargs"]], reply["t"], _trusted, remote=Remote
+        )
         originals = list(args) + [kwargs[k] for k in sorted(kwargs)]
         updated = list(new_args) + [new_kwargs[k] for k in sorted(kwargs)]
         for original, new in zip(originals, updated, strict=True):
@@ -464,7 +517,9 @@ def run_judge(spec):
         exec(compile(spec["prelude"], "<starter code>", "exec"), namespace)
     except BaseException as err:
         report(status="error", message=f"the task's starter code failed in the judge: {describe(err)}")
-    for name in names:  # the program supplies only names trusted code lacks, a builtin only as the entry point (MBPP's `sum`)
+    for name in (
+        names
+    ):  # the program supplies only names trusted code lacks, a builtin only as the entry point (MBPP's `sum`)
         if name not in namespace and (name == spec["entry_point"] or not hasattr(builtins, name)):
             namespace[name] = Remote(name, name)
             _program_names.add(name)
@@ -487,7 +542,13 @@ def run_judge(spec):
 
         lines = [f.lineno for f in traceback.extract_tb(err.__traceback__) if f.filename == "<tests>"]
         line = spec["test_code"].splitlines()[lines[-1] - 1].strip() if lines else ""
-        status = "failed" if isinstance(err, AssertionError) else "memory" if isinstance(err, MemoryError) else "error"
+        status = (
+            "failed"
+            if isinstance(err, AssertionError)
+            else "memory"
+            if isinstance(err, MemoryError)
+            else "error"
+        )
         report(status=status, message=describe(err), test_line=cut(line))
     report(status="ok")
 
@@ -502,8 +563,11 @@ def serve_program(spec, program):
         report(status=problem[0], message=problem[1])
     import types
 
-    names = [k for k, v in namespace.items() if not k.startswith("__") and callable(v)
-             and not isinstance(v, types.ModuleType)]
+    names = [
+        k
+        for k, v in namespace.items()
+        if not k.startswith("__") and callable(v) and not isinstance(v, types.ModuleType)
+    ]
     channel.send({"names": names})
     handles = {}
     while True:
@@ -514,13 +578,16 @@ def serve_program(spec, program):
         classes = {k: v for k, v in namespace.items() if isinstance(v, type)}
         try:
             args, kwargs = decode([request["args"], request["kwargs"]], request["t"], classes, handles)
-            target = namespace[request["call"]] if isinstance(request["call"], str) else handles[request["call"]]
+            target = (
+                namespace[request["call"]] if isinstance(request["call"], str) else handles[request["call"]]
+            )
             if request["attr"] is not None:
                 target = getattr(target, request["attr"])
             value = target(*args, **kwargs)
             changed = [a for a in args] + [kwargs[k] for k in sorted(kwargs)]
-            terms, table = encode([value, changed[: len(args)], {k: kwargs[k] for k in kwargs}],
-                                  request["shared"], handles)
+            terms, table = encode(
+                [value, changed[: len(args)], {k: kwargs[k] for k in kwargs}], request["shared"], handles
+            )
             reply = {"value": terms[0], "args": terms[1], "kwargs": terms[2], "t": table}
         except MemoryError:
             report(status="memory", message="MemoryError")

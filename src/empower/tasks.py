@@ -157,8 +157,10 @@ class Task:
         try:  # accept plain values (e.g. a Task rebuilt from JSON) and normalise them once, here
             object.__setattr__(self, "test_type", TestType(self.test_type))
         except ValueError as err:
-            raise ValueError(f"task {self.task_id}: test_type {self.test_type!r} is not one of "
-                             f"{[t.value for t in TestType]}") from err
+            raise ValueError(
+                f"task {self.task_id}: test_type {self.test_type!r} is not one of "
+                f"{[t.value for t in TestType]}"
+            ) from err
         for name in ("test_cases", "public_test_cases"):
             cases = tuple(c if isinstance(c, TestCase) else TestCase(**c) for c in getattr(self, name))
             object.__setattr__(self, name, cases)
@@ -219,10 +221,14 @@ def _read_hub(spec: str) -> Iterator[tuple[str, dict]]:
     try:
         dataset = datasets.load_dataset(name, split=split or None)
     except Exception as err:  # datasets raises many types (network, missing config, bad files)
-        raise FileNotFoundError(f"could not load dataset {name!r} (split {split or 'default'}): {err}") from err
+        raise FileNotFoundError(
+            f"could not load dataset {name!r} (split {split or 'default'}): {err}"
+        ) from err
     if isinstance(dataset, datasets.DatasetDict):
         if len(dataset) != 1:
-            raise ValueError(f"dataset {name!r} has splits {sorted(dataset)}; choose one: {HUB_PREFIX}{name}:SPLIT")
+            raise ValueError(
+                f"dataset {name!r} has splits {sorted(dataset)}; choose one: {HUB_PREFIX}{name}:SPLIT"
+            )
         dataset = next(iter(dataset.values()))
     for index, row in enumerate(dataset):
         yield f"dataset {name} row {index}", row
@@ -370,7 +376,9 @@ def _livecodebench_task(row: dict, where: str, index: int) -> Task:
         raise TaskFormatError(f"{where}: no tests")
     kinds = {_field(t, where, "testtype") for t in tests}
     if len(kinds) != 1 or not kinds <= {"stdin", "functional"}:
-        raise TaskFormatError(f"{where}: test types {sorted(kinds)}; expected all 'stdin' or all 'functional'")
+        raise TaskFormatError(
+            f"{where}: test types {sorted(kinds)}; expected all 'stdin' or all 'functional'"
+        )
     test_type = TestType(kinds.pop())
     starter = _field(row, where, "starter_code", default="").rstrip(" ")  # end on a newline, not an indent
     entry_point = ""
@@ -384,7 +392,9 @@ def _livecodebench_task(row: dict, where: str, index: int) -> Task:
             try:
                 [json.loads(line) for line in case.input.split("\n") if line.strip()]
             except json.JSONDecodeError as err:
-                raise TaskFormatError(f"{where}: test {number} input is not one JSON value per line: {err}") from err
+                raise TaskFormatError(
+                    f"{where}: test {number} input is not one JSON value per line: {err}"
+                ) from err
     title = _field(row, where, "question_title", "problem_title", default="")
     task_id = _field(row, where, "question_id", "task_id", default=None) or (
         f"lcb/{index}-" + re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") if title else f"lcb/{index}"
@@ -409,7 +419,9 @@ def _leetcode_task(row: dict, where: str, index: int) -> Task:
         method = _method_name(match.group(1), where)
         solution = _field(row, where, "solutions")
         solution = solution[0] if isinstance(solution, list) else solution
-        preamble = LEETCODE_IMPORTS + (LEETCODE_NODES if re.search(r"\b(ListNode|TreeNode)\b", solution) else "")
+        preamble = LEETCODE_IMPORTS + (
+            LEETCODE_NODES if re.search(r"\b(ListNode|TreeNode)\b", solution) else ""
+        )
         reference = preamble + solution.rstrip() + "\n"
         statement = problem.split("\n\n", 1)[-1] if problem.startswith("Please solve") else problem
         statement = statement.split("Please complete the following python code")[0].strip()
@@ -420,7 +432,8 @@ def _leetcode_task(row: dict, where: str, index: int) -> Task:
             # the solution's own header (reformatted in some rows), so the reference extends the prompt
             prompt=_header_end(reference, where, method, in_class="Solution"),
             test_type=TestType.HUMANEVAL,
-            test_code=LEETCODE_TEST_HELPERS + (tests["functional"] if isinstance(tests, dict) else str(tests)),
+            test_code=LEETCODE_TEST_HELPERS
+            + (tests["functional"] if isinstance(tests, dict) else str(tests)),
             entry_point=method,
             reference=reference,
         )
@@ -431,7 +444,9 @@ def _leetcode_task(row: dict, where: str, index: int) -> Task:
     return Task(
         task_id=str(_field(row, where, "task_id", default=f"leetcode/{index}")),
         statement=statement,
-        prompt=LEETCODE_IMPORTS + (LEETCODE_NODES if re.search(r"\b(ListNode|TreeNode)\b", prompt) else "") + starter,
+        prompt=LEETCODE_IMPORTS
+        + (LEETCODE_NODES if re.search(r"\b(ListNode|TreeNode)\b", prompt) else "")
+        + starter,
         test_type=TestType.HUMANEVAL,
         test_code=LEETCODE_TEST_HELPERS + _field(row, where, "test"),
         entry_point=_method_name(starter, where),

@@ -83,7 +83,9 @@ class TrainConfig:
     bf16: bool | None = option(None, "bf16 mixed precision; default: on with a bf16 GPU, off on CPU")
     logging_steps: int = option(10, "log loss and tokens/s every N steps", resumable=True)
     eval_steps: int | None = option(
-        None, "also compute the validation loss every N steps (to see over-fitting); default: only at the end", resumable=True
+        None,
+        "also compute the validation loss every N steps (to see over-fitting); default: only at the end",
+        resumable=True,
     )
     save_steps: int = option(200, "checkpoint every N steps (for --resume)", resumable=True)
     resume: bool = option(False, "continue the run in --out from its last checkpoint", resumable=True)

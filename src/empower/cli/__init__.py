@@ -34,6 +34,7 @@ from empower.cli import reproduce as _reproduce  # noqa: E402,F401
 from empower.cli import serve as _serve  # noqa: E402,F401
 from empower.cli import study as _study  # noqa: E402,F401
 
+
 def _unwind_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 

@@ -32,8 +32,11 @@ class _RunByDefault(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-eval_app = typer.Typer(cls=_RunByDefault, no_args_is_help=True,
-                       help="Evaluate assistants with simulated humans; summarize saved runs.")
+eval_app = typer.Typer(
+    cls=_RunByDefault,
+    no_args_is_help=True,
+    help="Evaluate assistants with simulated humans; summarize saved runs.",
+)
 app.add_typer(eval_app, name="eval")
 
 
@@ -58,7 +61,9 @@ def summary(config: SummaryConfig) -> None:
     console.print(metrics.summary_table(summaries))
     for s in summaries:
         if s.excluded:
-            console.print(f"{s.run}: {s.excluded} task(s) excluded (no reference, or it fails its own tests; see config.json)")
+            console.print(
+                f"{s.run}: {s.excluded} task(s) excluded (no reference, or it fails its own tests; see config.json)"
+            )
     if config.baseline:
         console.print(metrics.comparison_table([metrics.compare_runs(r, config.baseline) for r in runs]))
 

@@ -1,8 +1,8 @@
 """`empower reproduce`, `empower calibrate`, `empower report`: the experiment grid and its report.
 
-    empower reproduce --config configs/demo.yaml           # data -> train -> eval -> report (resumable)
-    empower calibrate --config configs/cpu-study.yaml      # only the eta sweep on validation tasks
-    empower report runs/demo --out runs/demo/report        # Markdown + HTML + PNG from saved runs
+empower reproduce --config configs/demo.yaml           # data -> train -> eval -> report (resumable)
+empower calibrate --config configs/cpu-study.yaml      # only the eta sweep on validation tasks
+empower report runs/demo --out runs/demo/report        # Markdown + HTML + PNG from saved runs
 """
 
 from __future__ import annotations

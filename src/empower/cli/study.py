@@ -18,7 +18,9 @@ from empower.serve.study.store import (
     open_store,
 )
 
-study_app = typer.Typer(help="User studies: an editor with inline suggestions, event logging, and the report.")
+study_app = typer.Typer(
+    help="User studies: an editor with inline suggestions, event logging, and the report."
+)
 app.add_typer(study_app, name="study")
 
 
@@ -32,8 +34,10 @@ def create(config: StudyCreateConfig):
     """Record a study (arms, tasks, randomisation seed) and enrol participants with opaque tokens."""
     store = open_store(config.db)
     study = create_study(store, config)
-    typer.echo(f"study {study.id} '{study.name}' in {config.db}: {len(study.tasks)} tasks, "
-               f"arms {', '.join(a.label + '=' + a.spec for a in study.assistants)}")
+    typer.echo(
+        f"study {study.id} '{study.name}' in {config.db}: {len(study.tasks)} tasks, "
+        f"arms {', '.join(a.label + '=' + a.spec for a in study.assistants)}"
+    )
     _print_links(_tokens(store, study.id))
 
 
@@ -43,7 +47,11 @@ def _tokens(store, study_id: int) -> list[str]:
     from empower.serve.study.store import Participant
 
     with store() as db:
-        return list(db.scalars(select(Participant.token).where(Participant.study_id == study_id).order_by(Participant.index)))
+        return list(
+            db.scalars(
+                select(Participant.token).where(Participant.study_id == study_id).order_by(Participant.index)
+            )
+        )
 
 
 @dataclass

@@ -77,8 +77,11 @@ class RowStops(StoppingCriteria):
         tokenizer,
         on_token: Callable[[int, int, float, dict[int, float]], None] | None = None,
         cancelled: Callable[[int], bool] | None = None,
+        on_finish: Callable[[int, Generation], None] | None = None,
     ):
         self.requests = list(requests)
+        self.on_finish = on_finish
+        self.generations: list[Generation | None] = [None] * len(requests)
         self.tokenizer = tokenizer
         self.eos = set(eos_ids)
         self.on_token, self.cancelled = on_token, cancelled
@@ -95,7 +98,26 @@ class RowStops(StoppingCriteria):
         for row, request in enumerate(self.requests):
             if self.finish[row] is None:
                 self.finish[row] = self._step(row, request, tokens[row], logp[row])
+                if self.finish[row] is not None:
+                    self._close(row)
         return torch.tensor([f is not None for f in self.finish], device=input_ids.device)
+
+    def close(self) -> list[Generation]:
+        """Every row's generation; rows still open when ``generate`` returned ran out of length."""
+        for row, finish in enumerate(self.finish):
+            if finish is None:
+                self.finish[row] = Finish.LENGTH
+                self._close(row)
+        return self.generations
+
+    def _close(self, row: int) -> None:
+        request = self.requests[row]
+        generation = finish_row(
+            self.tokenizer, request, self.ids[row], self.logprobs[row], self.finish[row], self.top[row]
+        )
+        self.generations[row] = generation
+        if self.on_finish is not None:
+            self.on_finish(row, generation)
 
     def _step(self, row: int, request: GenerateRequest, token: int, logprob: float) -> Finish | None:
         if self.cancelled is not None and self.cancelled(row):
@@ -185,6 +207,7 @@ class LocalEngine:
         logits_processors: Sequence[LogitsProcessor] = (),
         *,
         on_token: Callable[[int, int, float, dict[int, float]], None] | None = None,
+        on_finish: Callable[[int, Generation], None] | None = None,
         cancelled: Callable[[int], bool] | None = None,
     ) -> list[Generation]:
         """Every request's generation, in order.
@@ -192,7 +215,8 @@ class LocalEngine:
         ``logits_processors`` (in-process only) constrain sampling after the log-probabilities are
         recorded; they see the rows of one batch, so requests must then fit one batch.
         ``on_token(i, token, logprob, top)`` hears each kept token of ``requests[i]`` as it is made,
-        and ``cancelled(i)`` stops ``requests[i]`` at the next step (finish ``cancelled``).
+        ``on_finish(i, generation)`` hears it end (before the rest of its batch does), and
+        ``cancelled(i)`` stops ``requests[i]`` at the next step (finish ``cancelled``).
         """
         if logits_processors and len(requests) > self.batch_size:
             raise ValueError("logits processors see one batch: pass at most batch_size requests")
@@ -206,20 +230,21 @@ class LocalEngine:
             for begin in range(0, len(group), self.batch_size):
                 chunk = group[begin : begin + self.batch_size]
                 hear = (lambda row, *a, c=chunk: on_token(c[row], *a)) if on_token else None
+                ended = (lambda row, g, c=chunk: on_finish(c[row], g)) if on_finish else None
                 stop = (lambda row, c=chunk: cancelled(c[row])) if cancelled else None
-                made = self._generate([requests[i] for i in chunk], logits_processors, hear, stop)
+                made = self._generate([requests[i] for i in chunk], logits_processors, hear, ended, stop)
                 for i, generation in zip(chunk, made, strict=True):
                     results[i] = generation
         return results
 
     @torch.inference_mode()
     def _generate(
-        self, requests: list[GenerateRequest], logits_processors, on_token, cancelled
+        self, requests: list[GenerateRequest], logits_processors, on_token, on_finish, cancelled
     ) -> list[Generation]:
         rows = [list(r.prompt) for r in requests]
         inputs = batch_inputs(self.prefix_cache or PrefixCache(0), rows, self.pad_id, self.model.device)
         layout = inputs.pop("layout")
-        stops = RowStops(requests, self.eos_ids, self.tokenizer, on_token, cancelled)
+        stops = RowStops(requests, self.eos_ids, self.tokenizer, on_token, cancelled, on_finish)
         temperature, top_p = requests[0].temperature, requests[0].top_p
         processors = [stops.recorder, *logits_processors]
         if temperature > 0:
@@ -244,17 +269,7 @@ class LocalEngine:
         )
         if self.prefix_cache is not None:
             store_prompts(self.prefix_cache, rows, inputs["cache"], layout)
-        return [
-            finish_row(
-                self.tokenizer,
-                r,
-                stops.ids[i],
-                stops.logprobs[i],
-                stops.finish[i] or Finish.LENGTH,
-                stops.top[i],
-            )
-            for i, r in enumerate(requests)
-        ]
+        return stops.close()
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
         """Log-probability of every continuation token given its context, ``batch_size`` rows a pass."""

@@ -31,7 +31,9 @@ class BodyLimit:
         declared = int(declared) if declared is not None and declared.isdigit() else None
         if declared is not None and declared > self.limit:
             # past `drain` nothing is read: seen starts above it, and the connection closes
-            return await self._refuse(scope, receive, send, seen=0 if declared <= self.drain else declared, more=True)
+            return await self._refuse(
+                scope, receive, send, seen=0 if declared <= self.drain else declared, more=True
+            )
         body, more = bytearray(), True
         while more:
             message = await receive()

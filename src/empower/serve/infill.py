@@ -37,8 +37,9 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from empower.serve.engine import SamplingParams
+from empower.assistant import PolicyAssistant, SuggestionRequest
 from empower.serve.openai_api import ApiError, stop_strings
+from empower.serve.suggestions import suggestion_deltas
 
 # Special-token names of the fill-in-the-middle families: (prefix, suffix, middle, pad, repository,
 # file separator). The ids always come from the served tokenizer; pad, repository and separator
@@ -214,11 +215,14 @@ def _timings(prompt_n: int, prompt_s: float, predicted_n: int, predicted_s: floa
 
 
 def add_infill_route(
-    app: FastAPI, config, engine, tokenizer, fim: FimTokens | None, auth: list, prompt_limit
+    app: FastAPI, config, engine, policy: PolicyAssistant, fim: FimTokens | None, auth: list, prompt_limit
 ) -> None:
-    """Register ``POST /infill`` on ``app``. ``fim``: the tokenizer's FIM tokens (``FimTokens.of``);
+    """Register ``POST /infill`` on ``app``, its suggestions made by ``policy`` over ``engine``.
+
+    ``fim``: the tokenizer's FIM tokens (``FimTokens.of``);
     ``prompt_limit``: most prompt tokens for a request generating ``max_tokens`` (a function of it:
     the model's context minus what is generated)."""
+    tokenizer = policy.tokenizer
     # Any special token in the generated text ends the middle (llama.cpp's end-of-generation set).
     special_stops = tuple(dict.fromkeys([*(fim.names if fim else ()), *tokenizer.all_special_tokens]))
 
@@ -263,13 +267,16 @@ def add_infill_route(
         }
         if max_tokens == 0:  # the plugins' cache warm-up: nothing to generate
             return _final(body, answer)
-        params = SamplingParams(
+        request = policy.request_for(
+            SuggestionRequest(""),  # the FIM prompt is the model input itself
+            prompt_ids=prompt.ids,
             max_tokens=max_tokens,
+            stop=(*stops, *special_stops),
             temperature=body.temperature,
             top_p=body.top_p,
-            stop=(*stops, *special_stops),
         )
-        events = _generate(engine, prompt.ids, params, body, answer, started, set(stops))
+        deltas = suggestion_deltas(policy, engine, [SuggestionRequest("")], [request])
+        events = _generate(deltas, body, answer, started, set(stops))
         if body.stream:
             return StreamingResponse(_sse(events, body, answer), media_type="text/event-stream")
         async with contextlib.aclosing(events) as pieces:
@@ -278,12 +285,12 @@ def add_infill_route(
         return _final(body, answer)
 
 
-async def _generate(engine, ids, params, body: InfillRequest, answer: dict, started: float, user_stops):
+async def _generate(deltas, body: InfillRequest, answer: dict, started: float, user_stops):
     """Yield each new piece of the suggestion and keep ``answer`` up to date; applies n_indent and
     t_max_predict_ms, and leaves the engine (cancelling the row) as soon as either ends it."""
     text, first = "", None
-    async with contextlib.aclosing(engine.stream([ids], params)) as deltas:
-        async for delta in deltas:
+    async with contextlib.aclosing(deltas) as pieces:
+        async for delta in pieces:
             now = time.perf_counter()
             first = first or now
             answer["tokens_predicted"] += delta.token_count

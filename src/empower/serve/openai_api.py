@@ -73,7 +73,9 @@ def stop_strings(stop: str | list[str] | None, param: str = "stop") -> tuple[str
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP_STRINGS:
         raise ApiError(
-            400, f"'{param}' has {len(stops)} strings; this server takes at most {MAX_STOP_STRINGS}", param=param
+            400,
+            f"'{param}' has {len(stops)} strings; this server takes at most {MAX_STOP_STRINGS}",
+            param=param,
         )
     for i, s in enumerate(stops):
         if not s or len(s) > MAX_STOP_CHARS:

@@ -37,10 +37,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from empower.assistant import Policy
+from empower.assistant import AssistantConfig, Policy, PolicyAssistant, SuggestionRequest
 from empower.configs import option
+from empower.engines.local import LocalEngine
+from empower.engines.wrappers import Batcher, Delta
 from empower.serve.body_limit import BodyLimit
-from empower.serve.engine import Delta, Engine, PolicyRule, SamplingParams
 from empower.serve.infill import FimTokens, add_infill_route
 from empower.serve.openai_api import (
     ApiError,
@@ -49,6 +50,7 @@ from empower.serve.openai_api import (
     stop_strings,
     validation_message,
 )
+from empower.serve.suggestions import suggestion_deltas
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,9 @@ class EngineKind(str, enum.Enum):
 class ServeConfig:
     assistant: str = option(help="model spec: embedded name, model folder (empower train --out), hub id")
     policy: Policy = option(Policy.MODEL, "how suggestions end: model | base | base-n | threshold")
-    n: int = option(20, "base-n: the most tokens a suggestion has")
+    n: int = option(
+        10, "base-n: the most tokens a suggestion has (the paper's Base-10; its human study used 20)"
+    )
     eta: float = option(
         4.0, "threshold: cumulative NLL budget of a suggestion, in bits (paper: 4 for humans)"
     )
@@ -92,7 +96,8 @@ class ServeConfig:
         5.0, "wait for more requests before starting a batch", flag="--batch-wait-ms"
     )
     serve_prefix_cache: int = option(
-        64, "prompts whose key/value states are kept, so a request encodes only what changed (0: off)",
+        64,
+        "prompts whose key/value states are kept, so a request encodes only what changed (0: off)",
         flag="--prefix-cache",
     )
     serve_max_tokens: int = option(256, "largest max_tokens a request may ask for", flag="--max-tokens-limit")
@@ -141,15 +146,25 @@ class ServeConfig:
         return self.serve_model_name or Path(self.assistant.rstrip("/")).name
 
     @property
-    def rule(self) -> PolicyRule:
-        return PolicyRule(self.policy, n=self.n, eta=self.eta)
+    def assistant_config(self) -> AssistantConfig:
+        """The policy as ``empower eval`` runs it (each request brings its own token budget)."""
+        return AssistantConfig(
+            assistant=self.assistant,
+            policy=self.policy,
+            n=self.n,
+            eta=self.eta,
+            max_new_tokens=self.serve_max_tokens,
+            assistant_batch_size=self.serve_max_batch_rows,
+            assistant_prefix_cache=self.serve_prefix_cache,
+        )
 
 
 # ---- the app ----------------------------------------------------------------------------------
 
 
 def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
-    """The FastAPI app around ``engine`` (anything with ``stream(prompts, params)``, ``stats``, ``close``)."""
+    """The FastAPI app around ``engine`` (anything with ``tokenizer``, ``stream(requests, logprobs)``,
+    ``stats`` and ``close``: a :class:`~empower.engines.wrappers.Batcher` or the vLLM proxy)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -159,6 +174,7 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
     app = FastAPI(title="empower completion server", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=config.serve_max_body_bytes, refuse=body_too_large)
     fim_tokens = FimTokens.of(tokenizer)
+    policy = PolicyAssistant(config.assistant_config, engine)
     max_positions = getattr(getattr(engine, "model", None), "config", None)
     max_positions = getattr(max_positions, "max_position_embeddings", None)
 
@@ -221,7 +237,7 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
         }
         return {"object": "list", "data": [card]}
 
-    def prepare(body: CompletionRequest) -> tuple[list[list[int]], SamplingParams]:
+    def prepare(body: CompletionRequest) -> tuple[list[list[int]], list[SuggestionRequest], list]:
         if body.model != config.model_id:
             raise ApiError(
                 404,
@@ -264,8 +280,15 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
                 param="max_tokens",
             )
         stops = stop_strings(body.stop)
+        if body.logprobs is not None and not policy.live:
+            raise ApiError(
+                400,
+                f"'logprobs' is not available with policy {config.policy.value}: its suggestion is cleaned "
+                "from the whole reply, so no token of it has a log-probability of its own",
+                param="logprobs",
+            )
         suffix = body.suffix or None
-        fim = None if config.rule.chat else fim_tokens
+        fim = None if policy.chat else fim_tokens
         if suffix is not None and fim is None and not config.serve_ignore_suffix:
             raise ApiError(
                 400,
@@ -273,15 +296,16 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
                 "used; leave it out (or start the server with --ignore-suffix)",
                 param="suffix",
             )
-        token_prompts = []
+        token_prompts, states = [], []
         for prompt in prompts:
             if isinstance(prompt, str):
+                state = SuggestionRequest(prompt)
                 if suffix is not None and fim is not None:
                     prompt = f"{fim.prefix}{prompt}{fim.suffix}{suffix}{fim.middle}"
-                text = config.rule.model_input(tokenizer, prompt)
-                ids = tokenizer(text, add_special_tokens=not config.rule.chat).input_ids
+                ids = policy.model_input(prompt)
             else:
                 ids = list(prompt)
+                state = SuggestionRequest(tokenizer.decode(ids))
                 if any(not 0 <= t < len(tokenizer) for t in ids):
                     raise ApiError(
                         400, f"'prompt' has token ids outside 0..{len(tokenizer) - 1}", param="prompt"
@@ -298,15 +322,22 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
             if not ids:
                 raise ApiError(400, "'prompt' is empty", param="prompt")
             token_prompts.append(ids)
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=body.temperature if body.temperature is not None else 1.0,
-            top_p=body.top_p or 1.0,
-            stop=stops,
-            n=n,
-            logprobs=body.logprobs,
-        )
-        return token_prompts, params
+            states.append(state)
+        # n choices of each prompt, in OpenAI's order: choice i * n + j is prompt i's j-th.
+        requests = [
+            policy.request_for(
+                state,
+                prompt_ids=ids,
+                max_tokens=max_tokens,
+                stop=stops,
+                temperature=body.temperature if body.temperature is not None else 1.0,
+                top_p=body.top_p or 1.0,
+                top_logprobs=body.logprobs or 0,
+            )
+            for state, ids in zip(states, token_prompts, strict=True)
+            for _ in range(n)
+        ]
+        return token_prompts, [state for state in states for _ in range(n)], requests
 
     def chunk(request_id: str, choices: list[dict], usage: dict | None = None) -> dict:
         out = {
@@ -348,34 +379,37 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
             "total_tokens": prompt_tokens + completion_tokens,
         }
 
-    add_infill_route(app, config, engine, tokenizer, fim_tokens, auth, prompt_limit)
+    add_infill_route(app, config, engine, policy, fim_tokens, auth, prompt_limit)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
-        prompts, params = prepare(body)
+        prompts, states, requests = prepare(body)
+        n = body.n or 1
         request_id = f"cmpl-{uuid.uuid4().hex}"
         want_logprobs = body.logprobs is not None
+
+        def deltas():
+            return suggestion_deltas(policy, engine, states, requests, want_logprobs)
+
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _sse(request_id, prompts, params, want_logprobs, include_usage),
+                _sse(request_id, deltas(), prompts, n, want_logprobs, include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        collected = asyncio.create_task(_collect(prompts, params))
+        collected = asyncio.create_task(_collect(deltas()))
         while not collected.done():  # an abandoned non-streaming request stops its generation too
             await asyncio.wait({collected}, timeout=0.25)
             if not collected.done() and await request.is_disconnected():
                 collected.cancel()
         merged = await collected
         choices = [choice(merged[i], want_logprobs) for i in sorted(merged)]
-        return chunk(
-            request_id, choices, usage(prompts, params.n, sum(d.token_count for d in merged.values()))
-        )
+        return chunk(request_id, choices, usage(prompts, n, sum(d.token_count for d in merged.values())))
 
-    async def _collect(prompts, params) -> dict[int, Delta]:
+    async def _collect(deltas) -> dict[int, Delta]:
         merged: dict[int, Delta] = {}
-        async for delta in engine.stream(prompts, params):
+        async for delta in deltas:
             into = merged.setdefault(delta.index, Delta(delta.index, ""))
             into.text += delta.text
             into.tokens += delta.tokens
@@ -385,17 +419,17 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
             into.finish_reason = delta.finish_reason
         return merged
 
-    async def _sse(request_id, prompts, params, want_logprobs, include_usage) -> AsyncIterator[str]:
+    async def _sse(request_id, deltas, prompts, n, want_logprobs, include_usage) -> AsyncIterator[str]:
         offsets: dict[int, int] = {}
         generated = 0
         try:
-            async for delta in engine.stream(prompts, params):
+            async for delta in deltas:
                 generated += delta.token_count
                 body = chunk(request_id, [choice(delta, want_logprobs, offsets.get(delta.index, 0))])
                 offsets[delta.index] = offsets.get(delta.index, 0) + len(delta.text)
                 yield f"data: {json.dumps(body)}\n\n"
             if include_usage:
-                yield f"data: {json.dumps(chunk(request_id, [], usage(prompts, params.n, generated)))}\n\n"
+                yield f"data: {json.dumps(chunk(request_id, [], usage(prompts, n, generated)))}\n\n"
         except RuntimeError as err:  # the headers are sent: report in-band, as OpenAI does
             payload = {"error": {"message": str(err), "type": "server_error", "param": None, "code": None}}
             yield f"data: {json.dumps(payload)}\n\n"
@@ -411,20 +445,24 @@ def build_engine(config: ServeConfig):
     if config.serve_engine is EngineKind.VLLM:
         from empower.serve.upstream import start_vllm_engine
 
-        return start_vllm_engine(config), models.load_tokenizer(config.assistant)
+        tokenizer = models.load_tokenizer(config.assistant)
+        return start_vllm_engine(config, tokenizer), tokenizer
     if config.serve_threads:
         # With more busy threads than free cores, OpenMP threads wait on each other: one is faster.
         torch.set_num_threads(config.serve_threads)
     model, tokenizer = models.load_model(config.assistant)
-    engine = Engine(
-        model,
-        tokenizer,
-        config.rule,
-        max_batch_rows=config.serve_max_batch_rows,
-        batch_wait_s=config.serve_batch_wait_ms / 1000,
-        prefix_cache=config.serve_prefix_cache,
+    return local_engine(config, model, tokenizer), tokenizer
+
+
+def local_engine(config: ServeConfig, model, tokenizer) -> Batcher:
+    """The in-process engine for ``config``, gathering concurrent clients into one batch."""
+    engine = LocalEngine(
+        model, tokenizer, batch_size=config.serve_max_batch_rows, prefix_cache=config.serve_prefix_cache,
+        name=config.assistant,
+    )  # fmt: skip
+    return Batcher(
+        engine, max_batch_rows=config.serve_max_batch_rows, batch_wait_s=config.serve_batch_wait_ms / 1000
     )
-    return engine, tokenizer
 
 
 def serve(config: ServeConfig) -> None:

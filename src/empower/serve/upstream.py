@@ -6,13 +6,15 @@ forwards each request, as token ids, to a vLLM OpenAI server: one it starts from
 or one already running at ``--engine-url``. vLLM does continuous batching and paged attention;
 a request that our client abandons is aborted upstream by closing the stream.
 
-Policies on this engine: ``model``/``base`` as they are, ``base-n`` through ``max_tokens``,
-``threshold`` by asking vLLM for each sampled token's log-probability and cutting the stream where
-the cumulative bits reach eta (:func:`empower.assistant.threshold_length`, the labeling rule).
+Every policy works on this engine: the requests come from the policy module as for the in-process
+engine, and the NLL budget (``threshold``) is applied by asking for each sampled token's
+log-probability and cutting the stream where :func:`empower.labeling.empower_length`, the labeling
+rule, says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -21,34 +23,36 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import httpx
 
 from empower import models
-from empower.assistant import Policy, threshold_length
-from empower.serve.engine import Delta, EngineStats, PolicyRule, SamplingParams
+from empower.engines import Finish, GenerateRequest, Generation
+from empower.engines.base import LN2
+from empower.engines.wrappers import Delta, EngineStats
+from empower.labeling import empower_length
 
 log = logging.getLogger(__name__)
 
-LN2 = math.log(2.0)
-
 
 class UpstreamEngine:
-    """An OpenAI-compatible completion server used as the engine (same ``stream`` face as ``Engine``)."""
+    """An OpenAI-compatible completion server used as the engine (the same ``stream`` face as
+    :class:`~empower.engines.wrappers.Batcher`): each call's requests, which share their settings and
+    differ in prompt, go upstream as one request with a list of token-id prompts and ``n``."""
 
     def __init__(
         self,
         url: str,
         model: str,
-        rule: PolicyRule,
+        tokenizer=None,
         process: subprocess.Popen | None = None,
         api_key: str | None = None,
     ):
         self.url = url.rstrip("/")
         self.upstream_model = model
-        self.rule = rule
+        self.tokenizer = tokenizer
         self.process = process
         self.stats = EngineStats()
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -56,78 +60,92 @@ class UpstreamEngine:
             base_url=self.url, headers=headers, timeout=httpx.Timeout(None, connect=10.0)
         )
 
-    async def stream(self, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator[Delta]:
-        """Yield deltas per choice as vLLM streams them; closing early aborts the upstream request."""
+    async def stream(
+        self, requests: Sequence[GenerateRequest], logprobs: bool = False
+    ) -> AsyncIterator[Delta]:
+        """Yield deltas per request as the server streams them; closing early aborts the upstream request.
+
+        ``requests`` are n copies of each prompt in a row (choice ``i * n + j``), with one setting.
+        """
         self.stats.requests += 1
-        stops = self.rule.stops(params.stop)
+        first = requests[0]
+        prompts = list(dict.fromkeys(r.prompt for r in requests))
+        n = len(requests) // len(prompts)
+        if [r.prompt for r in requests] != [p for p in prompts for _ in range(n)] or any(
+            dataclasses.replace(r, prompt=first.prompt) != first for r in requests
+        ):
+            raise ValueError("an upstream call takes n copies of each prompt in a row, all with one setting")
         body = {
             "model": self.upstream_model,
-            "prompt": prompts if len(prompts) > 1 else prompts[0],
-            "max_tokens": self.rule.cap(params.max_tokens),
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "n": params.n,
+            "prompt": [list(p) for p in prompts] if len(prompts) > 1 else list(prompts[0]),
+            "max_tokens": first.max_tokens,
+            "temperature": first.temperature,
+            "top_p": first.top_p,
+            "n": n,
             "stream": True,
-            # Always ask for the sampled token's log-probability: it counts tokens and drives threshold.
-            "logprobs": params.logprobs or 0,
+            # Always ask for the sampled token's log-probability: it counts tokens and drives the budget.
+            "logprobs": first.top_logprobs,
         }
-        if stops:
-            body["stop"] = list(stops)
-        open_choices = set(range(len(prompts) * params.n))
-        spent_bits: dict[int, float] = {}
+        if first.stop:
+            body["stop"] = list(first.stop)
+        choices = {i: _Choice() for i in range(len(requests))}
         try:
             async with self._client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     detail = (await response.aread()).decode(errors="replace")[:500]
-                    raise RuntimeError(f"vLLM at {self.url} answered {response.status_code}: {detail}")
+                    raise RuntimeError(
+                        f"upstream server at {self.url} answered {response.status_code}: {detail}"
+                    )
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    for choice in json.loads(line[6:]).get("choices", []):
-                        delta = self._delta(choice, params, spent_bits)
-                        if delta is None or delta.index not in open_choices:
+                    for data in json.loads(line[6:]).get("choices", []):
+                        choice = choices.get(data["index"])
+                        if choice is None or choice.finish is not None:
                             continue
+                        delta = self._delta(data, choice, first, logprobs)
                         self.stats.tokens_generated += delta.token_count
-                        if delta.finish_reason is not None:
-                            open_choices.discard(delta.index)
                         yield delta
-                    if not open_choices:
+                    if all(c.finish is not None for c in choices.values()):
                         return
         finally:
-            self.stats.rows_cancelled += len(open_choices)
+            self.stats.rows_cancelled += sum(c.finish is None for c in choices.values())
 
-    def _delta(self, choice: dict, params: SamplingParams, spent_bits: dict[int, float]) -> Delta | None:
-        index = choice["index"]
-        logprobs = choice.get("logprobs") or {}
-        tokens = logprobs.get("tokens") or []
+    def _delta(self, data: dict, choice: _Choice, request: GenerateRequest, want_logprobs: bool) -> Delta:
+        index = data["index"]
+        logprobs = data.get("logprobs") or {}
+        tokens = list(logprobs.get("tokens") or [])
         # A missing log-probability stays None (JSON null for our client): never 0 bits, which would
-        # stretch a threshold suggestion past eta.
-        token_logprobs = list(logprobs.get("token_logprobs") or [])
-        delta = Delta(
-            index, choice.get("text", ""), token_count=len(tokens), finish_reason=choice.get("finish_reason")
-        )
-        if self.rule.policy is Policy.THRESHOLD and tokens:
-            per_token = (token_logprobs + [None] * len(tokens))[: len(tokens)]  # one per token, or None
-            if None in per_token:
-                i = per_token.index(None)
+        # stretch a budgeted suggestion past eta.
+        token_logprobs = (list(logprobs.get("token_logprobs") or []) + [None] * len(tokens))[: len(tokens)]
+        top = list(logprobs.get("top_logprobs") or [])[: len(tokens)]
+        text, finish = data.get("text", ""), data.get("finish_reason")
+        if math.isfinite(request.budget_bits) and tokens:
+            if None in token_logprobs:
+                i = token_logprobs.index(None)
                 raise RuntimeError(
                     f"upstream server at {self.url} sent no log-probability for token {i} "
-                    f"({tokens[i]!r}) of choice {index}; the threshold policy needs every one"
+                    f"({tokens[i]!r}) of choice {index}; the NLL budget needs every one"
                 )
-            bits = [-lp / LN2 for lp in per_token]
-            spent = spent_bits.get(index, 0.0)
-            keep = threshold_length(bits, self.rule.eta - spent)
-            spent_bits[index] = spent + sum(bits[:keep])
-            if keep < len(tokens):  # the next token would reach eta: the suggestion ends before it
+            bits = choice.bits + [-lp / LN2 for lp in token_logprobs]
+            keep = empower_length(bits, request.budget_bits) - len(choice.bits)
+            if keep < len(tokens):  # the next token would reach the budget: the text ends before it
                 kept_text = "".join(tokens[:keep])
-                delta.text = kept_text if delta.text.startswith(kept_text) else delta.text[: len(kept_text)]
-                tokens, token_logprobs = tokens[:keep], token_logprobs[:keep]
-                delta.token_count = keep
-                delta.finish_reason = "stop"
-        if params.logprobs is not None:
-            delta.tokens, delta.token_logprobs = list(tokens), token_logprobs
-            if params.logprobs > 0:
-                delta.top_logprobs = list(logprobs.get("top_logprobs") or [])[: len(tokens)]
+                text = kept_text if text.startswith(kept_text) else text[: len(kept_text)]
+                tokens, token_logprobs, top = tokens[:keep], token_logprobs[:keep], top[:keep]
+                finish = "stop"
+                choice.budget_hit = True
+            choice.bits = bits[: len(choice.bits) + keep]
+        choice.text += text
+        choice.logprobs += [lp for lp in token_logprobs if lp is not None]
+        delta = Delta(index, text, token_count=len(tokens), finish_reason=finish)
+        if want_logprobs:
+            delta.tokens, delta.token_logprobs, delta.top_logprobs = tokens, token_logprobs, top
+        if finish is not None:
+            choice.finish = (
+                Finish.BUDGET if choice.budget_hit else Finish.LENGTH if finish == "length" else Finish.STOP
+            )
+            delta.generation = Generation([], choice.text, choice.logprobs, choice.finish, "", request.prompt)
         return delta
 
     def close(self) -> None:
@@ -137,6 +155,17 @@ class UpstreamEngine:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+
+@dataclasses.dataclass
+class _Choice:
+    """What one upstream choice has streamed so far."""
+
+    text: str = ""
+    bits: list[float] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish: Finish | None = None
+    budget_hit: bool = False
 
 
 def _free_port() -> int:
@@ -213,7 +242,7 @@ def launch_vllm(
     return url, process
 
 
-def start_vllm_engine(config) -> UpstreamEngine:
+def start_vllm_engine(config, tokenizer) -> UpstreamEngine:
     """The vLLM engine for a ``ServeConfig``: the server at ``serve_engine_url`` or a new one."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per proxied request otherwise
     # vLLM's own server reads its key from VLLM_API_KEY; the same variable reaches one here.
@@ -223,7 +252,7 @@ def start_vllm_engine(config) -> UpstreamEngine:
         _wait_healthy(url, None, None, attempts=30)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         served = httpx.get(f"{url}/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
-        return UpstreamEngine(url, served, config.rule, api_key=api_key)
+        return UpstreamEngine(url, served, tokenizer, api_key=api_key)
     folder = models.resolve(config.assistant)
     if models.is_adapter(folder) or not Path(folder).is_dir():
         raise ValueError(
@@ -231,4 +260,4 @@ def start_vllm_engine(config) -> UpstreamEngine:
             "merge a LoRA adapter first (empower train merge) or pass an embedded model name"
         )
     url, process = launch_vllm(folder, config.model_id, config.serve_vllm_python)
-    return UpstreamEngine(url, config.model_id, config.rule, process, api_key=api_key)
+    return UpstreamEngine(url, config.model_id, tokenizer, process, api_key=api_key)

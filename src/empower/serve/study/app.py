@@ -107,7 +107,9 @@ class EventIn(_Request):
             EventKind.DISMISSED: ("suggestion_id",),
         }
         if self.kind in (EventKind.RUN, EventKind.FINISH):
-            raise ValueError(f"kind {self.kind.value!r} is recorded by /api/run and /api/finish, not /api/events")
+            raise ValueError(
+                f"kind {self.kind.value!r} is recorded by /api/run and /api/finish, not /api/events"
+            )
         missing = [name for name in needs[self.kind] if getattr(self, name) is None]
         if missing:
             raise ValueError(f"a {self.kind.value} event needs {', '.join(missing)}")
@@ -152,7 +154,9 @@ class StudyServer:
 
     def __init__(self, config: StudyServeConfig):
         if "://" not in config.db and not Path(config.db).is_file():
-            raise FileNotFoundError(f"study database {config.db} does not exist; run `empower study create` first")
+            raise FileNotFoundError(
+                f"study database {config.db} does not exist; run `empower study create` first"
+            )
         if not (STATIC / "editor.js").is_file():
             raise FileNotFoundError(f"the editor bundle {STATIC / 'editor.js'} is missing: {BUILD_HINT}")
         self.config = config
@@ -165,7 +169,9 @@ class StudyServer:
         self.assistants: dict[int, object] = {}
         # One thread per assistant: a model is never run by two threads at once, and the event
         # loop stays free while it generates.
-        self.workers = {a: ThreadPoolExecutor(1, thread_name_prefix=f"assistant-{a}") for a in self.assistant_configs}
+        self.workers = {
+            a: ThreadPoolExecutor(1, thread_name_prefix=f"assistant-{a}") for a in self.assistant_configs
+        }
         self.latest_request: dict[int, int] = {}
         self.load_error: str | None = None
 
@@ -218,12 +224,17 @@ class StudyServer:
                 "sessions": sessions,
                 "current": None,
                 "survey_done": participant.finished_at is not None,
-                "survey": {"questions": SURVEY_QUESTIONS, "positions": sorted({s.position for s in participant.sessions})},
+                "survey": {
+                    "questions": SURVEY_QUESTIONS,
+                    "positions": sorted({s.position for s in participant.sessions}),
+                },
             }
             if current is not None:
                 if current.started_at is None:
                     current.started_at = datetime.now(timezone.utc)
-                events = db.scalars(select(Event).where(Event.session_id == current.id).order_by(Event.seq)).all()
+                events = db.scalars(
+                    select(Event).where(Event.session_id == current.id).order_by(Event.seq)
+                ).all()
                 try:
                     code = replay(self.tasks[current.task_index].prompt, events).text
                 except ValueError as err:  # never block a participant on a logging defect; keep it visible
@@ -244,10 +255,16 @@ class StudyServer:
                 rows.append(event_row(e.session_id, e.model_dump()))
             cited = {e.suggestion_id for e in body.events if e.suggestion_id is not None}
             if cited:
-                known = dict(db.execute(select(Suggestion.id, Suggestion.session_id).where(Suggestion.id.in_(cited))).all())
+                known = dict(
+                    db.execute(
+                        select(Suggestion.id, Suggestion.session_id).where(Suggestion.id.in_(cited))
+                    ).all()
+                )
                 for e in body.events:
                     if e.suggestion_id is not None and known.get(e.suggestion_id) != e.session_id:
-                        raise HTTPException(422, f"suggestion {e.suggestion_id} was not made in session {e.session_id}")
+                        raise HTTPException(
+                            422, f"suggestion {e.suggestion_id} was not made in session {e.session_id}"
+                        )
             insert_events(db, rows)
         return [e.client_id for e in body.events]
 
@@ -267,7 +284,9 @@ class StudyServer:
             from empower.assistant import SuggestionRequest
 
             start = time.perf_counter()
-            suggestion = self.assistants[assistant_id].suggest([SuggestionRequest(body.state, task.statement)])[0]
+            suggestion = self.assistants[assistant_id].suggest(
+                [SuggestionRequest(body.state, task.statement)]
+            )[0]
             return suggestion, (time.perf_counter() - start) * 1000
 
         produced = await asyncio.get_running_loop().run_in_executor(self.workers[assistant_id], generate)
@@ -329,12 +348,16 @@ class StudyServer:
                 return {"ok": True, "already_answered": True}
             unfinished = [s.index + 1 for s in participant.sessions if s.finished_at is None]
             if unfinished:
-                raise HTTPException(409, f"submit every task before the survey; task(s) {unfinished} are open")
+                raise HTTPException(
+                    409, f"submit every task before the survey; task(s) {unfinished} are open"
+                )
             by_position = {s.position: s.assistant_id for s in participant.sessions}
             for question in SURVEY_QUESTIONS:
                 position = getattr(body, question)
                 if position not in by_position:
-                    raise HTTPException(422, f"{question}: choose one of assistants {sorted(by_position)}, got {position}")
+                    raise HTTPException(
+                        422, f"{question}: choose one of assistants {sorted(by_position)}, got {position}"
+                    )
                 db.add(
                     SurveyAnswer(
                         participant_id=participant.id,
@@ -344,7 +367,9 @@ class StudyServer:
                     )
                 )
             if body.comment.strip():
-                db.add(SurveyAnswer(participant_id=participant.id, question="comment", text=body.comment.strip()))
+                db.add(
+                    SurveyAnswer(participant_id=participant.id, question="comment", text=body.comment.strip())
+                )
             participant.finished_at = datetime.now(timezone.utc)
         return {"ok": True, "already_answered": False}
 
@@ -390,7 +415,9 @@ def create_app(config: StudyServeConfig, load_assistants: bool = True) -> FastAP
 
     @app.get("/")
     def index():
-        return JSONResponse({"detail": "open the personal study link you were given (/p/<token>)"}, status_code=404)
+        return JSONResponse(
+            {"detail": "open the personal study link you were given (/p/<token>)"}, status_code=404
+        )
 
     @app.get("/p/{token}")
     def page(token: str):

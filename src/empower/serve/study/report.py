@@ -105,7 +105,9 @@ def replay(initial: str, events: list) -> Replay:
 
 def _checked_position(e, length: int) -> int:
     if e.position is None or not 0 <= e.position <= length:
-        raise ValueError(f"event seq {getattr(e, 'seq', '?')}: position {e.position} outside buffer of {length}")
+        raise ValueError(
+            f"event seq {getattr(e, 'seq', '?')}: position {e.position} outside buffer of {length}"
+        )
     return e.position
 
 
@@ -298,7 +300,10 @@ def _two_sample(metric: str, a: ArmMetrics, b: ArmMetrics) -> list[TestResult]:
     x, y = a.samples.get(metric, []), b.samples.get(metric, [])
     arms, n = [a.label, b.label], [len(x), len(y)]
     if len(x) < 2 or len(y) < 2:
-        return [TestResult(metric, "welch_t", arms, None, None, n), TestResult(metric, "mann_whitney_u", arms, None, None, n)]
+        return [
+            TestResult(metric, "welch_t", arms, None, None, n),
+            TestResult(metric, "mann_whitney_u", arms, None, None, n),
+        ]
     with warnings.catch_warnings():  # identical samples: scipy warns and returns nan, reported as n/a
         warnings.simplefilter("ignore", RuntimeWarning)
         t = stats.ttest_ind(x, y, equal_var=False)
@@ -318,8 +323,15 @@ def _tests(arms: list[ArmMetrics]) -> list[TestResult]:
     results = []
     for a, b in itertools.combinations(arms, 2):
         z, p = two_proportion_z([a.accepted, b.accepted], [a.shown, b.shown])
-        results.append(TestResult("acceptance_rate", "two_proportion_z", [a.label, b.label], z, p, [a.shown, b.shown]))
-        for metric in ("shown_per_participant", "suggestion_chars", "chars_deleted_per_accepted", "task_success"):
+        results.append(
+            TestResult("acceptance_rate", "two_proportion_z", [a.label, b.label], z, p, [a.shown, b.shown])
+        )
+        for metric in (
+            "shown_per_participant",
+            "suggestion_chars",
+            "chars_deleted_per_accepted",
+            "task_success",
+        ):
             results.extend(_two_sample(metric, a, b))
     return results
 
@@ -328,7 +340,9 @@ def _preferences(answers, arms) -> list[Preference]:
     labels = {a_id: a.label for a_id, a in arms.items()}
     out = []
     for question, text in SURVEY_QUESTIONS.items():
-        chosen = [labels[a.assistant_id] for a in answers if a.question == question and a.assistant_id in labels]
+        chosen = [
+            labels[a.assistant_id] for a in answers if a.question == question and a.assistant_id in labels
+        ]
         n = len(chosen)
         counts = {label: chosen.count(label) for label in labels.values()}
         share = {label: (c / n if n else None) for label, c in counts.items()}
@@ -373,14 +387,23 @@ def _markdown(r: StudyReport) -> str:
     for p in r.preferences:
         cells = " | ".join(f"{_fmt(p.share[a.label])} ({_fmt(p.p_value[a.label])})" for a in r.arms)
         lines.append(f"| {p.text} | {p.answers} | {cells} |")
-    lines += ["", "## Tests between assistants", "", "| metric | test | arms | n | statistic | p |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Tests between assistants",
+        "",
+        "| metric | test | arms | n | statistic | p |",
+        "|---|---|---|---|---|---|",
+    ]
     for t in r.tests:
         lines.append(
             f"| {t.metric} | {t.test} | {' vs '.join(t.arms)} | {'/'.join(map(str, t.n))} "
             f"| {_fmt(t.statistic)} | {_fmt(t.p_value, 4)} |"
         )
     if r.replay_mismatches:
-        lines += ["", f"**Warning**: sessions {r.replay_mismatches} replay differently from what the browser saw."]
+        lines += [
+            "",
+            f"**Warning**: sessions {r.replay_mismatches} replay differently from what the browser saw.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -73,7 +73,9 @@ class Study(Base):
     config: Mapped[dict] = mapped_column(JSON)  # the resolved StudyCreateConfig
     tasks: Mapped[list] = mapped_column(JSON)  # the Task records, so the study never depends on files again
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    assistants: Mapped[list[StudyAssistant]] = relationship(back_populates="study", order_by="StudyAssistant.id")
+    assistants: Mapped[list[StudyAssistant]] = relationship(
+        back_populates="study", order_by="StudyAssistant.id"
+    )
 
 
 class StudyAssistant(Base):
@@ -107,7 +109,9 @@ class StudySession(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     participant_id: Mapped[int] = mapped_column(ForeignKey("participants.id"))
     index: Mapped[int] = mapped_column(Integer)
-    position: Mapped[int] = mapped_column(Integer)  # 1-based place of the assistant in the participant's order
+    position: Mapped[int] = mapped_column(
+        Integer
+    )  # 1-based place of the assistant in the participant's order
     assistant_id: Mapped[int] = mapped_column(ForeignKey("assistants.id"))
     task_index: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -147,7 +151,9 @@ class Event(Base):
     position: Mapped[int | None] = mapped_column(Integer)
     text: Mapped[str | None] = mapped_column(Text)
     deleted_text: Mapped[str | None] = mapped_column(Text)
-    deleted_from_suggestion: Mapped[int | None] = mapped_column(Integer)  # client's own count (checked by replay)
+    deleted_from_suggestion: Mapped[int | None] = mapped_column(
+        Integer
+    )  # client's own count (checked by replay)
     suggestion_id: Mapped[int | None] = mapped_column(ForeignKey("suggestions.id"))
     data: Mapped[dict | None] = mapped_column(JSON)
     __table_args__ = (UniqueConstraint("session_id", "client_id", name="uq_event_client_id"),)
@@ -213,7 +219,9 @@ def parse_assistant_spec(spec: str) -> tuple[str, dict]:
 
     label, sep, rest = spec.partition("=")
     if not sep or not label.strip() or not rest.strip():
-        raise ValueError(f"assistant {spec!r}: expected LABEL=MODEL[:POLICY[:N_OR_ETA]], e.g. B=smollm2-135m:base-n:20")
+        raise ValueError(
+            f"assistant {spec!r}: expected LABEL=MODEL[:POLICY[:N_OR_ETA]], e.g. B=smollm2-135m:base-n:20"
+        )
     model, *more = rest.split(":")
     if len(more) > 2:
         raise ValueError(f"assistant {spec!r}: too many ':' parts; expected LABEL=MODEL[:POLICY[:N_OR_ETA]]")
@@ -248,11 +256,15 @@ class StudyCreateConfig:
         greedy=True,
     )
     tasks: str = option("humaneval", "task set format: humaneval, mbpp, livecodebench or leetcode")
-    tasks_path: str | None = option(None, "a task file or folder in that format (default: the set's own source)")
+    tasks_path: str | None = option(
+        None, "a task file or folder in that format (default: the set's own source)"
+    )
     tasks_limit: int | None = option(None, "keep the first N tasks of the set")
     db: str = option("study.sqlite", "SQLite file or SQLAlchemy URL of the study store")
     name: str = option("study", "study name (shown to participants)")
-    participants: int = option(0, "participant tokens to create now (more later with `empower study participants`)")
+    participants: int = option(
+        0, "participant tokens to create now (more later with `empower study participants`)"
+    )
     tasks_per_assistant: int = option(1, "tasks each participant solves with each assistant")
     seed: int = option(0, "seed of the assistant-order and task randomisation")
     max_new_tokens: int = option(64, "cap on suggestion length in tokens, for every arm")

@@ -1,0 +1,252 @@
+"""Wrappers over an engine: :class:`Batcher` gathers concurrent asyncio callers into one generate call.
+
+Why a worker thread: ``generate`` holds the CPU for hundreds of milliseconds; running it on the event
+loop would freeze every other request (health checks included). The worker takes the jobs that
+arrived while the previous batch ran (plus a short wait for stragglers), runs ONE
+:meth:`LocalEngine.generate` over all their requests, and hands each kept token to the job that owns
+the row, as a :class:`Delta` on that job's asyncio queue (``loop.call_soon_threadsafe``). The event
+loop never touches the model; the engine applies every stop rule, so this is a wrapper, not a second
+generation loop.
+
+A request whose caller goes away (its iterator closed) stops costing compute at the next step. This
+is static batching: a job that arrives mid-batch waits for that batch to end. Throughput at scale is
+a server engine's job (vLLM), not something we grow here.
+
+Example::
+
+    batcher = Batcher(LocalEngine(model, tokenizer))
+    async for delta in batcher.stream([GenerateRequest(tokenizer("def f(").input_ids, 16)]):
+        print(delta.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+
+from empower.engines.base import Finish, GenerateRequest, Generation, decode_continuation
+from empower.engines.local import LocalEngine
+
+log = logging.getLogger(__name__)
+
+# What an OpenAI-compatible client reads as the reason a choice ended.
+FINISH_REASON = {Finish.EOS: "stop", Finish.STOP: "stop", Finish.BUDGET: "stop", Finish.LENGTH: "length"}
+
+
+@dataclasses.dataclass
+class Delta:
+    """New text of one request (``index``); its last delta has ``finish_reason`` (``stop``, ``length``)
+    and the whole :class:`Generation`."""
+
+    index: int
+    text: str
+    tokens: list[str] = dataclasses.field(default_factory=list)
+    token_logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    token_count: int = 0  # tokens generated for this delta (usage), logprobs asked or not
+    finish_reason: str | None = None
+    stopping_word: str = ""  # the request's stop string that ended it, if one did
+    generation: Generation | None = None
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters read by ``GET /metrics`` (and the tests: batching and cancellation are observable)."""
+
+    requests: int = 0
+    batches: int = 0
+    rows: int = 0
+    max_batch_rows: int = 0
+    tokens_generated: int = 0
+    rows_cancelled: int = 0
+    busy_seconds: float = 0.0
+
+
+class _Job:
+    """One caller: its requests, and the queue its deltas go to (owned by the event loop)."""
+
+    def __init__(self, requests: list[GenerateRequest], logprobs: bool, loop: asyncio.AbstractEventLoop):
+        self.requests, self.logprobs, self.loop = requests, logprobs, loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.rows = [_Row(index, r) for index, r in enumerate(requests)]
+        self.open_rows = len(self.rows)
+        self.cancelled = False
+
+    def post(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is gone: nobody will read, stop generating
+            self.cancelled = True
+
+
+class _Row:
+    def __init__(self, index: int, request: GenerateRequest):
+        self.index, self.request = index, request
+        self.tokens: list[int] = []
+        self.sent_chars = 0
+        self.posted_tokens = 0  # tokens whose strings went out in earlier deltas
+        self.pending = Delta(index, "")
+
+
+class Batcher:
+    """Owns ``engine`` on a worker thread; :meth:`stream` is the asyncio face of it.
+
+    Args:
+        engine: the in-process engine (its ``batch_size`` should be at least ``max_batch_rows``).
+        max_batch_rows: the most requests one generate call holds.
+        batch_wait_s: how long the worker waits for more jobs after the first one arrives.
+    """
+
+    def __init__(self, engine: LocalEngine, *, max_batch_rows: int = 8, batch_wait_s: float = 0.005):
+        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.model, self.prefix_cache = engine.model, engine.prefix_cache
+        self.max_batch_rows, self.batch_wait_s = max_batch_rows, batch_wait_s
+        self.stats = EngineStats()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._deferred: collections.deque[_Job] = collections.deque()
+        self._thread = threading.Thread(target=self._work, name="empower-engine", daemon=True)
+        self._thread.start()
+
+    async def stream(
+        self, requests: Sequence[GenerateRequest], logprobs: bool = False
+    ) -> AsyncIterator[Delta]:
+        """Yield each request's deltas as its tokens are made (with token strings and log-probs when
+        ``logprobs``). Closing the iterator early (the caller went away) cancels its requests."""
+        job = _Job(list(requests), logprobs, asyncio.get_running_loop())
+        self.stats.requests += 1
+        self._queue.put(job)
+        try:
+            while True:
+                item = await job.events.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"generation failed: {item}") from item
+                yield item
+        finally:
+            job.cancelled = True  # no-op when finished; otherwise the worker drops its rows
+
+    def close(self) -> None:
+        """Stop the worker after the batch it is running (idempotent)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+    # ---- worker thread -------------------------------------------------------------------------
+
+    def _gather(self) -> list[_Job] | None:
+        """Block for the first job, then take what else is waiting, up to ``max_batch_rows``."""
+        first = self._deferred.popleft() if self._deferred else self._queue.get()
+        if first is None:
+            return None
+        jobs, rows = [first], len(first.rows)
+        deadline = time.monotonic() + self.batch_wait_s
+        while rows < self.max_batch_rows:
+            try:
+                job = (
+                    self._deferred.popleft()
+                    if self._deferred
+                    else self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                )
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)
+                break
+            if rows + len(job.rows) > self.max_batch_rows:
+                self._deferred.append(job)
+                break
+            jobs.append(job)
+            rows += len(job.rows)
+        return jobs
+
+    def _work(self) -> None:
+        while (jobs := self._gather()) is not None:
+            for job in jobs:
+                if job.cancelled:  # abandoned while queued: never generated
+                    self.stats.rows_cancelled += len(job.rows)
+            jobs = [job for job in jobs if not job.cancelled]
+            if not jobs:
+                continue
+            start = time.perf_counter()
+            try:
+                self._generate(jobs)
+            except Exception as err:  # a bad batch fails its callers, never the worker
+                log.exception("generation failed")
+                for job in jobs:
+                    job.post(err)
+            self.stats.busy_seconds += time.perf_counter() - start
+
+    def _generate(self, jobs: list[_Job]) -> None:
+        owners = [(job, row) for job in jobs for row in job.rows]
+        self.stats.batches += 1
+        self.stats.rows += len(owners)
+        self.stats.max_batch_rows = max(self.stats.max_batch_rows, len(owners))
+
+        def on_token(i: int, token: int, logprob: float, top: dict[int, float]) -> None:
+            job, row = owners[i]
+            row.tokens.append(token)
+            self.stats.tokens_generated += 1
+            row.pending.token_count += 1
+            if job.logprobs:
+                row.pending.tokens.append(self.tokenizer.decode([token]))
+                row.pending.token_logprobs.append(logprob)
+                if top:
+                    row.pending.top_logprobs.append({self.tokenizer.decode([t]): v for t, v in top.items()})
+            text = decode_continuation(self.tokenizer, row.request.prompt[-4:], row.tokens)
+            # Hold back what could be the start of a stop string, and half a multi-byte character.
+            end = len(text) - _stop_prefix(text, row.sent_chars, row.request.stop)
+            if text.endswith("\ufffd"):
+                end = min(end, len(text) - 1)
+            if end > row.sent_chars and _first_stop_at(text, row.request.stop) is None:
+                row.pending.text += text[row.sent_chars : end]
+                row.sent_chars = end
+                row.posted_tokens = len(row.tokens)
+                job.post(row.pending)
+                row.pending = Delta(row.index, "")
+
+        def on_finish(i: int, generation: Generation) -> None:
+            job, row = owners[i]
+            if generation.finish is Finish.CANCELLED:
+                self.stats.rows_cancelled += 1
+            else:
+                delta = row.pending
+                delta.text += generation.text[row.sent_chars :]
+                keep = len(generation.ids) - row.posted_tokens  # a stop string can drop the last token
+                delta.tokens, delta.token_logprobs = delta.tokens[:keep], delta.token_logprobs[:keep]
+                delta.top_logprobs = delta.top_logprobs[:keep]
+                delta.finish_reason = FINISH_REASON[generation.finish]
+                delta.stopping_word, delta.generation = generation.stop, generation
+                job.post(delta)
+            job.open_rows -= 1
+            if job.open_rows == 0:
+                job.post(None)
+
+        self.engine.generate(
+            [row.request for _, row in owners],
+            on_token=on_token,
+            on_finish=on_finish,
+            cancelled=lambda i: owners[i][0].cancelled,
+        )
+
+
+def _first_stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+    found = [at for s in stops if (at := text.find(s)) >= 0]
+    return min(found) if found else None
+
+
+def _stop_prefix(text: str, start: int, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of ``text`` (past ``start``) could begin a stop string."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text) - start), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return hold
