@@ -16,12 +16,11 @@ from empower.labeling import (
     DataConfig,
     Method,
     build_data,
-    empower_length,
-    empower_lengths,
     label_document,
     round_trips,
     sample_cuts,
 )
+from empower.rule import empower_length, empower_lengths
 from empower.scoring import empower_length_literal, score_documents
 
 CODE = (Path(__file__).parent / "test_scoring.py").read_text().split("CODE = '''")[1].split("'''")[0]

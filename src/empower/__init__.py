@@ -6,8 +6,9 @@ them to real people. See README.md for the pipeline and commands.
 """
 
 from empower.corpus import CorpusConfig, Document, iter_documents
-from empower.labeling import DataConfig, Method, build_data, data_stats, empower_length, empower_lengths
+from empower.labeling import DataConfig, Method, build_data, data_stats
 from empower.models import load_model, load_tokenizer
+from empower.rule import empower_length, empower_lengths
 from empower.sandbox import (
     ExecutionResult,
     SandboxConfig,

@@ -53,8 +53,8 @@ from empower.engines.base import (
     encode,
 )
 from empower.engines.local import LocalEngine
-from empower.labeling import empower_length
 from empower.prompts import PromptTemplate, build_prompt
+from empower.rule import empower_length
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def trained_template(assistant: str, configured: PromptTemplate | str | None) ->
 def threshold_length(bits: Sequence[float], eta_bits: float) -> int:
     """Length of the longest prefix whose cumulative bits stay strictly below ``eta_bits``.
 
-    The labeling rule itself (:func:`empower.labeling.empower_length`), so training pairs and
+    The labeling rule itself (:func:`empower.rule.empower_length`), so training pairs and
     inference-time decoding cannot disagree.
 
     >>> threshold_length([0.1, 0.2, 5.0, 0.1], 1.0)

@@ -15,8 +15,7 @@ import json
 import time
 
 from empower.configs import to_dict
-from empower.report import build_report
-from empower.reproduce import (
+from empower.experiment import (
     CalibrationPolicy,
     GridMethod,
     ReproduceConfig,
@@ -38,6 +37,7 @@ from empower.reproduce import (
     run_train,
     train_config,
 )
+from empower.report import build_report
 
 
 def validation_tasks(config: ReproduceConfig) -> dict:

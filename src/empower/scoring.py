@@ -318,7 +318,7 @@ def empower_length_literal(model, ids: list[int], cut: int, eta_bits: float, pre
     """Empower's ``k*`` by the paper's loop, literally: grow ``k``, re-score prompt + completion each time.
 
     One forward pass per candidate ``k``; kept as the reference that the one-pass rule
-    (:func:`empower.labeling.empower_lengths`) is tested and benchmarked against.
+    (:func:`empower.rule.empower_lengths`) is tested and benchmarked against.
     """
     device = next(model.parameters()).device
     k = 0

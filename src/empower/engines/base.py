@@ -8,7 +8,7 @@
 Both are batched: callers hand over every request they have and the engine chooses how to group
 them. Log-probabilities are natural logs (as OpenAI-compatible servers report them) of the model's
 own distribution, before any sampling temperature; budgets are in bits, like ``eta`` everywhere in
-the project. The NLL budget applies the labeling rule (:func:`empower.labeling.empower_length`) to
+the project. The NLL budget applies the labeling rule (:func:`empower.rule.empower_length`) to
 generation, so a threshold suggestion and a training completion are cut by the same code.
 """
 

@@ -31,8 +31,8 @@ from transformers import (
 )
 
 from empower.engines.base import LN2, Finish, GenerateRequest, Generation, ScoreRequest, decode_continuation
-from empower.labeling import empower_length
 from empower.prefix_cache import PrefixCache, batch_inputs, prefix_cache_for, store_prompts
+from empower.rule import empower_length
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -60,7 +60,7 @@ class RowStops(StoppingCriteria):
     A row stops at end-of-sequence, at its ``max_tokens``, once its text contains one of its stop
     strings, or before the token that would bring its cumulative bits to ``budget_bits``: that token
     is generated (its probability is only known then) and dropped at once, by
-    :func:`empower.labeling.empower_length`, the labeling rule. ``on_token(row, token, logprob, top)``
+    :func:`empower.rule.empower_length`, the labeling rule. ``on_token(row, token, logprob, top)``
     hears each kept token as it comes (streaming), and a row whose ``cancelled(row)`` turns true stops
     at the next step.
 

@@ -8,7 +8,7 @@ a request that our client abandons is aborted upstream by closing the stream.
 
 Every policy works on this engine: the requests come from the policy module as for the in-process
 engine, and the NLL budget (``threshold``) is applied by asking for each sampled token's
-log-probability and cutting the stream where :func:`empower.labeling.empower_length`, the labeling
+log-probability and cutting the stream where :func:`empower.rule.empower_length`, the labeling
 rule, says.
 """
 
@@ -32,7 +32,7 @@ from empower import models
 from empower.engines import Finish, GenerateRequest, Generation
 from empower.engines.base import LN2
 from empower.engines.wrappers import Delta, EngineStats
-from empower.labeling import empower_length
+from empower.rule import empower_length
 
 log = logging.getLogger(__name__)
 
