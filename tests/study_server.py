@@ -44,10 +44,30 @@ def create_study(folder: Path, participants: int = 1) -> Path:
     """`empower study create` with two tiny-model arms; returns the database path."""
     db = folder / "study.sqlite"
     subprocess.run(
-        [*EMPOWER, "study", "create", "--assistants", "A=tiny-random:model", "--assistants", "B=tiny-random:base-n:4",
-         "--tasks", "humaneval", "--tasks-path", str(write_tasks(folder)), "--db", str(db),
-         "--participants", str(participants), "--max-new-tokens", "6", "--name", "toy study"],
-        check=True, capture_output=True, text=True,
+        [
+            *EMPOWER,
+            "study",
+            "create",
+            "--assistants",
+            "A=tiny-random:model",
+            "--assistants",
+            "B=tiny-random:base-n:4",
+            "--tasks",
+            "humaneval",
+            "--tasks-path",
+            str(write_tasks(folder)),
+            "--db",
+            str(db),
+            "--participants",
+            str(participants),
+            "--max-new-tokens",
+            "6",
+            "--name",
+            "toy study",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return db
 
@@ -68,7 +88,8 @@ class StudyServer:
         self.log = log or db.with_suffix(".serve.log")
         self.process = subprocess.Popen(
             [*EMPOWER, "study", "serve", "--db", str(db), "--port", str(self.port), "--debounce-ms", "150"],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
         )
         self._wait_ready(assistants)
 
@@ -76,7 +97,9 @@ class StudyServer:
         # Readiness, not a time limit on the test: the loop ends as soon as the server answers or dies.
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"study server exited with {self.process.returncode}:\n{self.log.read_text()}")
+                raise RuntimeError(
+                    f"study server exited with {self.process.returncode}:\n{self.log.read_text()}"
+                )
             try:
                 health = httpx.get(self.url + "/health").json()
                 if health["assistant_error"]:

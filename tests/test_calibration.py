@@ -11,10 +11,20 @@ from empower.reproduce import ReproduceConfig
 
 
 def _trace(task_id: str, passed: bool, read: int, written: int) -> dict:
-    return {"task_id": task_id, "passed": passed, "tokens_read": read, "tokens_written": written,
-            "suggestions": 1, "accepted": 1, "suggestion_tokens": [read], "suggestion_chars": [4 * read],
-            "chars_deleted_from_accepted": 0, "turns": 2, "end_reason": "finish",
-            "status": "passed" if passed else "failed"}
+    return {
+        "task_id": task_id,
+        "passed": passed,
+        "tokens_read": read,
+        "tokens_written": written,
+        "suggestions": 1,
+        "accepted": 1,
+        "suggestion_tokens": [read],
+        "suggestion_chars": [4 * read],
+        "chars_deleted_from_accepted": 0,
+        "turns": 2,
+        "end_reason": "finish",
+        "status": "passed" if passed else "failed",
+    }
 
 
 # Per eta, both validation tasks' (passed, tokens read, tokens written); DPR = 0.999 ** (0.1 read + 0.5 written):
@@ -26,20 +36,31 @@ RECORDED = {0.5: [(True, 10, 40)] * 2, 2.0: [(True, 20, 10)] * 2, 8.0: [(True, 5
 
 def _record(tmp_path, recorded: dict) -> tuple:
     """A reproduce config whose calibration runs (one per eta) are already recorded on disk."""
-    config = config_from_dict(ReproduceConfig, {
-        "out": str(tmp_path / "run"),
-        "eval": {"metrics_resamples": 200},
-        "grid": {"methods": ["threshold"], "eta": None, "task_sets": [{"tasks": "humaneval", "limit": 2}]},
-        "calibration": {"etas": list(recorded), "size": 2},
-    })
+    config = config_from_dict(
+        ReproduceConfig,
+        {
+            "out": str(tmp_path / "run"),
+            "eval": {"metrics_resamples": 200},
+            "grid": {
+                "methods": ["threshold"],
+                "eta": None,
+                "task_sets": [{"tasks": "humaneval", "limit": 2}],
+            },
+            "calibration": {"etas": list(recorded), "size": 2},
+        },
+    )
     # The validation split is the first two HumanEval problems no grid run uses (the grid takes 0 and 1).
     ids = ["HumanEval/2", "HumanEval/3"]
     for eta, episodes in recorded.items():
         run = config.out / "calibration" / f"eta-{eta:g}"
         run.mkdir(parents=True)
-        (run / "config.json").write_text(json.dumps({"assistant": "recorded", "human": "reference",
-                                                     "tasks": "humaneval", "n_tasks": 2}))
-        lines = [json.dumps(_trace(task_id, *episode)) + "\n" for task_id, episode in zip(ids, episodes, strict=True)]
+        (run / "config.json").write_text(
+            json.dumps({"assistant": "recorded", "human": "reference", "tasks": "humaneval", "n_tasks": 2})
+        )
+        lines = [
+            json.dumps(_trace(task_id, *episode)) + "\n"
+            for task_id, episode in zip(ids, episodes, strict=True)
+        ]
         (run / "traces.jsonl").write_text("".join(lines))
         (run / "summary.json").write_text("{}")
     return config, ids

@@ -26,7 +26,14 @@ from empower.serve.server import ServeConfig, create_app, local_engine
 from serve_process import serve_process
 
 MODEL = "tiny-fim"
-QWEN_FIM_TOKENS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+QWEN_FIM_TOKENS = [
+    "<|fim_prefix|>",
+    "<|fim_suffix|>",
+    "<|fim_middle|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
 
 PREFIX = "def add(a, b):\n    "
 SUFFIX = "\n\nprint(add(1, 2))\n"
@@ -36,8 +43,15 @@ SUFFIX = "\n\nprint(add(1, 2))\n"
 # AutocompleteTemplate.ts, qwenCoderFimTemplate, commit 01efdfeb), then getStopTokens' multiline and
 # common stops (core/autocomplete/templating/getStopTokens.ts, commit 2ae584e8).
 CONTINUE_TEMPLATE_STOPS = [
-    "<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>", "<|im_start|>", "<|im_end|>",
+    "<|endoftext|>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<|im_start|>",
+    "<|im_end|>",
 ]
 CONTINUE_COMMON_STOPS = ["\n\n", "\r\n\r\n", "/src/", "#- coding: utf-8", "```"]
 
@@ -182,9 +196,17 @@ def test_stop_lists_past_the_bound_get_a_400_naming_it(server, stop, needle):
 
 EXTRA = [{"text": "def sub(a, b):\n    return a - b\n", "time": [1733390000, 1234], "filename": "util.py"}]
 VIM_RESPONSE_FIELDS = [
-    "content", "timings/prompt_n", "timings/prompt_ms", "timings/prompt_per_token_ms",
-    "timings/prompt_per_second", "timings/predicted_n", "timings/predicted_ms",
-    "timings/predicted_per_token_ms", "timings/predicted_per_second", "truncated", "tokens_cached",
+    "content",
+    "timings/prompt_n",
+    "timings/prompt_ms",
+    "timings/prompt_per_token_ms",
+    "timings/prompt_per_second",
+    "timings/predicted_n",
+    "timings/predicted_ms",
+    "timings/predicted_per_token_ms",
+    "timings/predicted_per_second",
+    "truncated",
+    "tokens_cached",
 ]
 
 
@@ -193,18 +215,37 @@ def vim_request(prefix: str, middle: str, suffix: str, n_indent: int = 0) -> dic
     llama#fim: lines above the cursor as input_prefix, the cursor line's start as prompt, the rest
     as input_suffix, ring-buffer chunks (with a reltime ``time``) as input_extra."""
     return {
-        "input_prefix": prefix, "input_suffix": suffix, "input_extra": EXTRA, "prompt": middle,
-        "n_predict": 256, "n_indent": n_indent, "top_k": 40, "top_p": 0.99, "stream": False,
-        "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True, "t_max_prompt_ms": 500,
-        "t_max_predict_ms": 1500, "response_fields": VIM_RESPONSE_FIELDS,
+        "input_prefix": prefix,
+        "input_suffix": suffix,
+        "input_extra": EXTRA,
+        "prompt": middle,
+        "n_predict": 256,
+        "n_indent": n_indent,
+        "top_k": 40,
+        "top_p": 0.99,
+        "stream": False,
+        "samplers": ["top_k", "top_p", "infill"],
+        "cache_prompt": True,
+        "t_max_prompt_ms": 500,
+        "t_max_predict_ms": 1500,
+        "response_fields": VIM_RESPONSE_FIELDS,
     }
 
 
 # llama.vim's s:ring_update: new extra context is sent with n_predict 0 so the server caches it.
 VIM_WARMUP = {
-    "input_prefix": "", "input_suffix": "", "input_extra": EXTRA, "prompt": "", "n_predict": 0,
-    "temperature": 0.0, "stream": False, "samplers": [], "cache_prompt": True, "t_max_prompt_ms": 1,
-    "t_max_predict_ms": 1, "response_fields": [""],
+    "input_prefix": "",
+    "input_suffix": "",
+    "input_extra": EXTRA,
+    "prompt": "",
+    "n_predict": 0,
+    "temperature": 0.0,
+    "stream": False,
+    "samplers": [],
+    "cache_prompt": True,
+    "t_max_prompt_ms": 1,
+    "t_max_predict_ms": 1,
+    "response_fields": [""],
 }
 
 
@@ -213,20 +254,37 @@ def vscode_request(prefix: str, middle: str, suffix: str, *, warmup: bool = Fals
     createRequestPayload, with the extension's default settings (n_predict 128, t_max_* 500/2500)."""
     if warmup:
         return {
-            "input_prefix": "", "input_suffix": "", "input_extra": EXTRA, "prompt": "", "n_predict": 0,
-            "samplers": [], "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 1,
+            "input_prefix": "",
+            "input_suffix": "",
+            "input_extra": EXTRA,
+            "prompt": "",
+            "n_predict": 0,
+            "samplers": [],
+            "cache_prompt": True,
+            "t_max_prompt_ms": 500,
+            "t_max_predict_ms": 1,
         }
     return {
-        "input_prefix": prefix, "input_suffix": suffix, "input_extra": EXTRA, "prompt": middle,
-        "n_predict": 128, "top_k": 40, "top_p": 0.99, "stream": False,
-        "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True, "t_max_prompt_ms": 500,
+        "input_prefix": prefix,
+        "input_suffix": suffix,
+        "input_extra": EXTRA,
+        "prompt": middle,
+        "n_predict": 128,
+        "top_k": 40,
+        "top_p": 0.99,
+        "stream": False,
+        "samplers": ["top_k", "top_p", "infill"],
+        "cache_prompt": True,
+        "t_max_prompt_ms": 500,
         "t_max_predict_ms": 2500,
     }
 
 
 def _infill(server: str, body: dict | bytes, **headers) -> httpx.Response:
     if isinstance(body, bytes):
-        return httpx.post(f"{server}/infill", content=body, headers={"Content-Type": "application/json"}, timeout=120)
+        return httpx.post(
+            f"{server}/infill", content=body, headers={"Content-Type": "application/json"}, timeout=120
+        )
     return httpx.post(f"{server}/infill", json=body, headers=headers, timeout=120)
 
 
@@ -302,7 +360,9 @@ def test_infill_stops_where_its_stop_string_begins(server):
 
 
 def test_a_long_file_is_cut_to_fit_and_reported_truncated(server):
-    answer = _infill(server, vscode_request("x = 1\n" * 2000, VIM_MIDDLE, "y = 2\n" * 500) | {"n_predict": 4}).json()
+    answer = _infill(
+        server, vscode_request("x = 1\n" * 2000, VIM_MIDDLE, "y = 2\n" * 500) | {"n_predict": 4}
+    ).json()
     assert answer["truncated"] is True
     assert answer["tokens_evaluated"] <= 1024 - 4  # the tiny model's context minus what is generated
     before, after = answer["prompt"].split("<|fim_suffix|>")
@@ -322,9 +382,15 @@ INFILL_BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("change, field", [r[1:] for r in INFILL_BAD_REQUESTS], ids=[r[0] for r in INFILL_BAD_REQUESTS])
+@pytest.mark.parametrize(
+    "change, field", [r[1:] for r in INFILL_BAD_REQUESTS], ids=[r[0] for r in INFILL_BAD_REQUESTS]
+)
 def test_bad_infill_request_gets_a_400_naming_the_field_and_the_server_stays_up(server, change, field):
-    body = {k: v for k, v in (vscode_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX) | change).items() if v is not None}
+    body = {
+        k: v
+        for k, v in (vscode_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX) | change).items()
+        if v is not None
+    }
     response = _infill(server, body)
     assert response.status_code == 400
     error = response.json()["error"]
@@ -410,7 +476,9 @@ def test_llama_vim_against_the_embedded_fim_model_with_the_threshold_policy(tmp_
         warm = _infill(url, VIM_WARMUP)
         assert warm.status_code == 200 and warm.json() == {}
         # t_max_predict_ms: past the limit, the suggestion ends at its first line end (llama.cpp's rule).
-        quick = _infill(url, vscode_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX) | {"t_max_predict_ms": 1}).json()
+        quick = _infill(
+            url, vscode_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX) | {"t_max_predict_ms": 1}
+        ).json()
         assert (quick["content"], quick["stop_type"]) == ("a + b\n", "limit")
 
 
@@ -457,7 +525,9 @@ def test_documented_continue_config_sends_the_replayed_request(documented_server
     assert "qwen" in model["model"] and "coder" in model["model"]
     options = model["defaultCompletionOptions"]
     body = continue_request(PREFIX, []) | {
-        "model": model["model"], "max_tokens": options["maxTokens"], "temperature": options["temperature"],
+        "model": model["model"],
+        "max_tokens": options["maxTokens"],
+        "temperature": options["temperature"],
     }
     text, chunks = "", 0
     with httpx.stream("POST", url, json=body, headers=CONTINUE_HEADERS, timeout=300) as response:
@@ -491,7 +561,8 @@ def test_documented_llama_vim_config_sends_the_replayed_request(documented_serve
     config = _vim_dict(_doc_block(language))
     assert set(config) == {"endpoint", "n_predict", "t_max_predict_ms"}
     body = vim_request(VIM_PREFIX, VIM_MIDDLE, VIM_SUFFIX, n_indent=4) | {
-        "n_predict": config["n_predict"], "t_max_predict_ms": config["t_max_predict_ms"],
+        "n_predict": config["n_predict"],
+        "t_max_predict_ms": config["t_max_predict_ms"],
     }
     url = _on(config["endpoint"], port, server)
     answer = httpx.post(url, json=body, timeout=300).json()

@@ -23,11 +23,21 @@ from empower.reproduce import eval_done
 from empower.tasks import load_tasks
 
 PROBLEMS = {
-    "add": ("def add(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n", "    return a + b\n", "assert candidate(1, 2) == 3"),
-    "double": ("def double(x):\n    \"\"\"Twice x.\"\"\"\n", "    y = x * 2\n    return y\n",
-               "assert candidate(4) == 8"),
-    "greet": ("def greet(name):\n    \"\"\"Hello, name!\"\"\"\n", "    return 'Hello, ' + name + '!'\n",
-              "assert candidate('Bo') == 'Hello, Bo!'"),
+    "add": (
+        'def add(a, b):\n    """Sum of a and b."""\n',
+        "    return a + b\n",
+        "assert candidate(1, 2) == 3",
+    ),
+    "double": (
+        'def double(x):\n    """Twice x."""\n',
+        "    y = x * 2\n    return y\n",
+        "assert candidate(4) == 8",
+    ),
+    "greet": (
+        'def greet(name):\n    """Hello, name!"""\n',
+        "    return 'Hello, ' + name + '!'\n",
+        "assert candidate('Bo') == 'Hello, Bo!'",
+    ),
 }
 
 
@@ -35,11 +45,15 @@ def _write_tasks(path: Path, copies: int = 1, broken: tuple[str, ...] = ()) -> P
     rows = []
     for i in range(copies):
         for name, (prompt, solution, check) in PROBLEMS.items():
-            rows.append({
-                "task_id": f"toy/{name}{i or ''}", "prompt": prompt, "entry_point": name,
-                "canonical_solution": "    return None\n" if name in broken else solution,
-                "test": f"def check(candidate):\n    {check}\n",
-            })
+            rows.append(
+                {
+                    "task_id": f"toy/{name}{i or ''}",
+                    "prompt": prompt,
+                    "entry_point": name,
+                    "canonical_solution": "    return None\n" if name in broken else solution,
+                    "test": f"def check(candidate):\n    {check}\n",
+                }
+            )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -52,9 +66,18 @@ def tasks_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def make_config(tmp_path_factory, tiny_model_path, tasks_file):
     def make(**overrides):
-        values = dict(assistant=tiny_model_path, policy="model", max_new_tokens=6, human="reference",
-                      tasks="humaneval", tasks_path=str(tasks_file), out=tmp_path_factory.mktemp("eval") / "run",
-                      sim_batch_size=4, sandbox_workers=2, metrics_resamples=200)
+        values = dict(
+            assistant=tiny_model_path,
+            policy="model",
+            max_new_tokens=6,
+            human="reference",
+            tasks="humaneval",
+            tasks_path=str(tasks_file),
+            out=tmp_path_factory.mktemp("eval") / "run",
+            sim_batch_size=4,
+            sandbox_workers=2,
+            metrics_resamples=200,
+        )
         return EvalConfig(**{**values, **overrides})
 
     return make
@@ -183,8 +206,14 @@ def players(make_config, tiny, tasks_file):
 
     def play(**overrides):
         traces = []
-        stats = run_episodes(load_tasks("humaneval", str(tasks_file)), assistant, human,
-                             dataclasses.replace(config, **overrides), count, traces.append)
+        stats = run_episodes(
+            load_tasks("humaneval", str(tasks_file)),
+            assistant,
+            human,
+            dataclasses.replace(config, **overrides),
+            count,
+            traces.append,
+        )
         return stats, traces
 
     return play
@@ -213,11 +242,33 @@ def test_one_by_one_takes_a_step_per_turn(players):
 def test_killed_run_resumes_without_counting_an_episode_twice(tmp_path, tiny_model_path):
     tasks = _write_tasks(tmp_path / "many.jsonl", copies=2)
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "empower", "eval", "--assistant", tiny_model_path, "--policy", "model",
-               "--max-new-tokens", "6", "--tasks", "humaneval", "--tasks-path", str(tasks), "--out", str(out),
-               "--sim-batch-size", "1", "--sandbox-workers", "1", "--metrics-resamples", "200"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "empower",
+        "eval",
+        "--assistant",
+        tiny_model_path,
+        "--policy",
+        "model",
+        "--max-new-tokens",
+        "6",
+        "--tasks",
+        "humaneval",
+        "--tasks-path",
+        str(tasks),
+        "--out",
+        str(out),
+        "--sim-batch-size",
+        "1",
+        "--sandbox-workers",
+        "1",
+        "--metrics-resamples",
+        "200",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     traces = out / "traces.jsonl"
     while process.poll() is None and not (traces.is_file() and traces.read_text().count("\n") >= 1):
         time.sleep(0.2)
@@ -226,9 +277,21 @@ def test_killed_run_resumes_without_counting_an_episode_twice(tmp_path, tiny_mod
     done_before = traces.read_text().count("\n")
     assert 1 <= done_before < 6, "the run must be interrupted mid-way for this test to mean anything"
     assert not (out / "summary.json").exists()
-    run_eval(EvalConfig(assistant=tiny_model_path, policy="model", max_new_tokens=6, tasks="humaneval",
-                        tasks_path=str(tasks), out=out, sim_batch_size=1, sandbox_workers=1, metrics_resamples=200,
-                        resume=True), progress=False)
+    run_eval(
+        EvalConfig(
+            assistant=tiny_model_path,
+            policy="model",
+            max_new_tokens=6,
+            tasks="humaneval",
+            tasks_path=str(tasks),
+            out=out,
+            sim_batch_size=1,
+            sandbox_workers=1,
+            metrics_resamples=200,
+            resume=True,
+        ),
+        progress=False,
+    )
     ids = [t["task_id"] for t in _traces(out)]
     assert len(ids) == len(set(ids)) == 6
 
@@ -253,8 +316,14 @@ def _play_add(make_config, suggestions, human=None, **overrides):
     config = make_config(**{"human_max_tokens": 4, "sim_batch_size": 1, **overrides})
     tasks = [t for t in load_tasks("humaneval", config.tasks_path) if t.task_id == "toy/add"]
     traces = []
-    run_episodes(tasks, ScriptedAssistant(suggestions), human or build_human(config.part(HumanConfig)), config,
-                 TokenCounter(config.sim_count_tokenizer), traces.append)
+    run_episodes(
+        tasks,
+        ScriptedAssistant(suggestions),
+        human or build_human(config.part(HumanConfig)),
+        config,
+        TokenCounter(config.sim_count_tokenizer),
+        traces.append,
+    )
     [trace] = traces
     return trace
 
@@ -267,26 +336,76 @@ def _play_add(make_config, suggestions, human=None, **overrides):
 SCRIPTS = {
     # turn 1: "    return a" agrees with the intent: accepted (read 3); the human writes the rest " + b\n"
     # (written 3). Turn 2: nothing left to write: finish. DPR = 0.999 ** (0.3 + 1.5) = 0.999 ** 1.8.
-    "accept": (["    return a"], {}, 3, 3, 0.99820072,
-               ["suggested", "accepted", "wrote", "finished"], 1, 1, "finish", True),
+    "accept": (
+        ["    return a"],
+        {},
+        3,
+        3,
+        0.99820072,
+        ["suggested", "accepted", "wrote", "finished"],
+        1,
+        1,
+        "finish",
+        True,
+    ),
     # turn 1: "    return a - b\n" rejected (read 6), the human writes "    return a +" (written 4); turn 2:
     # " c\n" rejected (read 2), the human writes " b\n" (written 2); turn 3: finish.
     # read 8, written 6: DPR = 0.999 ** (0.8 + 3.0) = 0.999 ** 3.8.
     # K_H=1. Turn 1: "    return" accepted (read 2), the human writes " a" (1); turn 2: " - b\n" rejected
     # (read 3), the human writes " +" (1); turn 3: nothing suggested, the human writes " b" (1); turn 4: only
     # the newline is left: finish. read 5, written 3: DPR = 0.999 ** (0.5 + 1.5) = 0.999 ** 2.
-    "accept then reject": (["    return", " - b\n"], {"human_max_tokens": 1}, 5, 3, 0.998001,
-                           ["suggested", "accepted", "wrote", "suggested", "rejected", "wrote", "wrote", "finished"],
-                           2, 1, "finish", True),
-    "reject": (["    return a - b\n", " c\n"], {}, 8, 6, 0.99620532,
-               ["suggested", "rejected", "wrote", "suggested", "rejected", "wrote", "finished"], 2, 0, "finish", True),
+    "accept then reject": (
+        ["    return", " - b\n"],
+        {"human_max_tokens": 1},
+        5,
+        3,
+        0.998001,
+        ["suggested", "accepted", "wrote", "suggested", "rejected", "wrote", "wrote", "finished"],
+        2,
+        1,
+        "finish",
+        True,
+    ),
+    "reject": (
+        ["    return a - b\n", " c\n"],
+        {},
+        8,
+        6,
+        0.99620532,
+        ["suggested", "rejected", "wrote", "suggested", "rejected", "wrote", "finished"],
+        2,
+        0,
+        "finish",
+        True,
+    ),
     # turns 1-2: nothing suggested, the human writes 4 + 2 tokens; turn 3: "    print(a)\n" is shown (read 6)
     # while the human finishes: read but never appended. DPR = 0.999 ** (0.6 + 3.0) = 0.999 ** 3.6.
-    "finish with a pending suggestion": (["", "", "    print(a)\n"], {}, 6, 6, 0.99640468,
-                                         ["wrote", "wrote", "suggested", "finished"], 1, 0, "finish", True),
+    "finish with a pending suggestion": (
+        ["", "", "    print(a)\n"],
+        {},
+        6,
+        6,
+        0.99640468,
+        ["wrote", "wrote", "suggested", "finished"],
+        1,
+        0,
+        "finish",
+        True,
+    ),
     # an empty suggestion is never shown: nothing read, the human writes all 6 tokens.
     # DPR = 0.999 ** (0 + 3.0) = 0.999 ** 3.
-    "empty suggestions": ([""] * 3, {}, 0, 6, 0.99700300, ["wrote", "wrote", "finished"], 0, 0, "finish", True),
+    "empty suggestions": (
+        [""] * 3,
+        {},
+        0,
+        6,
+        0.99700300,
+        ["wrote", "wrote", "finished"],
+        0,
+        0,
+        "finish",
+        True,
+    ),
     # cut after one turn: the human wrote "    return a +" (4) and the program fails: DPR 0.
     "cut at sim_max_rounds": ([""], {"sim_max_rounds": 1}, 0, 4, 0.0, ["wrote"], 0, 0, "max_rounds", False),
     # cut as soon as the program is 1 counted token long (after the first turn): the same half program.
@@ -323,7 +442,7 @@ class ScriptedChat:
                 replies.append(ChatReply(self.pad + "ACCEPT", True))
                 continue
             code = r.prefill.removeprefix("```python\n")
-            replies.append(ChatReply(r.prefill + full[len(code):] + "```", True))
+            replies.append(ChatReply(r.prefill + full[len(code) :] + "```", True))
         return replies
 
 
@@ -341,7 +460,9 @@ def test_llm_humans_answers_are_saved_in_the_trace(make_config):
 def test_a_long_human_answer_is_cut_in_the_trace(make_config):
     config = make_config(human="llm", human_max_tokens=4)
     chatter = "Let me think. " * 1000  # 14000 characters
-    trace = _play_add(make_config, ["    return a"], LLMHuman(config.part(HumanConfig), ScriptedChat(chatter)))
+    trace = _play_add(
+        make_config, ["    return a"], LLMHuman(config.part(HumanConfig), ScriptedChat(chatter))
+    )
     kept = trace["human_answers"][0]["acceptor"]
     assert kept == chatter[:4000] + "... [10006 more characters]"  # 14006 = 14000 + len("ACCEPT")
 
@@ -357,7 +478,9 @@ def _agree(run: Path) -> bool:
 def test_resume_with_a_smaller_limit_that_leaves_out_played_episodes_is_refused(run_copy):
     run, config = run_copy
     before = {p.name: p.read_text() for p in run.iterdir()}
-    with pytest.raises(ValueError, match=r"limit=2: .* outside that set \(toy/greet\); resume with --limit 3"):
+    with pytest.raises(
+        ValueError, match=r"limit=2: .* outside that set \(toy/greet\); resume with --limit 3"
+    ):
         run_eval(dataclasses.replace(config, limit=2), progress=False)
     assert {p.name: p.read_text() for p in run.iterdir()} == before
     assert eval_done(run) and _agree(run)
@@ -390,6 +513,19 @@ def test_the_fields_a_resume_may_change_are_declared_on_the_fields():
         "metrics_seed",
     }  # fmt: skip
     assert resumable_fields(DataConfig) == {
-        "scoring_batch_tokens", "scoring_cache", "device", "resume", "overwrite", "progress"}
+        "scoring_batch_tokens",
+        "scoring_cache",
+        "device",
+        "resume",
+        "overwrite",
+        "progress",
+    }
     assert resumable_fields(TrainConfig) == {
-        "resume", "overwrite", "max_steps", "epochs", "logging_steps", "save_steps", "eval_steps"}
+        "resume",
+        "overwrite",
+        "max_steps",
+        "epochs",
+        "logging_steps",
+        "save_steps",
+        "eval_steps",
+    }

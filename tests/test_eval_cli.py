@@ -9,24 +9,47 @@ from empower.cli import app, main
 
 
 def _trace(task_id, passed, written=5):
-    return {"task_id": task_id, "passed": passed, "tokens_read": 10, "tokens_written": written, "suggestions": 2,
-            "accepted": 1, "suggestion_tokens": [4, 6], "suggestion_chars": [12, 20],
-            "chars_deleted_from_accepted": 0, "turns": 3, "end_reason": "finish",
-            "status": "passed" if passed else "failed"}
+    return {
+        "task_id": task_id,
+        "passed": passed,
+        "tokens_read": 10,
+        "tokens_written": written,
+        "suggestions": 2,
+        "accepted": 1,
+        "suggestion_tokens": [4, 6],
+        "suggestion_chars": [12, 20],
+        "chars_deleted_from_accepted": 0,
+        "turns": 3,
+        "end_reason": "finish",
+        "status": "passed" if passed else "failed",
+    }
 
 
 def _run(path, passes, **config):
     path.mkdir()
-    (path / "config.json").write_text(json.dumps({"assistant": "smollm2-135m", "human": "reference",
-                                                  "tasks": "humaneval", "n_tasks": len(passes), **config}))
-    (path / "traces.jsonl").write_text("".join(json.dumps(_trace(f"t{i}", p)) + "\n" for i, p in enumerate(passes)))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "assistant": "smollm2-135m",
+                "human": "reference",
+                "tasks": "humaneval",
+                "n_tasks": len(passes),
+                **config,
+            }
+        )
+    )
+    (path / "traces.jsonl").write_text(
+        "".join(json.dumps(_trace(f"t{i}", p)) + "\n" for i, p in enumerate(passes))
+    )
     return path
 
 
 @pytest.fixture
 def runs(tmp_path):
-    return (_run(tmp_path / "empower-ref", [True, True, False, True]),
-            _run(tmp_path / "base-ref", [False, True, False, False]))
+    return (
+        _run(tmp_path / "empower-ref", [True, True, False, True]),
+        _run(tmp_path / "base-ref", [False, True, False, False]),
+    )
 
 
 def _invoke(*args):
@@ -65,13 +88,38 @@ def test_eval_help_lists_run_and_summary():
 
 def test_eval_flags_start_a_run(tmp_path, tiny_model_path):
     tasks = tmp_path / "one.jsonl"
-    tasks.write_text(json.dumps({"task_id": "toy/inc", "prompt": "def inc(x):\n", "entry_point": "inc",
-                                 "canonical_solution": "    return x + 1\n",
-                                 "test": "def check(candidate):\n    assert candidate(1) == 2\n"}) + "\n")
+    tasks.write_text(
+        json.dumps(
+            {
+                "task_id": "toy/inc",
+                "prompt": "def inc(x):\n",
+                "entry_point": "inc",
+                "canonical_solution": "    return x + 1\n",
+                "test": "def check(candidate):\n    assert candidate(1) == 2\n",
+            }
+        )
+        + "\n"
+    )
     out = tmp_path / "run"
-    result = _invoke("eval", "--assistant", tiny_model_path, "--policy", "base-n", "--n", "4", "--human",
-                     "reference", "--tasks", "humaneval", "--tasks-path", tasks, "--out", out,
-                     "--metrics-resamples", "200")
+    result = _invoke(
+        "eval",
+        "--assistant",
+        tiny_model_path,
+        "--policy",
+        "base-n",
+        "--n",
+        "4",
+        "--human",
+        "reference",
+        "--tasks",
+        "humaneval",
+        "--tasks-path",
+        tasks,
+        "--out",
+        out,
+        "--metrics-resamples",
+        "200",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((out / "summary.json").read_text())["episodes"] == 1
 
@@ -84,13 +132,40 @@ def test_unknown_task_set_is_refused_by_name(tmp_path, capsys):
 
 def test_unreachable_human_server_stops_with_a_resume_hint(tmp_path, tiny_model_path, capsys):
     tasks = tmp_path / "one.jsonl"
-    tasks.write_text(json.dumps({"task_id": "toy/inc", "prompt": "def inc(x):\n", "entry_point": "inc",
-                                 "canonical_solution": "    return x + 1\n",
-                                 "test": "def check(candidate):\n    assert candidate(1) == 2\n"}) + "\n")
+    tasks.write_text(
+        json.dumps(
+            {
+                "task_id": "toy/inc",
+                "prompt": "def inc(x):\n",
+                "entry_point": "inc",
+                "canonical_solution": "    return x + 1\n",
+                "test": "def check(candidate):\n    assert candidate(1) == 2\n",
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "--assistant", tiny_model_path, "--max-new-tokens", "4", "--human", "llm",
-              "--human-url", "http://127.0.0.1:9", "--human-retries", "0", "--tasks", "humaneval",
-              "--tasks-path", str(tasks), "--out", str(tmp_path / "run")])
+        main(
+            [
+                "eval",
+                "--assistant",
+                tiny_model_path,
+                "--max-new-tokens",
+                "4",
+                "--human",
+                "llm",
+                "--human-url",
+                "http://127.0.0.1:9",
+                "--human-retries",
+                "0",
+                "--tasks",
+                "humaneval",
+                "--tasks-path",
+                str(tasks),
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "127.0.0.1:9" in err and "--resume" in err

@@ -12,6 +12,7 @@ import torch
 from datasets import load_from_disk
 
 from empower.corpus import Document, stdlib_root
+from empower.engines.local import LocalEngine
 from empower.labeling import (
     DataConfig,
     Method,
@@ -57,7 +58,7 @@ def test_vectorised_rule_equals_the_per_cut_rule():
 def test_one_pass_equals_the_papers_loop_on_real_text(tiny, eta):
     model, tokenizer = tiny
     ids = tokenizer(CODE, add_special_tokens=False).input_ids
-    [(_, nll)] = score_documents(model, [(0, ids)], progress=False)
+    [(_, nll)] = score_documents(LocalEngine(*tiny), [(0, ids)], progress=False)
     cuts = np.arange(1, len(ids), 5)
     one_pass = empower_lengths(nll, cuts, eta).tolist()
     assert one_pass == [empower_length_literal(model, ids, int(n), eta) for n in cuts]
@@ -69,7 +70,7 @@ def test_one_pass_equals_the_papers_loop_with_smollm2(smol):
     model, tokenizer = smol
     text = (stdlib_root() / "textwrap.py").read_text()
     ids = tokenizer(text, add_special_tokens=False).input_ids[:96]
-    [(_, nll)] = score_documents(model, [(0, ids)], progress=False)
+    [(_, nll)] = score_documents(LocalEngine(*smol), [(0, ids)], progress=False)
     cuts = np.linspace(16, 88, 8).astype(int)
     one_pass = empower_lengths(nll, cuts, 4.0).tolist()
     assert one_pass == [empower_length_literal(model, ids, int(n), 4.0) for n in cuts]
@@ -82,7 +83,7 @@ def test_one_pass_equals_the_papers_loop_with_smollm2(smol):
 def _scored(tiny, text, doc_id="d"):
     model, tokenizer = tiny
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    [(_, nll)] = score_documents(model, [(0, ids)], progress=False)
+    [(_, nll)] = score_documents(LocalEngine(*tiny), [(0, ids)], progress=False)
     return Document(doc_id, text), ids, nll
 
 

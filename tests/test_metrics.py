@@ -23,10 +23,17 @@ from empower.metrics import (
 
 def _trace(task_id="t0", passed=True, read=0, written=0, shown=0, accepted=0, lengths=(), chars=None):
     return {
-        "task_id": task_id, "passed": passed, "tokens_read": read, "tokens_written": written,
-        "suggestions": shown, "accepted": accepted, "suggestion_tokens": list(lengths),
+        "task_id": task_id,
+        "passed": passed,
+        "tokens_read": read,
+        "tokens_written": written,
+        "suggestions": shown,
+        "accepted": accepted,
+        "suggestion_tokens": list(lengths),
         "suggestion_chars": list(chars if chars is not None else [4 * n for n in lengths]),
-        "chars_deleted_from_accepted": 0, "turns": 3, "end_reason": "finish",
+        "chars_deleted_from_accepted": 0,
+        "turns": 3,
+        "end_reason": "finish",
         "status": "passed" if passed else "failed",
     }
 
@@ -86,8 +93,9 @@ def test_run_without_any_suggestion_has_no_acceptance():
 
 
 def test_pass_at_1_is_the_share_of_passing_tasks():
-    summary = summarize_episodes(_episodes([dict(passed=True), dict(passed=False), dict(passed=False),
-                                            dict(passed=True)]))
+    summary = summarize_episodes(
+        _episodes([dict(passed=True), dict(passed=False), dict(passed=False), dict(passed=True)])
+    )
     assert summary.pass_at_1.value == 0.5
 
 
@@ -165,8 +173,11 @@ def test_runs_without_common_tasks_cannot_be_paired():
 
 def _run_folder(path, traces, **config):
     path.mkdir()
-    (path / "config.json").write_text(json.dumps({"assistant": "a", "human": "reference", "tasks": "toy",
-                                                  "count_tokenizer": "tok", **config}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {"assistant": "a", "human": "reference", "tasks": "toy", "count_tokenizer": "tok", **config}
+        )
+    )
     (path / "traces.jsonl").write_text("".join(json.dumps(t) + "\n" for t in traces))
     return path
 
@@ -237,7 +248,9 @@ def test_table_lists_every_run(tmp_path):
 
 def test_pass_at_1_interval_is_wilsons_and_does_not_collapse_at_the_extremes():
     all_pass = summarize_episodes(_episodes([dict(passed=True)] * 12)).pass_at_1
-    assert (all_pass.value, all_pass.low, all_pass.high) == pytest.approx((1.0, 12 / 15.841459, 1.0), abs=1e-6)
+    assert (all_pass.value, all_pass.low, all_pass.high) == pytest.approx(
+        (1.0, 12 / 15.841459, 1.0), abs=1e-6
+    )
     none_pass = summarize_episodes(_episodes([dict(passed=False)] * 12)).pass_at_1
     assert (none_pass.low, none_pass.high) == pytest.approx((0.0, 3.841459 / 15.841459), abs=1e-6)
     # 7/12: p = 0.5833333; centre (0.5833333 + 0.1600608) / 1.3201216 = 0.563125; half-width
@@ -248,8 +261,9 @@ def test_pass_at_1_interval_is_wilsons_and_does_not_collapse_at_the_extremes():
 
 def test_acceptance_interval_is_wilsons_over_the_suggestions_shown():
     # 4 of 4 suggestions accepted, over two tasks: [4 / 7.841459, 1] = [0.510110, 1].
-    summary = summarize_episodes(_episodes([dict(shown=3, accepted=3, lengths=(1, 1, 1)),
-                                            dict(shown=1, accepted=1, lengths=(2,))]))
+    summary = summarize_episodes(
+        _episodes([dict(shown=3, accepted=3, lengths=(1, 1, 1)), dict(shown=1, accepted=1, lengths=(2,))])
+    )
     assert (summary.acceptance.low, summary.acceptance.high) == pytest.approx((0.510110, 1.0), abs=1e-6)
 
 
@@ -258,8 +272,9 @@ def test_paired_pass_difference_of_identical_all_passing_runs_is_not_a_point():
     # Wilson distances 1 - 10 / 13.841459 = 0.277533 on both sides of 0.
     a = _episodes([dict(passed=True)] * 10)
     difference = compare_episodes(a, a).pass_difference
-    assert (difference.value, difference.low, difference.high) == pytest.approx((0.0, -0.277533, 0.277533),
-                                                                                abs=1e-6)
+    assert (difference.value, difference.low, difference.high) == pytest.approx(
+        (0.0, -0.277533, 0.277533), abs=1e-6
+    )
 
 
 def test_paired_pass_difference_covers_a_real_gain():

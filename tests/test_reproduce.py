@@ -24,13 +24,32 @@ def tiny_config(out: Path, **overrides) -> dict:
     """Everything tiny: 4 short stdlib documents, 2 training steps, 2 HumanEval tasks."""
     config = {
         "out": str(out),
-        "data": {"corpus": "stdlib", "corpus_limit": 4, "corpus_max_chars": 1500, "estimator": "tiny-random",
-                 "progress": False},
-        "train": {"base": "tiny-random", "max_steps": 2, "batch_size": 2, "max_length": 128, "logging_steps": 1},
-        "eval": {"max_new_tokens": 4, "sim_max_rounds": 3, "sim_count_tokenizer": "tiny-random",
-                 "metrics_resamples": 200, "human_tokenizer": "tiny-random"},
-        "grid": {"methods": ["empower", "sft-10", "base-10", "threshold"], "eta": 2.0,
-                 "task_sets": [{"tasks": "humaneval", "limit": 2}]},
+        "data": {
+            "corpus": "stdlib",
+            "corpus_limit": 4,
+            "corpus_max_chars": 1500,
+            "estimator": "tiny-random",
+            "progress": False,
+        },
+        "train": {
+            "base": "tiny-random",
+            "max_steps": 2,
+            "batch_size": 2,
+            "max_length": 128,
+            "logging_steps": 1,
+        },
+        "eval": {
+            "max_new_tokens": 4,
+            "sim_max_rounds": 3,
+            "sim_count_tokenizer": "tiny-random",
+            "metrics_resamples": 200,
+            "human_tokenizer": "tiny-random",
+        },
+        "grid": {
+            "methods": ["empower", "sft-10", "base-10", "threshold"],
+            "eta": 2.0,
+            "task_sets": [{"tasks": "humaneval", "limit": 2}],
+        },
     }
     for key, value in overrides.items():
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
@@ -89,7 +108,9 @@ def test_every_trained_method_shares_prompts_steps_and_seed(tmp_path):
     from empower.reproduce import data_config, train_config
 
     config = config_from_dict(ReproduceConfig, tiny_config(tmp_path / "run"))
-    datas = [data_config(config, m, 2.0) for m in (GridMethod.EMPOWER, GridMethod.SFT_10, GridMethod.SFT_RAND)]
+    datas = [
+        data_config(config, m, 2.0) for m in (GridMethod.EMPOWER, GridMethod.SFT_10, GridMethod.SFT_RAND)
+    ]
     assert len({(d.corpus, d.corpus_limit, d.cuts_per_doc, d.seed) for d in datas}) == 1
     trains = [train_config(config, GridMethod.EMPOWER, d.out) for d in datas]
     assert {t.max_steps for t in trains} == {2} and len({t.out for t in trains}) == 3
@@ -107,13 +128,18 @@ def test_recommended_eta_is_the_best_dpr_with_ties_to_the_smaller_eta():
 
 
 def _mtimes(root: Path) -> dict[Path, float]:
-    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "report" not in p.parts
-            and p.name not in ("grid.json", "config.json")}
+    return {
+        p: p.stat().st_mtime_ns
+        for p in root.rglob("*")
+        if p.is_file() and "report" not in p.parts and p.name not in ("grid.json", "config.json")
+    }
 
 
 def test_grid_runs_resumes_and_keeps_finished_stages(tmp_path):
     out = tmp_path / "run"
-    broken = tiny_config(out, grid={"task_sets": [{"tasks": "humaneval", "tasks_path": str(tmp_path / "no.jsonl")}]})
+    broken = tiny_config(
+        out, grid={"task_sets": [{"tasks": "humaneval", "tasks_path": str(tmp_path / "no.jsonl")}]}
+    )
     # The evaluation stage fails (missing task file) after data and training finished: those are kept.
     with pytest.raises(FileNotFoundError, match="no.jsonl"):
         reproduce(config_from_dict(ReproduceConfig, broken))
@@ -142,9 +168,14 @@ def test_sigterm_mid_training_still_records_the_time_spent(tmp_path):
     """`kill` or a scheduler's SIGTERM mid-training: grid.json keeps the time of every stage so far."""
     out = tmp_path / "run"
     config = tmp_path / "grid.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(out, train={"max_steps": 400}, grid={"methods": ["empower"]})))
-    process = subprocess.Popen([sys.executable, "-m", "empower", "reproduce", "--config", str(config)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config.write_text(
+        yaml.safe_dump(tiny_config(out, train={"max_steps": 400}, grid={"methods": ["empower"]}))
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "empower", "reproduce", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpointing = out / "models" / "empower-eta2"
     deadline = time.monotonic() + 300
     while not checkpointing.is_dir() and process.poll() is None and time.monotonic() < deadline:
@@ -154,7 +185,9 @@ def test_sigterm_mid_training_still_records_the_time_spent(tmp_path):
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
     grid = json.loads((out / "grid.json").read_text())
     assert grid["stage_seconds"]["data"] > 0 and grid["stage_seconds"]["train"] > 0
-    assert not (checkpointing / "empower-model.json").exists()  # training did not finish, nothing claims it did
+    assert not (
+        checkpointing / "empower-model.json"
+    ).exists()  # training did not finish, nothing claims it did
 
 
 def test_resume_with_different_shared_settings_is_refused(tmp_path):

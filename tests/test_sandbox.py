@@ -105,8 +105,13 @@ def test_syntax_error_message_says_so():
     assert "SyntaxError" in run("def add(:\n").message
 
 
-@pytest.mark.parametrize(("program", "status"), [("def add(a, b):\n    return a + b\n", Status.PASSED),
-                                                 ("def add(a, b):\n    return 0\n", Status.FAILED)])
+@pytest.mark.parametrize(
+    ("program", "status"),
+    [
+        ("def add(a, b):\n    return a + b\n", Status.PASSED),
+        ("def add(a, b):\n    return 0\n", Status.FAILED),
+    ],
+)
 def test_public_tests_only(program, status):
     assert run_task_tests(ADD, program, config(), public_only=True).status is status
 
@@ -116,19 +121,22 @@ def test_public_only_without_public_tests_just_runs_the_program():
     assert run_task_tests(task, "x = 1\n", config(), public_only=True).status is Status.PASSED
 
 
-@pytest.mark.parametrize(("actual", "expected", "same"), [
-    ("1 2\n3\n", "  1 2\n3", True),  # lines and the whole text are stripped
-    ("1  2", "1 2", True),  # unequal lines compare token by token
-    ("1.0 2.50", "1 2.5", True),  # as Decimals
-    ("1 2\n3", "1 2 3", False),  # the line count must match
-    ("0.3333333", "0.33333333", False),  # no float tolerance
-    ("50000000000000001", "50000000000000000", False),  # LiveCodeBench's comment: np.isclose says yes
-    ("1000000001", "1000000000", False),
-    ("YES", "yes", False),
-    ("1 2", "1 2 3", False),
-    ("nan", "nan", True),  # equal as text
-    ("nan 1", "nan  1", False),  # Decimal NaNs are never equal
-])
+@pytest.mark.parametrize(
+    ("actual", "expected", "same"),
+    [
+        ("1 2\n3\n", "  1 2\n3", True),  # lines and the whole text are stripped
+        ("1  2", "1 2", True),  # unequal lines compare token by token
+        ("1.0 2.50", "1 2.5", True),  # as Decimals
+        ("1 2\n3", "1 2 3", False),  # the line count must match
+        ("0.3333333", "0.33333333", False),  # no float tolerance
+        ("50000000000000001", "50000000000000000", False),  # LiveCodeBench's comment: np.isclose says yes
+        ("1000000001", "1000000000", False),
+        ("YES", "yes", False),
+        ("1 2", "1 2 3", False),
+        ("nan", "nan", True),  # equal as text
+        ("nan 1", "nan  1", False),  # Decimal NaNs are never equal
+    ],
+)
 def test_stdin_outputs_compare_by_livecodebench_rules(actual, expected, same):
     """grade_stdio in LiveCodeBench's lcb_runner/evaluation/testing_util.py (commit 8610ffb2)."""
     assert outputs_match(actual, expected) is same
@@ -145,8 +153,10 @@ def test_infinite_loop_times_out(guard):
 
 
 @pytest.mark.parametrize("guard", GUARDS)
-@pytest.mark.parametrize("program", ["x = bytearray(2 * 1024 ** 3)\n",
-                                     "chunks = []\nwhile True:\n    chunks.append(bytearray(10 ** 7))\n"])
+@pytest.mark.parametrize(
+    "program",
+    ["x = bytearray(2 * 1024 ** 3)\n", "chunks = []\nwhile True:\n    chunks.append(bytearray(10 ** 7))\n"],
+)
 def test_memory_bomb_hits_the_memory_limit(guard, program):
     assert run(program, guard).status is Status.MEMORY
 
@@ -157,7 +167,10 @@ def _processes_in(token: str) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if token in os.readlink(entry / "cwd") and "Z" not in (entry / "stat").read_text().rsplit(")", 1)[1][:3]:
+                if (
+                    token in os.readlink(entry / "cwd")
+                    and "Z" not in (entry / "stat").read_text().rsplit(")", 1)[1][:3]
+                ):
                     pids.append(int(entry.name))
             except OSError:
                 continue
@@ -167,7 +180,9 @@ def _processes_in(token: str) -> list[int]:
 @pytest.mark.parametrize("guard", GUARDS)
 def test_fork_bomb_is_contained_and_cleaned_up(guard):
     if not guard and not ROOT:
-        pytest.skip("without root there is no per-program uid, so RLIMIT_NPROC would count the tester's processes")
+        pytest.skip(
+            "without root there is no per-program uid, so RLIMIT_NPROC would count the tester's processes"
+        )
     token = "bomb-" + secrets.token_hex(4)
     program = (
         f"import os\nos.mkdir({token!r})\nos.chdir({token!r})\n"
@@ -211,8 +226,10 @@ def test_unguarded_writes_to_shared_tmp_stay_private(folder):
 
 
 def test_may_write_inside_its_directory():
-    program = ("import os, tempfile\nopen('scratch.txt', 'w').write('x')\ntempfile.mkstemp()\n"
-               "open(os.path.join(os.getcwd(), 'by-absolute-path'), 'w').write('x')\n" + ADD.reference)
+    program = (
+        "import os, tempfile\nopen('scratch.txt', 'w').write('x')\ntempfile.mkstemp()\n"
+        "open(os.path.join(os.getcwd(), 'by-absolute-path'), 'w').write('x')\n" + ADD.reference
+    )
     assert run(program).status is Status.PASSED
 
 
@@ -239,7 +256,9 @@ def listener():
 @pytest.mark.parametrize("guard", GUARDS)
 def test_cannot_open_a_network_connection(guard, listener):
     port, connected = listener
-    result = run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'x')\n", guard)
+    result = run(
+        f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'x')\n", guard
+    )
     if not guard and "netns" not in result.isolation:
         pytest.skip("no network namespace available here; only the guard blocks sockets")
     assert (result.status, connected) == (Status.ERROR, [])
@@ -272,8 +291,10 @@ def test_cannot_read_another_processes_environment_through_proc(guard):
     if not ROOT:
         pytest.skip("without root the program has the tester's uid and may read its processes' /proc entries")
     secret = "sk-" + secrets.token_hex(8)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                              env={**os.environ, "EMPOWER_TEST_SECRET": secret})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        env={**os.environ, "EMPOWER_TEST_SECRET": secret},
+    )
     try:
         result = run(f"raise RuntimeError(open('/proc/{holder.pid}/environ', 'rb').read())\n", guard)
         assert result.status is Status.ERROR and secret not in result.message
@@ -283,8 +304,11 @@ def test_cannot_read_another_processes_environment_through_proc(guard):
 
 
 def test_evaluator_and_machine_unharmed_after_hostile_programs():
-    hostile = ["import os, signal\nos.killpg(os.getpgid(os.getppid()), signal.SIGKILL)\n",
-               "import os\nwhile True:\n    os.fork()\n", "while True:\n    pass\n"]
+    hostile = [
+        "import os, signal\nos.killpg(os.getpgid(os.getppid()), signal.SIGKILL)\n",
+        "import os\nwhile True:\n    os.fork()\n",
+        "while True:\n    pass\n",
+    ]
     # As root the OS layers alone must hold; otherwise the program would have the tester's uid.
     results = run_many([(ADD, p) for p in hostile], config(sandbox_timeout_s=1.0, sandbox_guard=not ROOT))
     assert all(r.status is not Status.PASSED for r in results)
@@ -292,7 +316,16 @@ def test_evaluator_and_machine_unharmed_after_hostile_programs():
     assert run_task_tests(ADD, ADD.reference, config()).status is Status.PASSED
 
 
-@pytest.mark.parametrize("forged", ['{"status": "ok", "outputs": 5}', '{"status": "died"}', '{"status": "failed"}', '[1, 2]', '{"status": "ok", "outputs": [["json", "{"], ["json", "1"]]}'])
+@pytest.mark.parametrize(
+    "forged",
+    [
+        '{"status": "ok", "outputs": 5}',
+        '{"status": "died"}',
+        '{"status": "failed"}',
+        "[1, 2]",
+        '{"status": "ok", "outputs": [["json", "{"], ["json", "1"]]}',
+    ],
+)
 @pytest.mark.parametrize("task", [ECHO_SUM, TWICE], ids=["stdin", "functional"])
 def test_forged_harness_report_is_an_error_not_a_crash(task, forged):
     program = f"import os\nfor fd in range(3, 8):\n    try:\n        os.write(fd, {forged!r}.encode() + b'\\n')\n    except OSError:\n        pass\nos._exit(0)\n"
@@ -312,14 +345,30 @@ def test_run_many_keeps_the_order_of_items():
 
 
 def test_validate_references_excludes_tasks_failing_their_own_reference():
-    broken = Task("toy/broken", "s", "def add(a, b):\n", TestType.HUMANEVAL, test_code=ADD.test_code,
-                  reference="def add(a, b):\n    return a * b\n")
+    broken = Task(
+        "toy/broken",
+        "s",
+        "def add(a, b):\n",
+        TestType.HUMANEVAL,
+        test_code=ADD.test_code,
+        reference="def add(a, b):\n    return a * b\n",
+    )
     good, excluded = validate_references([ADD, broken, ECHO_SUM], config())
-    assert ([t.task_id for t in good], [t.task_id for t, _ in excluded]) == (["toy/add", "toy/sum"], ["toy/broken"])
+    assert ([t.task_id for t in good], [t.task_id for t, _ in excluded]) == (
+        ["toy/add", "toy/sum"],
+        ["toy/broken"],
+    )
 
 
-@pytest.mark.parametrize(("field", "value"), [("sandbox_timeout_s", 0), ("sandbox_memory_mb", 8),
-                                              ("sandbox_workers", -1), ("sandbox_python", "no-such-python")])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("sandbox_timeout_s", 0),
+        ("sandbox_memory_mb", 8),
+        ("sandbox_workers", -1),
+        ("sandbox_python", "no-such-python"),
+    ],
+)
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         SandboxConfig(**{field: value})

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from empower import scoring
+from empower.engines.local import LocalEngine
 from empower.scoring import ScoreCache, _Row, score_documents, weights_fingerprint
 
 CODE = '''import os
@@ -53,7 +54,7 @@ def docs(tiny):
 
 def test_batched_scores_equal_a_plain_forward_pass(tiny, docs):
     model, _ = tiny
-    results = list(score_documents(model, enumerate(docs), progress=False))
+    results = list(score_documents(LocalEngine(*tiny), enumerate(docs), progress=False))
     assert [key for key, _ in results] == [0, 1, 2]
     for (_, nll), ids in zip(results, docs, strict=True):
         assert len(nll) == len(ids) and np.isnan(nll[0])
@@ -63,8 +64,10 @@ def test_batched_scores_equal_a_plain_forward_pass(tiny, docs):
 def test_windows_agree_with_the_full_pass_on_a_document_that_fits(tiny, docs):
     model, _ = tiny
     ids = docs[0]
-    [(_, full)] = score_documents(model, [(0, ids)], progress=False)
-    [(_, windowed)] = score_documents(model, [(0, ids)], max_tokens=32, overlap=16, progress=False)
+    [(_, full)] = score_documents(LocalEngine(*tiny), [(0, ids)], progress=False)
+    [(_, windowed)] = score_documents(
+        LocalEngine(*tiny), [(0, ids)], max_tokens=32, overlap=16, progress=False
+    )
     assert len(ids) > 64  # several windows
     np.testing.assert_allclose(windowed[1:32], full[1:32], atol=1e-4)  # the first window is a full pass
     assert not np.isnan(windowed[1:]).any()
@@ -98,7 +101,7 @@ def test_every_token_is_scored_exactly_once_at_several_windows(tiny, max_tokens,
     seen, hook = _rows_seen(model)
     try:
         [(_, windowed)] = score_documents(
-            model, [(0, ids)], max_tokens=max_tokens, overlap=overlap, progress=False
+            LocalEngine(*tiny), [(0, ids)], max_tokens=max_tokens, overlap=overlap, progress=False
         )
     finally:
         hook.remove()
@@ -134,12 +137,14 @@ def test_every_token_is_scored_exactly_once_at_several_windows(tiny, max_tokens,
 def test_a_window_plan_that_misses_or_repeats_a_position_is_an_error(tiny, docs, monkeypatch, broken, error):
     monkeypatch.setattr(scoring, "_windows", broken)
     with pytest.raises(RuntimeError, match="wrote position " + error.format(len(docs[0]))):
-        list(score_documents(tiny[0], [(0, docs[0])], progress=False))
+        list(score_documents(LocalEngine(*tiny), [(0, docs[0])], progress=False))
 
 
 def test_empty_and_one_token_documents(tiny):
     model, _ = tiny
-    results = dict(score_documents(model, [("empty", []), ("one", [42]), ("two", [42, 43])], progress=False))
+    results = dict(
+        score_documents(LocalEngine(*tiny), [("empty", []), ("one", [42]), ("two", [42, 43])], progress=False)
+    )
     assert len(results["empty"]) == 0
     assert len(results["one"]) == 1 and np.isnan(results["one"][0])
     assert len(results["two"]) == 2 and results["two"][1] > 0
@@ -149,7 +154,9 @@ def test_documents_are_consumed_lazily(tiny, docs):
     """An endless stream still yields: memory is bounded by the buffer, not the corpus."""
     model, _ = tiny
     endless = ((i, docs[1]) for i in itertools.count())
-    first = list(itertools.islice(score_documents(model, endless, buffer_documents=2, progress=False), 3))
+    first = list(
+        itertools.islice(score_documents(LocalEngine(*tiny), endless, buffer_documents=2, progress=False), 3)
+    )
     assert [key for key, _ in first] == [0, 1, 2]
 
 
@@ -158,17 +165,21 @@ def test_bad_overlap_is_refused(tiny, overlap):
     """Overlap 0 would leave every later window's first token unscored; overlap >= max_tokens never ends."""
     model, _ = tiny
     with pytest.raises(ValueError, match=r"overlap must be in \[1, max_tokens=8\)"):
-        list(score_documents(model, [(0, [1, 2, 3])], max_tokens=8, overlap=overlap, progress=False))
+        list(
+            score_documents(
+                LocalEngine(*tiny), [(0, [1, 2, 3])], max_tokens=8, overlap=overlap, progress=False
+            )
+        )
 
 
 def test_cached_documents_are_not_scored_again(tiny, docs, tmp_path):
     model, _ = tiny
     cache = ScoreCache(tmp_path, "tiny|float32")
-    first = dict(score_documents(model, enumerate(docs), progress=False, cache=cache))
+    first = dict(score_documents(LocalEngine(*tiny), enumerate(docs), progress=False, cache=cache))
     calls = []
     hook = model.register_forward_hook(lambda *_: calls.append(1))
     try:
-        second = dict(score_documents(model, enumerate(docs), progress=False, cache=cache))
+        second = dict(score_documents(LocalEngine(*tiny), enumerate(docs), progress=False, cache=cache))
     finally:
         hook.remove()
     assert calls == []
@@ -179,7 +190,11 @@ def test_cached_documents_are_not_scored_again(tiny, docs, tmp_path):
 
 def test_cache_entries_depend_on_the_namespace(tiny, docs, tmp_path):
     model, _ = tiny
-    list(score_documents(model, enumerate(docs), progress=False, cache=ScoreCache(tmp_path, "model-a")))
+    list(
+        score_documents(
+            LocalEngine(*tiny), enumerate(docs), progress=False, cache=ScoreCache(tmp_path, "model-a")
+        )
+    )
     other = ScoreCache(tmp_path, "model-b")
     assert all(other.load(ids) is None for ids in docs)
     assert all(ScoreCache(tmp_path, "model-a").load(ids) is not None for ids in docs if len(ids) > 1)

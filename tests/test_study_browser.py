@@ -21,8 +21,13 @@ from study_server import EMPOWER, SOLUTIONS, StudyServer, create_study
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -64,8 +69,10 @@ def _ghost(page) -> str:
 
 
 def _end_of_doc(page):
-    page.evaluate("(() => { const v = window.study.session.view; v.focus();"
-                  " v.dispatch({selection: {anchor: v.state.doc.length}}); })()")
+    page.evaluate(
+        "(() => { const v = window.study.session.view; v.focus();"
+        " v.dispatch({selection: {anchor: v.state.doc.length}}); })()"
+    )
 
 
 def _replace_all(page, text: str):
@@ -147,20 +154,29 @@ def _check_database(db: Path, first: str) -> None:
     sessions = _rows(db, "select * from sessions order by id")
     assert [s["passed"] for s in sessions] == [1, 1]
     first_session = sessions[0]["id"]
-    kinds = [r["kind"] for r in _rows(db, "select kind from events where session_id = ? order by seq", first_session)]
+    kinds = [
+        r["kind"]
+        for r in _rows(db, "select kind from events where session_id = ? order by seq", first_session)
+    ]
     assert kinds.count("suggestion_accepted") == 1
     assert kinds.count("suggestion_rejected") == 1
     assert kinds.count("run") == 1 and kinds.count("finish") == 1
-    assert kinds.index("suggestion_shown") < kinds.index("suggestion_accepted") < kinds.index("suggestion_rejected")
+    assert (
+        kinds.index("suggestion_shown")
+        < kinds.index("suggestion_accepted")
+        < kinds.index("suggestion_rejected")
+    )
     accepted = _rows(db, "select * from events where kind = 'suggestion_accepted'")[0]
     assert accepted["text"] == first and accepted["caret"] == accepted["position"] + len(first)
     assert json.loads(accepted["data"]) == {"typed": 1}
     # every character of the accepted suggestion was deleted: 2 by Backspace, the rest by the rewrite
-    deleted = _rows(db, "select sum(deleted_from_suggestion) as n from events where session_id = ?", first_session)
+    deleted = _rows(
+        db, "select sum(deleted_from_suggestion) as n from events where session_id = ?", first_session
+    )
     assert deleted[0]["n"] == len(first)
     seqs = [r["seq"] for r in _rows(db, "select seq from events where session_id = ?", first_session)]
     assert len(seqs) == len(set(seqs))
-    order = json.loads(_rows(db, "select \"order\" from participants")[0]["order"])
+    order = json.loads(_rows(db, 'select "order" from participants')[0]["order"])
     answers = {r["question"]: r for r in _rows(db, "select * from survey_answers")}
     labels = {r["id"]: r["label"] for r in _rows(db, "select id, label from assistants")}
     assert labels[answers["enjoy"]["assistant_id"]] == order[0]
@@ -169,13 +185,17 @@ def _check_database(db: Path, first: str) -> None:
 
 def _check_report(db: Path, first: str, tmp_path: Path) -> None:
     out = tmp_path / "report"
-    run = subprocess.run([*EMPOWER, "study", "report", "--db", str(db), "--out", str(out)],
-                         check=True, capture_output=True, text=True)
+    run = subprocess.run(
+        [*EMPOWER, "study", "report", "--db", str(db), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert "# Study report: toy study" in run.stdout
     report = json.loads((out / "study_report.json").read_text())
     assert report["replay_mismatches"] == []
     assert report["finished_participants"] == 1
-    order = json.loads(_rows(db, "select \"order\" from participants")[0]["order"])
+    order = json.loads(_rows(db, 'select "order" from participants')[0]["order"])
     arm = next(a for a in report["arms"] if a["label"] == order[0])
     assert arm["accepted"] == 1 and arm["shown"] >= 2
     assert arm["chars_deleted_from_accepted"] == len(first)

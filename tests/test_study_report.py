@@ -42,7 +42,11 @@ def test_replay_counts_only_deleted_characters_that_came_from_a_suggestion():
 
 
 def test_text_typed_inside_a_suggestion_is_not_counted_as_suggested():
-    events = [_E("suggestion_accepted", 0, "abcd", sid=3), _E("insert", 2, "ZZ"), _E("delete", 1, deleted="bZZc")]
+    events = [
+        _E("suggestion_accepted", 0, "abcd", sid=3),
+        _E("insert", 2, "ZZ"),
+        _E("delete", 1, deleted="bZZc"),
+    ]
     assert replay("", events).deleted_from == {3: 2}
 
 
@@ -62,8 +66,13 @@ def test_two_proportion_z_matches_the_textbook_value():
 
 def _study(tmp_path):
     db = str(tmp_path / "study.sqlite")
-    config = StudyCreateConfig(assistants=["A=tiny-random:model", "B=tiny-random:base-n:4"], db=db,
-                               tasks_path=str(write_tasks(tmp_path)), participants=2, name="known")
+    config = StudyCreateConfig(
+        assistants=["A=tiny-random:model", "B=tiny-random:base-n:4"],
+        db=db,
+        tasks_path=str(write_tasks(tmp_path)),
+        participants=2,
+        name="known",
+    )
     store = open_store(db)
     study = create_study(store, config)
     return db, store, study
@@ -80,7 +89,9 @@ def _play(store, session, script: list[tuple], client_deleted_bias: int = 0) -> 
                 sid = _suggest(db, session, text)
                 rows.append(dict(kind="suggestion_shown", suggestion_id=sid, position=len(code)))
                 if accept:
-                    rows.append(dict(kind="suggestion_accepted", suggestion_id=sid, position=len(code), text=text))
+                    rows.append(
+                        dict(kind="suggestion_accepted", suggestion_id=sid, position=len(code), text=text)
+                    )
                     origin += [sid] * len(text)
                     code += text
                 else:
@@ -89,13 +100,24 @@ def _play(store, session, script: list[tuple], client_deleted_bias: int = 0) -> 
                 _, n = step
                 gone = code[-n:]
                 suggested = sum(o is not None for o in origin[-n:])
-                rows.append(dict(kind="delete", position=len(code) - n, deleted_text=gone,
-                                 deleted_from_suggestion=suggested + client_deleted_bias))
+                rows.append(
+                    dict(
+                        kind="delete",
+                        position=len(code) - n,
+                        deleted_text=gone,
+                        deleted_from_suggestion=suggested + client_deleted_bias,
+                    )
+                )
                 code, origin = code[:-n], origin[:-n]
-        insert_events(db, [
-            event_row(session.id, {"client_id": f"s{session.id}-{i:04d}", "seq": i, "client_ms": 1, **row})
-            for i, row in enumerate(rows, start=1)
-        ])
+        insert_events(
+            db,
+            [
+                event_row(
+                    session.id, {"client_id": f"s{session.id}-{i:04d}", "seq": i, "client_ms": 1, **row}
+                )
+                for i, row in enumerate(rows, start=1)
+            ],
+        )
         stored = db.get(type(session), session.id)
         stored.final_code, stored.passed = code, step_passed(script)
         stored.finished_at = datetime.now(timezone.utc)
@@ -114,8 +136,15 @@ def step_passed(script) -> bool:
 
 
 def _suggest(db, session, text: str) -> int:
-    row = Suggestion(session_id=session.id, assistant_id=session.assistant_id, state_chars=0, text=text,
-                     tokens=len(text), stop_reason="eos", latency_ms=1.0)
+    row = Suggestion(
+        session_id=session.id,
+        assistant_id=session.assistant_id,
+        state_chars=0,
+        text=text,
+        tokens=len(text),
+        stop_reason="eos",
+        latency_ms=1.0,
+    )
     db.add(row)
     db.flush()
     return row.id
@@ -140,8 +169,14 @@ def known(tmp_path):
         for p in participants:
             arm = by_label[p.index]["A"]
             for question in ("enjoy", "relevant"):
-                s.add(SurveyAnswer(participant_id=p.id, question=question, position=arm.position,
-                                   assistant_id=arm.assistant_id))
+                s.add(
+                    SurveyAnswer(
+                        participant_id=p.id,
+                        question=question,
+                        position=arm.position,
+                        assistant_id=arm.assistant_id,
+                    )
+                )
             s.get(Participant, p.id).finished_at = datetime.now(timezone.utc)
     return db
 

@@ -45,19 +45,31 @@ def client(study_db):
 
 def _tokens(db: str) -> list[str]:
     with sqlite3.connect(db) as con:
-        return [r[0] for r in con.execute("select token from participants order by \"index\"")]
+        return [r[0] for r in con.execute('select token from participants order by "index"')]
 
 
 def _sessions(db: str, token: str) -> list[int]:
     with sqlite3.connect(db) as con:
-        return [r[0] for r in con.execute(
-            "select s.id from sessions s join participants p on p.id = s.participant_id where p.token = ? order by s.id",
-            (token,))]
+        return [
+            r[0]
+            for r in con.execute(
+                "select s.id from sessions s join participants p on p.id = s.participant_id where p.token = ? order by s.id",
+                (token,),
+            )
+        ]
 
 
 def _event(session_id: int, client_id: str, seq: int, position: int = 0, text: str = "x") -> dict:
-    return {"session_id": session_id, "client_id": client_id, "seq": seq, "kind": "insert",
-            "client_ms": 1_700_000_000_000, "caret": position + len(text), "position": position, "text": text}
+    return {
+        "session_id": session_id,
+        "client_id": client_id,
+        "seq": seq,
+        "kind": "insert",
+        "client_ms": 1_700_000_000_000,
+        "caret": position + len(text),
+        "position": position,
+        "text": text,
+    }
 
 
 # ------------------------------------------------------------------------------ specs and config
@@ -65,16 +77,25 @@ def _event(session_id: int, client_id: str, seq: int, position: int = 0, text: s
 
 def test_assistant_spec_parses_policy_and_value():
     assert parse_assistant_spec("B=smollm2-135m:base-n:20") == (
-        "B", {"assistant": "smollm2-135m", "policy": "base-n", "n": 20})
+        "B",
+        {"assistant": "smollm2-135m", "policy": "base-n", "n": 20},
+    )
     assert parse_assistant_spec("E=runs/models/empower:threshold:4") == (
-        "E", {"assistant": "runs/models/empower", "policy": "threshold", "eta": 4.0})
+        "E",
+        {"assistant": "runs/models/empower", "policy": "threshold", "eta": 4.0},
+    )
     assert parse_assistant_spec("A=runs/models/empower") == ("A", {"assistant": "runs/models/empower"})
 
 
-@pytest.mark.parametrize("spec, words", [
-    ("smollm2-135m", "LABEL=MODEL"), ("B=smollm2-135m:greedy", "unknown policy 'greedy'"),
-    ("B=smollm2-135m:base-n:many", "'many' must be an integer"), ("B=m:base-n:2:3", "too many"),
-])
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("smollm2-135m", "LABEL=MODEL"),
+        ("B=smollm2-135m:greedy", "unknown policy 'greedy'"),
+        ("B=smollm2-135m:base-n:many", "'many' must be an integer"),
+        ("B=m:base-n:2:3", "too many"),
+    ],
+)
 def test_bad_assistant_spec_is_named(spec, words):
     with pytest.raises(ValueError, match=words):
         parse_assistant_spec(spec)
@@ -89,8 +110,12 @@ def test_create_config_needs_two_distinct_arms():
 
 
 def test_too_few_tasks_for_the_design_is_refused(tmp_path):
-    config = StudyCreateConfig(assistants=ARMS, tasks_path=str(write_tasks(tmp_path)), tasks_per_assistant=2,
-                               db=str(tmp_path / "s.sqlite"))
+    config = StudyCreateConfig(
+        assistants=ARMS,
+        tasks_path=str(write_tasks(tmp_path)),
+        tasks_per_assistant=2,
+        db=str(tmp_path / "s.sqlite"),
+    )
     with pytest.raises(ValueError, match="has 2 task"):
         create_study(open_store(config.db), config)
 
@@ -112,14 +137,18 @@ def test_orders_are_balanced_in_every_block():
 
 def test_randomisation_is_seeded():
     assert assignment(3, 5, ["A", "B"], 6, 2) == assignment(3, 5, ["A", "B"], 6, 2)
-    assert [assignment(1, i, ["A", "B"], 6, 2) for i in range(8)] != [assignment(2, i, ["A", "B"], 6, 2) for i in range(8)]
+    assert [assignment(1, i, ["A", "B"], 6, 2) for i in range(8)] != [
+        assignment(2, i, ["A", "B"], 6, 2) for i in range(8)
+    ]
 
 
 def test_each_participant_meets_each_arm_on_distinct_tasks(study_db):
     with sqlite3.connect(study_db) as con:
-        rows = con.execute("select p.\"order\", s.position, a.label, s.task_index from sessions s "
-                           "join participants p on p.id = s.participant_id join assistants a on a.id = s.assistant_id "
-                           "order by p.id, s.\"index\"").fetchall()
+        rows = con.execute(
+            'select p."order", s.position, a.label, s.task_index from sessions s '
+            "join participants p on p.id = s.participant_id join assistants a on a.id = s.assistant_id "
+            'order by p.id, s."index"'
+        ).fetchall()
     for order, position, label, _ in rows:
         assert json.loads(order)[position - 1] == label
     assert len({(r[0], r[3]) for r in rows}) == len(rows)
@@ -148,8 +177,14 @@ def test_events_are_acknowledged_and_replayed_into_the_code(client, study_db):
     token = _tokens(study_db)[0]
     state = client.get(f"/api/participant/{token}").json()
     session, code = state["current"]["session_id"], state["current"]["code"]
-    events = [_event(session, "e-00000001", 1, len(code), "    return"), _event(session, "e-00000002", 2, len(code) + 10, " 2 * x")]
-    assert client.post("/api/events", json={"token": token, "events": events}).json()["acked"] == ["e-00000001", "e-00000002"]
+    events = [
+        _event(session, "e-00000001", 1, len(code), "    return"),
+        _event(session, "e-00000002", 2, len(code) + 10, " 2 * x"),
+    ]
+    assert client.post("/api/events", json={"token": token, "events": events}).json()["acked"] == [
+        "e-00000001",
+        "e-00000002",
+    ]
     assert client.post("/api/events", json={"token": token, "events": events}).status_code == 200
     state = client.get(f"/api/participant/{token}").json()["current"]
     assert state["code"] == code + "    return 2 * x" and state["next_seq"] == 3
@@ -188,7 +223,10 @@ def test_unknown_token_is_404(client):
 
 def test_another_participants_session_is_404(client, study_db):
     mine, theirs = _tokens(study_db)
-    r = client.post("/api/events", json={"token": mine, "events": [_event(_sessions(study_db, theirs)[0], "abcdefgh1", 1)]})
+    r = client.post(
+        "/api/events",
+        json={"token": mine, "events": [_event(_sessions(study_db, theirs)[0], "abcdefgh1", 1)]},
+    )
     assert r.status_code == 404 and "does not belong" in r.json()["detail"]
 
 
@@ -208,8 +246,14 @@ def test_survey_before_the_tasks_are_submitted_is_409(client, study_db):
 def test_suggestion_from_another_session_is_refused(client, study_db):
     token = _tokens(study_db)[0]
     session = _sessions(study_db, token)[0]
-    shown = {"session_id": session, "client_id": "abcdefgh9", "seq": 1, "kind": "suggestion_shown",
-             "client_ms": 1, "suggestion_id": 999}
+    shown = {
+        "session_id": session,
+        "client_id": "abcdefgh9",
+        "seq": 1,
+        "kind": "suggestion_shown",
+        "client_ms": 1,
+        "suggestion_id": 999,
+    }
     r = client.post("/api/events", json={"token": token, "events": [shown]})
     assert r.status_code == 422 and "suggestion 999" in r.json()["detail"]
 
@@ -237,6 +281,8 @@ def test_events_survive_a_killed_server_and_retries_do_not_duplicate(study_db, t
     finally:
         server.kill()
     with sqlite3.connect(db) as con:
-        seqs = [r[0] for r in con.execute("select seq from events where session_id = ? order by seq", (session,))]
+        seqs = [
+            r[0] for r in con.execute("select seq from events where session_id = ? order by seq", (session,))
+        ]
     assert seqs == list(range(1, 9))
     assert state["code"].endswith("x" * 8) and state["next_seq"] == 9

@@ -43,7 +43,10 @@ def test_limit_keeps_the_first_tasks():
 def test_user_humaneval_file(tmp_path):
     (task,) = load_tasks("humaneval", write_jsonl(tmp_path / "mine.jsonl", [HUMANEVAL_ROW]))
     assert (task.task_id, task.statement.splitlines()[0], task.reference) == (
-        "mine/0", "Add one.", HUMANEVAL_ROW["prompt"] + "    return x + 1\n")
+        "mine/0",
+        "Add one.",
+        HUMANEVAL_ROW["prompt"] + "    return x + 1\n",
+    )
 
 
 def test_docstring_examples_become_public_tests(tmp_path):
@@ -108,10 +111,13 @@ def test_full_mbpp_file_is_cut_to_the_evaluation_ids(shared_data):
     assert (min(ids), max(ids), len(ids)) == (11, 510, 500)
 
 
-@pytest.mark.parametrize(("file", "kinds"), [
-    ("lcb_2408_2501_279_public_tests.json", {TestType.STDIN, TestType.FUNCTIONAL}),
-    ("lcb_v5_879_public_titles.json", {TestType.STDIN, TestType.FUNCTIONAL}),
-])
+@pytest.mark.parametrize(
+    ("file", "kinds"),
+    [
+        ("lcb_2408_2501_279_public_tests.json", {TestType.STDIN, TestType.FUNCTIONAL}),
+        ("lcb_v5_879_public_titles.json", {TestType.STDIN, TestType.FUNCTIONAL}),
+    ],
+)
 def test_livecodebench_has_both_test_types(shared_data, file, kinds):
     tasks = load_tasks("livecodebench", shared_data / "livecodebench" / file)
     assert {t.test_type for t in tasks} == kinds
@@ -119,18 +125,27 @@ def test_livecodebench_has_both_test_types(shared_data, file, kinds):
 
 def test_livecodebench_hub_style_record(tmp_path):
     row = {
-        "question_title": "Twice", "question_id": "abc123", "question_content": "Double each number.",
+        "question_title": "Twice",
+        "question_id": "abc123",
+        "question_content": "Double each number.",
         "starter_code": "class Solution:\n    def twice(self, nums: List[int]) -> List[int]:\n        ",
         "public_test_cases": json.dumps([{"input": "[1, 2]", "output": "[2, 4]", "testtype": "functional"}]),
         "metadata": json.dumps({"func_name": "twice"}),
     }
     (task,) = load_tasks("livecodebench", write_jsonl(tmp_path / "lcb.jsonl", [row]))
     assert (task.task_id, task.entry_point, task.test_type, task.prompt.endswith(":\n")) == (
-        "abc123", "twice", TestType.FUNCTIONAL, True)
+        "abc123",
+        "twice",
+        TestType.FUNCTIONAL,
+        True,
+    )
 
 
 def test_livecodebench_mixed_test_types_are_refused(tmp_path):
-    tests = [{"input": "1", "output": "1", "testtype": "stdin"}, {"input": "1", "output": "1", "testtype": "functional"}]
+    tests = [
+        {"input": "1", "output": "1", "testtype": "stdin"},
+        {"input": "1", "output": "1", "testtype": "functional"},
+    ]
     with pytest.raises(ValueError, match=r"lcb\.jsonl:1: test types"):
         load_tasks("livecodebench", write_jsonl(tmp_path / "lcb.jsonl", [{"problem": "p", "tests": tests}]))
 
@@ -141,18 +156,22 @@ def test_livecodebench_functional_entry_point_from_starter(shared_data):
     assert f"def {task.entry_point}(self" in task.prompt
 
 
-@pytest.mark.parametrize("file", ["leetcodedataset_test_200_solutions_tests.json",
-                                  "leetcode_contest_180_hidden_tests.jsonl"])
+@pytest.mark.parametrize(
+    "file", ["leetcodedataset_test_200_solutions_tests.json", "leetcode_contest_180_hidden_tests.jsonl"]
+)
 def test_leetcode_formats_load(shared_data, file):
     tasks = load_tasks("leetcode", shared_data / "leetcode" / file)
     assert tasks and all("class Solution" in t.prompt for t in tasks)
 
 
-@pytest.mark.parametrize(("name", "path", "count"), [
-    ("humaneval", None, 12),
-    ("mbpp", "mbpp/mbpp.jsonl", 12),
-    ("leetcode", "leetcode/leetcodedataset_test_200_solutions_tests.json", 12),
-])
+@pytest.mark.parametrize(
+    ("name", "path", "count"),
+    [
+        ("humaneval", None, 12),
+        ("mbpp", "mbpp/mbpp.jsonl", 12),
+        ("leetcode", "leetcode/leetcodedataset_test_200_solutions_tests.json", 12),
+    ],
+)
 def test_references_pass_their_tests_in_the_sandbox(shared_data, name, path, count):
     tasks = load_tasks(name, shared_data / path if path else None, limit=count)
     results = run_many([(t, t.reference) for t in tasks], SandboxConfig(sandbox_workers=2))
@@ -160,8 +179,9 @@ def test_references_pass_their_tests_in_the_sandbox(shared_data, name, path, cou
 
 
 def test_leetcode_linked_list_reference_passes(shared_data):
-    tasks = load_tasks("leetcode", shared_data / "leetcode" / "leetcodedataset_train_1889_solutions_tests.json",
-                       limit=3)
+    tasks = load_tasks(
+        "leetcode", shared_data / "leetcode" / "leetcodedataset_train_1889_solutions_tests.json", limit=3
+    )
     task = next(t for t in tasks if "ListNode" in t.prompt)
     assert run_task_tests(task, task.reference).status is Status.PASSED
 

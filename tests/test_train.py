@@ -402,6 +402,7 @@ def test_assistant_builds_the_prompt_training_used_under_the_statement_template(
     merged = merge_adapter(model_dir, tmp_path / "merged")
     assert AssistantConfig(assistant=str(merged)).prompt_template.value == "statement"
 
+
 def _p_eos(model, tokenizer, prompts: list[str]) -> list[float]:
     """P(EOS | prompt) under ``model``: the probability that the assistant suggests nothing."""
     out = []

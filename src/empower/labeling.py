@@ -38,6 +38,7 @@ import torch
 from empower import models
 from empower.configs import option, resumable_fields, save_config, to_dict
 from empower.corpus import CorpusConfig, Document, iter_documents, resolve_format
+from empower.engines.local import LocalEngine
 from empower.jsonl import iter_jsonl
 from empower.rule import document_bits, empower_lengths
 from empower.scoring import ScoreCache, context_prefix, score_documents, weights_fingerprint
@@ -371,8 +372,10 @@ def build_data(config: DataConfig, *, model=None, tokenizer=None) -> Path:
                 ids = tokenizer(doc.text, add_special_tokens=False).input_ids
                 yield (doc, ids), ids
 
+    # A packed batch (at most scoring_batch_tokens padded tokens) is one forward pass.
+    estimator = LocalEngine(model, tokenizer, batch_size=config.scoring_batch_tokens, prefix_cache=0)
     scored = score_documents(
-        model,
+        estimator,
         tokenized(),
         prefix=context_prefix(tokenizer),
         batch_tokens=config.scoring_batch_tokens,

@@ -19,7 +19,7 @@ Example::
 
     model, tokenizer = load_model("smollm2-135m")
     ids = tokenizer("def f(x):\\n    return x\\n", add_special_tokens=False).input_ids
-    [(key, nll)] = score_documents(model, [("doc", ids)], progress=False)
+    [(key, nll)] = score_documents(LocalEngine(model, tokenizer), [("doc", ids)], progress=False)
     # nll[j] = -log2 p(ids[j] | ids[:j]); nll[0] is NaN unless the tokenizer adds a BOS token
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -38,8 +37,7 @@ import numpy as np
 import torch
 
 from empower import models
-
-LN2 = math.log(2.0)
+from empower.engines.base import LN2, ScoreRequest
 
 
 @dataclass
@@ -191,31 +189,15 @@ def _batches(rows: list[_Row], batch_tokens: int) -> Iterator[list[_Row]]:
         yield batch
 
 
-@torch.inference_mode()
-def _score_batch(model, batch: list[_Row], pad_id: int) -> list[np.ndarray]:
-    """NLL in bits of tokens 1..len-1 of each row (row-local positions), one forward pass."""
-    device = next(model.parameters()).device
-    width = max(len(r.tokens) for r in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, row in enumerate(batch):
-        input_ids[i, : len(row.tokens)] = torch.tensor(row.tokens)
-        mask[i, : len(row.tokens)] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, T, V)
-    # One row at a time: the fp32 log-softmax temporary stays (T, V) instead of (B, T, V).
-    nats = torch.stack(
-        [
-            torch.nn.functional.cross_entropy(row[:-1].float(), ids[1:], reduction="none")
-            for row, ids in zip(logits, input_ids, strict=True)
-        ]
-    )
-    bits = (nats / LN2).cpu().numpy()
-    return [bits[i, : len(row.tokens) - 1] for i, row in enumerate(batch)]
+def _score_batch(engine, batch: list[_Row]) -> list[np.ndarray]:
+    """NLL in bits of tokens 1..len-1 of each row (row-local positions): the engine's *score* verb,
+    one forward pass for the packed batch."""
+    scored = engine.score([ScoreRequest(row.tokens[:1], row.tokens[1:]) for row in batch])
+    return [-np.asarray(logprobs, dtype=np.float64) / LN2 for logprobs in scored]
 
 
 def score_documents(
-    model,
+    engine,
     documents: Iterable[tuple[object, list[int]]],
     *,
     prefix: list[int] | None = None,
@@ -229,7 +211,9 @@ def score_documents(
     """Stream ``(key, nll_bits)`` for ``(key, token_ids)`` documents, in input order.
 
     Args:
-        model: a causal LM (eval mode); its dtype is used as is, the softmax is fp32.
+        engine: the estimator behind the engine interface (``LocalEngine(model, tokenizer,
+            batch_size=batch_tokens)``: a packed batch is one forward pass; the model's dtype is used
+            as is, the softmax is fp32).
         documents: ``(key, ids)`` pairs, ids WITHOUT special tokens; consumed lazily.
         prefix: context placed before every document (see :func:`context_prefix`); not scored.
         batch_tokens: padded tokens per forward pass (memory bound).
@@ -249,8 +233,6 @@ def score_documents(
             f"got {overlap}"
         )
     prefix = list(prefix or [])
-    pad_id = getattr(model.config, "pad_token_id", None)
-    pad_id = 0 if pad_id is None else pad_id  # padded positions are masked and never read
     from tqdm.auto import tqdm
 
     bar = tqdm(desc="scoring", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
@@ -271,7 +253,7 @@ def score_documents(
         ]
         writes = [np.zeros(len(context), dtype=np.int32) for context in contexts]
         for batch in _batches(rows, batch_tokens):
-            for row, bits in zip(batch, _score_batch(model, batch, pad_id), strict=True):
+            for row, bits in zip(batch, _score_batch(engine, batch), strict=True):
                 # bits[t] scores context position row.start + t + 1
                 keep = slice(max(row.keep_from - row.start - 1, 0), len(bits))
                 positions = np.arange(keep.start, keep.stop) + row.start + 1

@@ -294,14 +294,15 @@ class LocalEngine:
         logits = self.model(
             input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep
         ).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)  # position p predicts token p + 1
         out = []
         for row, r in enumerate(requests):
             n = len(r.continuation)
             if not n:
                 out.append([])
                 continue
-            predicting = logp[row, keep - 1 - n : keep - 1]
+            # One row at a time: the fp32 log-softmax temporary stays (n, vocabulary), not (rows, n,
+            # vocabulary). Position p predicts token p + 1.
+            logp = torch.log_softmax(logits[row, keep - 1 - n : keep - 1].float(), dim=-1)
             target = torch.tensor(r.continuation, device=logp.device)[:, None]
-            out.append(predicting.gather(1, target).squeeze(1).double().tolist())
+            out.append(logp.gather(1, target).squeeze(1).double().tolist())
         return out
