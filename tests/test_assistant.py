@@ -22,10 +22,10 @@ from empower.assistant import (
     decode_continuation,
     extract_addition,
     extract_code,
-    threshold_length,
 )
 from empower.engines import Finish, GenerateRequest, ScoreRequest, encode
 from empower.engines.local import LocalEngine, finish_row
+from empower.rule import empower_length
 
 STATE = "def add(a, b):\n    "
 STATES = ["def add(a, b):\n    ", "import os\n\n\ndef main():\n    path = os.getcwd()\n    ", "x = ["]
@@ -54,8 +54,8 @@ def requests(states=STATES):
         ([0.1, 0.2, 5.0, 0.1], 1.0, 2),
     ],
 )
-def test_threshold_length_keeps_the_longest_prefix_strictly_below_eta(bits, eta, k):
-    assert threshold_length(bits, eta) == k
+def test_the_rule_on_a_list_keeps_the_longest_prefix_strictly_below_eta(bits, eta, k):
+    assert empower_length(bits, eta) == k
 
 
 # ---------------------------------------------------------------------------------- policies
@@ -71,7 +71,7 @@ def test_threshold_stops_where_one_pass_scoring_of_the_full_generation_says(tiny
     scored = engine.score([ScoreRequest(g.prompt, g.ids) for g in free])
     for c, g, logprobs in zip(cut, free, scored, strict=True):
         bits = [-lp / math.log(2) for lp in logprobs]
-        k = threshold_length(bits, eta)
+        k = empower_length(bits, eta)
         assert 0 < k < len(g.ids)
         assert (c.tokens, c.stop_reason) == (k, "threshold")
         assert c.text == decode_continuation(tokenizer, g.prompt, g.ids[:k])
@@ -239,5 +239,5 @@ def test_cap_tokens_cuts_at_exactly_n_tokens(tiny):
     assert cap_tokens("x", tokenizer, 4) == ("x", False)
 
 
-def test_threshold_length_of_infinite_eta_keeps_everything():
-    assert threshold_length([30.0] * 5, math.inf) == 5
+def test_the_rule_with_infinite_eta_keeps_everything():
+    assert empower_length([30.0] * 5, math.inf) == 5

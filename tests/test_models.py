@@ -74,3 +74,21 @@ def test_local_folder_loads(tmp_path, tiny):
 def test_gguf_file_loads_directly():
     model, tokenizer = models.load_model(models.embedded_gguf("smollm2-135m"), device="cpu")
     assert model.config.model_type == "llama" and tokenizer.eos_token == "<|im_end|>"
+
+
+def test_a_pool_loads_a_model_once_for_every_role_that_names_it(tiny_model_path):
+    """The assistant, its threshold estimator and the LLM human name one model: it is loaded once."""
+    from empower.assistant import AssistantConfig, build_assistant
+    from empower.humans import HumanConfig, build_human
+
+    pool = models.ModelPool()
+    config = AssistantConfig(assistant=tiny_model_path, policy="threshold", estimator=models.TINY_MODEL)
+    assistant = build_assistant(config, pool=pool)
+    human = build_human(HumanConfig(human="llm", human_model=models.TINY_MODEL), pool=pool)
+    assert len(pool.loaded()) == 1  # the embedded name and its folder are one model
+    assert assistant.estimator.model is assistant.engine.model is human.backend.engine.model
+    assert pool.load(models.TINY_MODEL, dtype="float64")[0] is not assistant.engine.model  # another dtype
+    pool.retain([models.TINY_MODEL, ""])
+    assert len(pool.loaded()) == 2
+    pool.retain([])
+    assert pool.loaded() == [] and pool.load(tiny_model_path)[0] is not assistant.engine.model  # loaded anew

@@ -23,11 +23,11 @@ from empower.assistant import (
     PolicyAssistant,
     SuggestionRequest,
     build_assistant,
-    threshold_length,
 )
 from empower.engines import GenerateRequest
 from empower.engines.local import LocalEngine
 from empower.engines.wrappers import Batcher, _first_stop_at, _stop_prefix
+from empower.rule import empower_length
 from empower.serve.server import ServeConfig, create_app, local_engine
 from empower.serve.upstream import UpstreamEngine
 from serve_process import serve_process
@@ -314,8 +314,8 @@ def test_threshold_keeps_the_tokens_the_labeling_rule_keeps(tiny, prompt_ids):
         kept = _run(batcher, [request])
     finally:
         batcher.close()
-    assert 0 < threshold_length(bits, 40.0) < 10  # the case is informative: eta cuts inside the budget
-    assert sum(d.token_count for d in kept) == threshold_length(bits, 40.0)
+    assert 0 < empower_length(bits, 40.0) < 10  # the case is informative: eta cuts inside the budget
+    assert sum(d.token_count for d in kept) == empower_length(bits, 40.0)
     assert kept[-1].finish_reason == "stop"
 
 
@@ -340,8 +340,8 @@ def test_upstream_engine_cuts_the_stream_where_the_threshold_rule_does(server, p
     bits = [-lp / 0.6931471805599453 for d in _run(upstream, [GenerateRequest(prompt_ids, 10)], True)
             for lp in d.token_logprobs]  # fmt: skip
     kept = _run(upstream, [GenerateRequest(prompt_ids, 10, budget_bits=40.0)])
-    assert 0 < threshold_length(bits, 40.0) < 10
-    assert sum(d.token_count for d in kept) == threshold_length(bits, 40.0)
+    assert 0 < empower_length(bits, 40.0) < 10
+    assert sum(d.token_count for d in kept) == empower_length(bits, 40.0)
     assert kept[-1].finish_reason == "stop"
 
 

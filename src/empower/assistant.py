@@ -13,7 +13,7 @@ Policies (:class:`Policy`):
   negative log-likelihood (bits) under an estimator stays below ``eta`` -- the labeling rule
   applied at inference time. With the generating model as its own estimator, eta is the engine's
   NLL budget and generation stops there; another estimator scores the generated tokens in one
-  forward pass and the same rule (:func:`threshold_length`) cuts them.
+  forward pass and the same rule (:func:`empower.rule.empower_length`) cuts them.
 
 Every policy runs over an engine (:mod:`empower.engines`), greedy unless ``assistant_temperature >
 0``. :class:`PolicyAssistant` is the one place a suggestion is made: ``empower eval`` and ``empower
@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from empower import models
@@ -165,22 +164,6 @@ def trained_template(assistant: str, configured: PromptTemplate | str | None) ->
             f"({meta}); leave prompt_template unset to use the trained one"
         )
     return trained
-
-
-# ---------------------------------------------------------------------------------------------
-# The threshold rule and its transformers pieces (reused by the streaming server)
-
-
-def threshold_length(bits: Sequence[float], eta_bits: float) -> int:
-    """Length of the longest prefix whose cumulative bits stay strictly below ``eta_bits``.
-
-    The labeling rule itself (:func:`empower.rule.empower_length`), so training pairs and
-    inference-time decoding cannot disagree.
-
-    >>> threshold_length([0.1, 0.2, 5.0, 0.1], 1.0)
-    2
-    """
-    return empower_length(np.asarray(bits, dtype=np.float64), eta_bits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +392,7 @@ class PolicyAssistant:
         out = []
         for g, logprobs in zip(gens, scored, strict=True):
             bits = [-lp / LN2 for lp in logprobs]
-            kept = threshold_length(bits, self.config.eta)
+            kept = empower_length(bits, self.config.eta)
             text = (
                 g.text if kept == len(g.ids) else decode_continuation(self.tokenizer, g.prompt, g.ids[:kept])
             )
@@ -431,7 +414,7 @@ class PolicyAssistant:
         out = []
         for r, g, logprobs, span in zip(requests, gens, self.estimator.score(scoring), spans, strict=True):
             bits = [-lp / LN2 for lp in logprobs]
-            kept = threshold_length(bits, self.config.eta)
+            kept = empower_length(bits, self.config.eta)
             end = span[kept - 1][1] - len(r.state) if kept else 0
             cut = g.text if kept == len(bits) else g.text[: max(0, end)]
             reason = StopReason.THRESHOLD if kept < len(bits) else _reason(len(g.ids), g)
@@ -464,8 +447,11 @@ def assistant_name(config: AssistantConfig) -> str:
     return f"{Path(config.assistant.rstrip('/')).name}:{policy}"
 
 
-def build_assistant(config: AssistantConfig, *, model=None, tokenizer=None) -> Assistant:
-    """The assistant of ``config`` (pass ``model``/``tokenizer`` to share an already loaded model).
+def build_assistant(
+    config: AssistantConfig, *, model=None, tokenizer=None, pool: models.ModelPool | None = None
+) -> Assistant:
+    """The assistant of ``config`` (pass ``model``/``tokenizer`` to share an already loaded model, or
+    a ``pool`` to load through: roles that name the same model then share it).
 
     The prompt template comes from the model folder (:func:`trained_template`). Raises ValueError for
     a model spec that does not resolve, a template that contradicts the folder's, or policy base on a
@@ -481,8 +467,9 @@ def build_assistant(config: AssistantConfig, *, model=None, tokenizer=None) -> A
             meta.get("count_tokenizer"), meta["prompt_template"],
         )  # fmt: skip
     device = config.assistant_device or None
+    pool = pool if pool is not None else models.ModelPool()
     if model is None:
-        model, tokenizer = models.load_model(config.assistant, device=device)
+        model, tokenizer = pool.load(config.assistant, device=device)
     if config.policy in (Policy.BASE, Policy.BASE_N):
         chat_prompt(tokenizer, "")  # fails early, naming the model, when there is no chat template
     engine = LocalEngine(
@@ -494,7 +481,7 @@ def build_assistant(config: AssistantConfig, *, model=None, tokenizer=None) -> A
     )
     estimator = None
     if config.policy is Policy.THRESHOLD and config.estimator and config.estimator != config.assistant:
-        est_model, est_tokenizer = models.load_model(config.estimator, device=device)
+        est_model, est_tokenizer = pool.load(config.estimator, device=device)
         estimator = LocalEngine(
             est_model,
             est_tokenizer,

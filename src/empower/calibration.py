@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 
+from empower import models
 from empower.configs import to_dict
 from empower.experiment import (
     CalibrationPolicy,
@@ -104,7 +105,7 @@ def calibrate(config: ReproduceConfig, stages: Stages | None = None) -> float:
     per_eta = 3 if calib.policy is CalibrationPolicy.EMPOWER else 1
     stages = stages or Stages(per_eta * len(calib.etas))
     start = time.perf_counter()
-    loaded: dict = {}
+    pool = models.ModelPool()  # the estimator across data builds, the human across runs
     points = []
     for eta in calib.etas:
         run = root / f"eta-{eta:g}"
@@ -115,7 +116,7 @@ def calibrate(config: ReproduceConfig, stages: Stages | None = None) -> float:
                 f"eta={eta:g}",
                 data_cfg.out,
                 data_done,
-                lambda c=data_cfg: run_data(c, loaded),
+                lambda c=data_cfg: run_data(c, pool),
             )
             train_cfg = train_config(
                 config, GridMethod.EMPOWER, data_cfg.out, out=root / "models" / f"eta-{eta:g}"
@@ -132,7 +133,9 @@ def calibrate(config: ReproduceConfig, stages: Stages | None = None) -> float:
             )
         else:
             eval_cfg = eval_config(config, GridMethod.THRESHOLD, human, tasks, eta, out=run)
-        stages.run("calibration eval", f"eta={eta:g}", run, eval_done, lambda c=eval_cfg: run_evaluation(c))
+        stages.run(
+            "calibration eval", f"eta={eta:g}", run, eval_done, lambda c=eval_cfg: run_evaluation(c, pool)
+        )
         points.append((eta, summarize_run(run)))
     recommended = recommend_eta(points)
     what = (

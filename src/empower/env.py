@@ -353,12 +353,14 @@ def _check_played_inside(done: set[str], tasks: list[Task], config: EvalConfig) 
     )
 
 
-def run_eval(config: EvalConfig, progress: bool = True) -> Path:
+def run_eval(config: EvalConfig, progress: bool = True, pool: models.ModelPool | None = None) -> Path:
     """Evaluate ``config.assistant`` with ``config.human`` on ``config.tasks``; returns the run folder.
 
     Args:
         config: the run (see :class:`EvalConfig`); ``config.out`` is created if needed.
         progress: show a progress bar (episodes done, Pass@1 and acceptance so far) on stderr.
+        pool: where the models are loaded; the assistant, its estimator and the human share what
+            they have in common (a grid passes one pool to keep its human loaded across runs).
 
     Returns:
         the run folder with config.json, traces.jsonl and summary.json.
@@ -404,7 +406,13 @@ def run_eval(config: EvalConfig, progress: bool = True) -> Path:
     )
     if todo:
         stats = _play(
-            todo, config, count, already_done=len(tasks) - len(todo), total=len(tasks), progress=progress
+            todo,
+            config,
+            count,
+            pool if pool is not None else models.ModelPool(),
+            already_done=len(tasks) - len(todo),
+            total=len(tasks),
+            progress=progress,
         )
         log.info(
             "%d episode(s) in %.1fs: assistant %.1fs, human %.1fs, sandbox %.1fs, other %.1fs",
@@ -423,6 +431,7 @@ def _play(
     todo: list[Task],
     config: EvalConfig,
     count: TokenCounter,
+    pool: models.ModelPool,
     *,
     already_done: int,
     total: int,
@@ -432,8 +441,8 @@ def _play(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    assistant = build_assistant(config.part(AssistantConfig))
-    human = build_human(config.part(HumanConfig))
+    assistant = build_assistant(config.part(AssistantConfig), pool=pool)
+    human = build_human(config.part(HumanConfig), pool=pool)
     totals = {"passed": 0, "shown": 0, "accepted": 0, "done": 0}
     bar = Progress(
         TextColumn("[bold]eval"),

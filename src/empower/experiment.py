@@ -378,15 +378,11 @@ class Stages:
         console.print(f"{head} [green]finished[/] in {time.perf_counter() - start:.0f}s")
 
 
-def run_data(data_cfg, loaded: dict) -> None:
-    from empower import models
+def run_data(data_cfg, pool) -> None:
+    """One training set; the estimator comes from ``pool`` (one load serves every set)."""
     from empower.labeling import build_data
 
-    if "estimator" not in loaded:  # one estimator load serves every training set
-        loaded["estimator"] = models.load_model(
-            data_cfg.estimator, device=data_cfg.device, dtype=data_cfg.scoring_dtype
-        )
-    model, tokenizer = loaded["estimator"]
+    model, tokenizer = pool.load(data_cfg.estimator, device=data_cfg.device, dtype=data_cfg.scoring_dtype)
     build_data(data_cfg, model=model, tokenizer=tokenizer)
 
 
@@ -396,10 +392,14 @@ def run_train(train_cfg) -> None:
     train(train_cfg)
 
 
-def run_evaluation(eval_cfg) -> None:
+def run_evaluation(eval_cfg, pool) -> None:
+    """One evaluation run; the simulated human's model stays in ``pool`` for the next run, the rest
+    (the previous run's assistant) is let go."""
     from empower.env import run_eval
+    from empower.humans import HumanKind
 
-    run_eval(eval_cfg)
+    pool.retain([eval_cfg.human_model] if HumanKind(eval_cfg.human) is HumanKind.LLM else [])
+    run_eval(eval_cfg, pool=pool)
 
 
 # --------------------------------------------------------------------------------------------------

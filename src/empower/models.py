@@ -308,3 +308,43 @@ def load_model(
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
+
+
+class ModelPool:
+    """Models loaded once and shared: every role that asks for the same (model, device, dtype) gets
+    the same objects.
+
+    An evaluation's assistant, threshold estimator and simulated human may name one model; a grid
+    keeps its simulated human loaded from one cell to the next (:meth:`retain` drops the rest). The
+    roles only read the weights (each keeps its own prefix cache); training loads its own copy.
+    """
+
+    def __init__(self):
+        self._loaded: dict[tuple[str, str, str], tuple] = {}
+
+    def load(self, spec: str | os.PathLike, *, device: str | torch.device | None = None, dtype=None) -> tuple:
+        """``(model, tokenizer)`` as :func:`load_model` gives them, loaded on the first request only."""
+        device = torch.device(device) if device is not None else default_device()
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        dtype = dtype or default_dtype(device)
+        key = (self._name(spec), str(device), str(dtype))
+        if key not in self._loaded:
+            self._loaded[key] = load_model(spec, device=device, dtype=dtype)
+        return self._loaded[key]
+
+    def retain(self, specs) -> None:
+        """Forget every model but those of ``specs`` (their memory is freed once no role holds them)."""
+        keep = {self._name(spec) for spec in specs if spec}
+        for key in [key for key in self._loaded if key[0] not in keep]:
+            del self._loaded[key]
+
+    def loaded(self) -> list[tuple[str, str, str]]:
+        """(model, device, dtype) of each model held."""
+        return list(self._loaded)
+
+    @staticmethod
+    def _name(spec) -> str:
+        """One name per model: an embedded name and its folder are the same model."""
+        text = str(spec)
+        return text if text.endswith(".gguf") else str(resolve(text))

@@ -28,6 +28,7 @@ import os
 import platform
 from pathlib import Path
 
+from empower import models
 from empower.calibration import calibrate
 from empower.configs import to_dict
 from empower.experiment import (
@@ -112,13 +113,11 @@ def reproduce(config: ReproduceConfig, *, command: str | None = None) -> Path:
             eta = calibrate(config, stages)
         else:
             eta = config.grid.eta
-        loaded: dict = {}
+        pool = models.ModelPool()  # the estimator across data builds, the human across runs
         for method in trained:
             data_cfg = data_config(config, method, eta)
-            stages.run(
-                "data", LABELS[method], data_cfg.out, data_done, lambda c=data_cfg: run_data(c, loaded)
-            )
-        loaded.clear()
+            stages.run("data", LABELS[method], data_cfg.out, data_done, lambda c=data_cfg: run_data(c, pool))
+        pool.retain([])  # training loads its own copy: free the estimator first
         for method in trained:
             train_cfg = train_config(config, method, data_config(config, method, eta).out)
             stages.run("train", LABELS[method], train_cfg.out, model_done, lambda c=train_cfg: run_train(c))
@@ -130,7 +129,7 @@ def reproduce(config: ReproduceConfig, *, command: str | None = None) -> Path:
                 f"{LABELS[method]} / {human_label} / {tasks_label}",
                 eval_cfg.out,
                 eval_done,
-                lambda c=eval_cfg: run_evaluation(c),
+                lambda c=eval_cfg: run_evaluation(c, pool),
             )
             runs.append(
                 {

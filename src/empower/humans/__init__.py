@@ -24,10 +24,12 @@ from empower.humans.base import (
 )
 from empower.humans.llm import LLMHuman, incomplete, parse_appended, parse_decision
 from empower.humans.reference import ReferenceHuman, agrees, align, edit_distance
+from empower.models import ModelPool
 
 
-def build_human(config: HumanConfig, *, model=None, tokenizer=None) -> Human:
-    """The simulated human of ``config`` (``model``/``tokenizer``: an already loaded local LLM).
+def build_human(config: HumanConfig, *, model=None, tokenizer=None, pool: ModelPool | None = None) -> Human:
+    """The simulated human of ``config`` (``model``/``tokenizer``: an already loaded local LLM; ``pool``:
+    where to load it, shared with the other roles).
 
     Raises HumanServerError when a server URL is unreachable after retries.
     """
@@ -39,7 +41,7 @@ def build_human(config: HumanConfig, *, model=None, tokenizer=None) -> Human:
     if url:
         backend = ServerChat(url, "" if url == config.human_model else config.human_model, config)
     else:
-        backend = LocalChat(config.human_model, config, model, tokenizer)
+        backend = LocalChat(config.human_model, config, model, tokenizer, pool)
     return LLMHuman(config, backend)
 
 

@@ -64,9 +64,13 @@ class LocalChat:
 
     supports_prefill = True
 
-    def __init__(self, spec: str, config: HumanConfig, model=None, tokenizer=None):
+    def __init__(
+        self, spec: str, config: HumanConfig, model=None, tokenizer=None, pool: models.ModelPool | None = None
+    ):
         if model is None:
-            model, tokenizer = models.load_model(spec, device=config.human_device or None)
+            model, tokenizer = (pool if pool is not None else models.ModelPool()).load(
+                spec, device=config.human_device or None
+            )
         self.config = config
         self.engine = LocalEngine(
             model,
