@@ -26,10 +26,10 @@ from empower.assistant import (
 )
 from empower.engines import GenerateRequest
 from empower.engines.local import LocalEngine
+from empower.engines.openai import OpenAIEngine
 from empower.engines.wrappers import Batcher, _first_stop_at, _stop_prefix
 from empower.rule import empower_length
 from empower.serve.server import ServeConfig, create_app, local_engine
-from empower.serve.upstream import UpstreamEngine
 from serve_process import serve_process
 
 KEY = "test-key"
@@ -336,7 +336,7 @@ def test_an_editor_retyping_its_file_gets_the_same_completions_from_cached_prefi
 
 def test_upstream_engine_cuts_the_stream_where_the_threshold_rule_does(server, prompt_ids):
     """The --engine vllm proxy, with our own server standing in for vLLM (same OpenAI API)."""
-    upstream = UpstreamEngine(server, MODEL, api_key=KEY)
+    upstream = OpenAIEngine(server, MODEL, api_key=KEY)
     bits = [-lp / 0.6931471805599453 for d in _run(upstream, [GenerateRequest(prompt_ids, 10)], True)
             for lp in d.token_logprobs]  # fmt: skip
     kept = _run(upstream, [GenerateRequest(prompt_ids, 10, budget_bits=40.0)])

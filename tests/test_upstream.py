@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 
 from empower.assistant import Policy
 from empower.engines import GenerateRequest
+from empower.engines.openai import OpenAIEngine
 from empower.serve.server import ServeConfig, create_app
-from empower.serve.upstream import UpstreamEngine
 
 URL = "http://upstream.test"
 # Two sampled tokens; the second has no log-probability.
@@ -33,16 +33,16 @@ CHUNK = {
 }
 
 
-def _engine(tokenizer=None) -> UpstreamEngine:
+def _engine(tokenizer=None) -> OpenAIEngine:
     body = f"data: {json.dumps(CHUNK)}\n\ndata: [DONE]\n\n"
-    engine = UpstreamEngine(URL, "m", tokenizer)
+    engine = OpenAIEngine(URL, "m", tokenizer)
     engine._client = httpx.AsyncClient(
         base_url=URL, transport=httpx.MockTransport(lambda request: httpx.Response(200, text=body))
     )
     return engine
 
 
-def _deltas(engine: UpstreamEngine, request: GenerateRequest, logprobs: bool = False) -> list:
+def _deltas(engine: OpenAIEngine, request: GenerateRequest, logprobs: bool = False) -> list:
     async def collect():
         return [delta async for delta in engine.stream([request], logprobs)]
 

@@ -31,6 +31,7 @@ import difflib
 import enum
 import logging
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from empower.engines.base import (
     encode,
 )
 from empower.engines.local import LocalEngine
+from empower.engines.openai import OpenAIEngine, served_model
 from empower.prompts import PromptTemplate, build_prompt
 from empower.rule import empower_length
 
@@ -114,7 +116,18 @@ class AssistantConfig:
         "model/threshold: how the state becomes input (plain | statement); default: the template the "
         "model folder was trained with (its empower-model.json), else plain",
     )
-    assistant_batch_size: int = option(8, "requests per generate() call", resumable=True)
+    assistant_url: str = option(
+        "",
+        "base URL of an OpenAI-compatible server (vLLM, llama.cpp, empower serve) running the assistant "
+        "model; empty: in-process. The assistant spec still names the model (its tokenizer builds the "
+        "token-id prompts)",
+    )
+    assistant_served_model: str = option(
+        "", "with assistant_url: the model name on the server (a LoRA adapter's name; empty: its only model)"
+    )
+    assistant_batch_size: int = option(
+        8, "requests per generate() call (with assistant_url: requests in flight at once)", resumable=True
+    )
     base_prefill: bool = option(
         True,
         "base: start the model's reply with a code fence and the current code, so it retypes nothing "
@@ -139,6 +152,10 @@ class AssistantConfig:
             raise ValueError(f"eta must be > 0 bits, got {self.eta}")
         if self.assistant_temperature < 0:
             raise ValueError(f"assistant_temperature must be >= 0, got {self.assistant_temperature}")
+        if self.assistant_url and not self.assistant_url.startswith(("http://", "https://")):
+            raise ValueError(f"assistant_url must start with http:// or https://, got {self.assistant_url!r}")
+        if self.assistant_served_model and not self.assistant_url:
+            raise ValueError("assistant_served_model names a model on a server: give assistant_url too")
         if self.estimator and self.policy is not Policy.THRESHOLD:
             raise ValueError(
                 f"estimator={self.estimator!r} only applies to policy threshold, not {self.policy.value}"
@@ -468,17 +485,28 @@ def build_assistant(
         )  # fmt: skip
     device = config.assistant_device or None
     pool = pool if pool is not None else models.ModelPool()
-    if model is None:
-        model, tokenizer = pool.load(config.assistant, device=device)
+    if config.assistant_url:
+        tokenizer = models.load_tokenizer(config.assistant)
+        url = config.assistant_url
+        engine = OpenAIEngine(
+            url,
+            served_model(url, config.assistant_served_model, os.environ.get("EMPOWER_ASSISTANT_API_KEY")),
+            tokenizer,
+            api_key=os.environ.get("EMPOWER_ASSISTANT_API_KEY"),
+            concurrency=config.assistant_batch_size,
+        )
+    else:
+        if model is None:
+            model, tokenizer = pool.load(config.assistant, device=device)
+        engine = LocalEngine(
+            model,
+            tokenizer,
+            batch_size=config.assistant_batch_size,
+            prefix_cache=config.assistant_prefix_cache,
+            name=config.assistant,
+        )
     if config.policy in (Policy.BASE, Policy.BASE_N):
         chat_prompt(tokenizer, "")  # fails early, naming the model, when there is no chat template
-    engine = LocalEngine(
-        model,
-        tokenizer,
-        batch_size=config.assistant_batch_size,
-        prefix_cache=config.assistant_prefix_cache,
-        name=config.assistant,
-    )
     estimator = None
     if config.policy is Policy.THRESHOLD and config.estimator and config.estimator != config.assistant:
         est_model, est_tokenizer = pool.load(config.estimator, device=device)

@@ -47,6 +47,7 @@ class Delta:
     index: int
     text: str
     tokens: list[str] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
     token_logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[dict[str, float]] = dataclasses.field(default_factory=list)
     token_count: int = 0  # tokens generated for this delta (usage), logprobs asked or not
@@ -196,6 +197,7 @@ class Batcher:
             row.pending.token_count += 1
             if job.logprobs:
                 row.pending.tokens.append(self.tokenizer.decode([token]))
+                row.pending.token_ids.append(token)
                 row.pending.token_logprobs.append(logprob)
                 if top:
                     row.pending.top_logprobs.append({self.tokenizer.decode([t]): v for t, v in top.items()})
@@ -220,6 +222,7 @@ class Batcher:
                 delta.text += generation.text[row.sent_chars :]
                 keep = len(generation.ids) - row.posted_tokens  # a stop string can drop the last token
                 delta.tokens, delta.token_logprobs = delta.tokens[:keep], delta.token_logprobs[:keep]
+                delta.token_ids = delta.token_ids[:keep]
                 delta.top_logprobs = delta.top_logprobs[:keep]
                 delta.finish_reason = FINISH_REASON[generation.finish]
                 delta.stopping_word, delta.generation = generation.stop, generation

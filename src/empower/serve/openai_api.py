@@ -47,6 +47,9 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     user: str | None = None
+    # vLLM's extension: each token in ``logprobs`` as "token_id:N", so a client that sent token ids
+    # gets exactly the tokens back (empower's server engine asks for it).
+    return_tokens_as_token_ids: bool | None = False
 
 
 class ApiError(Exception):

@@ -351,15 +351,16 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
             out["usage"] = usage
         return out
 
-    def choice(delta: Delta, want_logprobs: bool, offset: int = 0) -> dict:
+    def choice(delta: Delta, want_logprobs: bool, offset: int = 0, as_ids: bool = False) -> dict:
         logprobs = None
         if want_logprobs:
+            tokens = [f"token_id:{t}" for t in delta.token_ids] if as_ids else delta.tokens
             offsets, at = [], offset
             for token in delta.tokens:
                 offsets.append(at)
                 at += len(token)
             logprobs = {
-                "tokens": delta.tokens,
+                "tokens": tokens,
                 "token_logprobs": delta.token_logprobs,
                 "top_logprobs": delta.top_logprobs or None,
                 "text_offset": offsets,
@@ -387,6 +388,7 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
         n = body.n or 1
         request_id = f"cmpl-{uuid.uuid4().hex}"
         want_logprobs = body.logprobs is not None
+        as_ids = bool(body.return_tokens_as_token_ids)
 
         def deltas():
             return suggestion_deltas(policy, engine, states, requests, want_logprobs)
@@ -394,7 +396,7 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _sse(request_id, deltas(), prompts, n, want_logprobs, include_usage),
+                _sse(request_id, deltas(), prompts, n, want_logprobs, include_usage, as_ids),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -404,7 +406,7 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
             if not collected.done() and await request.is_disconnected():
                 collected.cancel()
         merged = await collected
-        choices = [choice(merged[i], want_logprobs) for i in sorted(merged)]
+        choices = [choice(merged[i], want_logprobs, as_ids=as_ids) for i in sorted(merged)]
         return chunk(request_id, choices, usage(prompts, n, sum(d.token_count for d in merged.values())))
 
     async def _collect(deltas) -> dict[int, Delta]:
@@ -413,19 +415,22 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
             into = merged.setdefault(delta.index, Delta(delta.index, ""))
             into.text += delta.text
             into.tokens += delta.tokens
+            into.token_ids += delta.token_ids
             into.token_logprobs += delta.token_logprobs
             into.top_logprobs += delta.top_logprobs
             into.token_count += delta.token_count
             into.finish_reason = delta.finish_reason
         return merged
 
-    async def _sse(request_id, deltas, prompts, n, want_logprobs, include_usage) -> AsyncIterator[str]:
+    async def _sse(
+        request_id, deltas, prompts, n, want_logprobs, include_usage, as_ids
+    ) -> AsyncIterator[str]:
         offsets: dict[int, int] = {}
         generated = 0
         try:
             async for delta in deltas:
                 generated += delta.token_count
-                body = chunk(request_id, [choice(delta, want_logprobs, offsets.get(delta.index, 0))])
+                body = chunk(request_id, [choice(delta, want_logprobs, offsets.get(delta.index, 0), as_ids)])
                 offsets[delta.index] = offsets.get(delta.index, 0) + len(delta.text)
                 yield f"data: {json.dumps(body)}\n\n"
             if include_usage:

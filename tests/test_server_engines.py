@@ -1,0 +1,90 @@
+"""The assistant on a server (``--assistant-url``): a real ``empower serve`` process stands in for
+vLLM, and every policy gives what the in-process engine gives, down to whole evaluation traces.
+
+Run: .venv/bin/pytest tests/test_server_engines.py
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from empower.assistant import AssistantConfig, Policy, PolicyAssistant, SuggestionRequest, build_assistant
+from empower.engines import GenerateRequest, encode
+from empower.engines.local import LocalEngine
+from empower.engines.openai import OpenAIEngine, ServerEngineError, served_model
+from empower.env import EvalConfig, run_eval
+from empower.metrics import read_traces
+from serve_process import free_port, serve_process
+
+MODEL = "tiny-random"
+STATES = ["def add(a, b):\n    ", "import os\n\n\ndef main():\n    path = os.getcwd()\n    ", "x = ["]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One `empower serve` for the module: the raw model (policy model); the client applies the policy."""
+    with serve_process(
+        ["--assistant", MODEL, "--max-tokens-limit", "256"], tmp_path_factory.mktemp("s") / "log"
+    ) as url:
+        yield url
+
+
+@pytest.mark.parametrize("policy", list(Policy))
+def test_every_policy_over_a_url_suggests_what_it_does_in_process(server, tiny, tiny_model_path, policy):
+    fields = dict(assistant=tiny_model_path, policy=policy, n=3, eta=40.0, max_new_tokens=12)
+    local = PolicyAssistant(AssistantConfig(**fields), LocalEngine(*tiny))
+    remote = build_assistant(AssistantConfig(**fields, assistant_url=f"{server}/v1"))
+    assert isinstance(remote.engine, OpenAIEngine)
+    requests = [SuggestionRequest(state) for state in STATES]
+    here, there = local.suggest(requests), remote.suggest(requests)
+    assert [(s.text, s.tokens, s.stop_reason) for s in there] == [
+        (s.text, s.tokens, s.stop_reason) for s in here
+    ]
+    for a, b in zip(here, there, strict=True):
+        assert (a.bits is None) == (b.bits is None) and (
+            a.bits is None or a.bits == pytest.approx(b.bits, abs=1e-4)
+        )
+    if policy is Policy.THRESHOLD:  # the case is informative: eta cuts inside the budget
+        assert any(s.stop_reason == "threshold" for s in there)
+
+
+def test_the_budget_closes_the_stream_at_the_cut_with_the_ids_in_process_gives(server, tiny):
+    tokenizer = tiny[1]
+    requests = [GenerateRequest(p, 12, budget_bits=40.0) for p in encode(tokenizer, STATES)]
+    remote = OpenAIEngine(server, served_model(server), tokenizer).generate(requests)
+    for here, there in zip(LocalEngine(*tiny).generate(requests), remote, strict=True):
+        assert (there.ids, there.text, there.finish) == (here.ids, here.text, here.finish)
+        assert there.logprobs == pytest.approx(here.logprobs, abs=1e-4)
+
+
+KEPT = ("task_id", "events", "program", "status", "passed", "tokens_read", "tokens_written", "suggestions",
+        "accepted", "suggestion_tokens", "turns", "end_reason")  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", [Policy.BASE_N, Policy.THRESHOLD])
+def test_an_evaluation_through_the_url_gives_the_in_process_traces(server, tiny_model_path, tmp_path, policy):
+    def traces(**where):
+        config = EvalConfig(assistant=tiny_model_path, policy=policy, n=3, eta=40.0, human="reference",
+                            tasks="humaneval", limit=2, max_new_tokens=8, out=tmp_path / ("url" if where else "local"),
+                            metrics_resamples=100, **where)  # fmt: skip
+        return [
+            {k: t[k] for k in KEPT} for t in read_traces(run_eval(config, progress=False) / "traces.jsonl")
+        ]
+
+    here = traces()
+    assert any(e["kind"] == "suggested" and e["text"] for t in here for e in t["events"])  # informative
+    assert traces(assistant_url=server) == here
+
+
+def test_a_name_the_server_does_not_serve_is_refused_with_the_names_it_does(server):
+    with pytest.raises(
+        ValueError, match=rf"does not serve a model named 'adapter-7'; it serves \['{MODEL}'\]"
+    ):
+        served_model(server, "adapter-7")
+    assert served_model(f"{server}/v1") == MODEL
+
+
+def test_an_unreachable_server_is_one_error_naming_its_url(tiny_model_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ServerEngineError, match=url):
+        build_assistant(AssistantConfig(assistant=tiny_model_path, assistant_url=url))
