@@ -6,13 +6,16 @@ Run: .venv/bin/pytest tests/test_server_engines.py
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from empower.assistant import AssistantConfig, Policy, PolicyAssistant, SuggestionRequest, build_assistant
-from empower.engines import GenerateRequest, encode
+from empower.engines import GenerateRequest, ScoreRequest, encode
 from empower.engines.local import LocalEngine
 from empower.engines.openai import OpenAIEngine, ServerEngineError, served_model
 from empower.env import EvalConfig, run_eval
+from empower.labeling import DataConfig, build_data
 from empower.metrics import read_traces
 from serve_process import free_port, serve_process
 
@@ -88,3 +91,28 @@ def test_an_unreachable_server_is_one_error_naming_its_url(tiny_model_path):
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ServerEngineError, match=url):
         build_assistant(AssistantConfig(assistant=tiny_model_path, assistant_url=url))
+
+
+def test_prompt_logprobs_score_what_the_in_process_engine_scores(server, tiny):
+    tokenizer = tiny[1]
+    rows = [ScoreRequest(p[:2], p[2:]) for p in encode(tokenizer, STATES)]
+    remote = OpenAIEngine(server, served_model(server), tokenizer).score(rows)
+    for here, there in zip(LocalEngine(*tiny).score(rows), remote, strict=True):
+        assert there == pytest.approx(here, abs=1e-4) and len(there) > 0
+
+
+def test_a_data_build_through_the_estimator_url_gives_the_in_process_pairs(server, tiny_model_path, tmp_path):
+    """Corpus scoring through prompt_logprobs: the same k* (the tiny model's NLLs agree to ~1e-6 bits)."""
+
+    def pairs(**where):
+        config = DataConfig(out=tmp_path / ("url" if where else "local"), estimator=tiny_model_path, eta=40.0,
+                            corpus_limit=6, cuts_per_doc=3, scoring_max_tokens=256, scoring_overlap=32,
+                            progress=False, **where)  # fmt: skip
+        rows = [json.loads(line) for line in (build_data(config) / "pairs.jsonl").read_text().splitlines()]
+        return sorted((r["doc_id"], r["prompt"], r["completion"]) for r in rows), [
+            r["cum_bits"] for r in rows
+        ]
+
+    (here, here_bits), (there, there_bits) = pairs(), pairs(estimator_url=server)
+    assert there == here and any(completion for _, _, completion in here)
+    assert sorted(there_bits) == pytest.approx(sorted(here_bits), abs=1e-3)

@@ -27,6 +27,7 @@ import enum
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from empower import models
 from empower.configs import option, resumable_fields, save_config, to_dict
 from empower.corpus import CorpusConfig, Document, iter_documents, resolve_format
 from empower.engines.local import LocalEngine
+from empower.engines.openai import OpenAIEngine, served_model
 from empower.jsonl import iter_jsonl
 from empower.rule import document_bits, empower_lengths
 from empower.scoring import ScoreCache, context_prefix, score_documents, weights_fingerprint
@@ -56,6 +58,14 @@ class Method(str, enum.Enum):
 class DataConfig(CorpusConfig):
     out: Path = option(help="output folder (config.json, pairs.jsonl, dataset/, manifest.json)")
     estimator: str = option(models.DEFAULT_MODEL, "model that scores the documents (any load_model spec)")
+    estimator_url: str = option(
+        "",
+        "base URL of an OpenAI-compatible server with prompt_logprobs (vLLM, empower serve) running the "
+        "estimator; empty: in-process. The estimator spec still names the model (its tokenizer)",
+    )
+    estimator_served_model: str = option(
+        "", "with estimator_url: the model name on the server (empty: its only one)"
+    )
     method: Method = option(Method.EMPOWER, "empower (threshold rule), sft (next N tokens), sft-rand")
     eta: float = option(0.32, "Empower threshold in BITS on the completion's total NLL (0.32: p > 0.8)")
     sft_n: int = option(10, "sft: completion length in tokens", flag="--n")
@@ -92,6 +102,16 @@ class DataConfig(CorpusConfig):
             ("sft_rand_min", 1 <= self.sft_rand_min <= self.sft_rand_max, "need 1 <= --min <= --max"),
             ("cuts_per_doc", self.cuts_per_doc >= 1, "at least one cut per document"),
             ("scoring_batch_tokens", self.scoring_batch_tokens >= 1, "must be positive"),
+            (
+                "estimator_url",
+                not self.estimator_url or self.estimator_url.startswith(("http://", "https://")),
+                "must start with http:// or https://",
+            ),
+            (
+                "estimator_served_model",
+                not self.estimator_served_model or bool(self.estimator_url),
+                "names a model on a server: give estimator_url too",
+            ),
             (
                 "scoring_overlap",
                 1 <= self.scoring_overlap < self.scoring_max_tokens,
@@ -335,7 +355,8 @@ def _score_namespace(config: DataConfig) -> str:
     """What, besides the tokens, determines a document's NLLs (the score cache's key): the estimator's
     weights (by content, so a model retrained at the same path is scored again), dtype and windows."""
     weights = weights_fingerprint(config.estimator, Path(config.scoring_cache) / "weights.json")
-    return f"{weights}|{config.scoring_dtype}|{config.scoring_max_tokens}|{config.scoring_overlap}"
+    where = f"server:{config.estimator_url}" if config.estimator_url else config.scoring_dtype
+    return f"{weights}|{where}|{config.scoring_max_tokens}|{config.scoring_overlap}"
 
 
 def build_data(config: DataConfig, *, model=None, tokenizer=None) -> Path:
@@ -360,10 +381,18 @@ def build_data(config: DataConfig, *, model=None, tokenizer=None) -> Path:
         models.resolve(config.estimator)
     done = _prepare_out(config)
     save_config(config, out / "config.json")
-    if model is None or tokenizer is None:
-        model, tokenizer = models.load_model(
-            config.estimator, device=config.device, dtype=config.scoring_dtype
-        )
+    if config.estimator_url:
+        tokenizer = models.load_tokenizer(config.estimator)
+        key = os.environ.get("EMPOWER_ESTIMATOR_API_KEY")
+        served = served_model(config.estimator_url, config.estimator_served_model, key)
+        estimator = OpenAIEngine(config.estimator_url, served, tokenizer, api_key=key)
+    else:
+        if model is None or tokenizer is None:
+            model, tokenizer = models.load_model(
+                config.estimator, device=config.device, dtype=config.scoring_dtype
+            )
+        # A packed batch (at most scoring_batch_tokens padded tokens) is one forward pass.
+        estimator = LocalEngine(model, tokenizer, batch_size=config.scoring_batch_tokens, prefix_cache=0)
     _write_manifest(out, config, tokenizer, complete=False, fingerprint=None)
 
     def tokenized():
@@ -372,8 +401,6 @@ def build_data(config: DataConfig, *, model=None, tokenizer=None) -> Path:
                 ids = tokenizer(doc.text, add_special_tokens=False).input_ids
                 yield (doc, ids), ids
 
-    # A packed batch (at most scoring_batch_tokens padded tokens) is one forward pass.
-    estimator = LocalEngine(model, tokenizer, batch_size=config.scoring_batch_tokens, prefix_cache=0)
     scored = score_documents(
         estimator,
         tokenized(),

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import httpx
 
-from empower.engines.base import LN2, Finish, GenerateRequest, Generation
+from empower.engines.base import LN2, Finish, GenerateRequest, Generation, ScoreRequest
 from empower.engines.local import finish_row
 from empower.engines.wrappers import Delta, EngineStats
 from empower.rule import empower_length
@@ -142,12 +142,67 @@ class OpenAIEngine:
             return list(await asyncio.gather(*(one(r) for r in requests)))
 
     async def _generate_one(self, client: httpx.AsyncClient, request: GenerateRequest) -> Generation:
+        async def once() -> Generation:
+            final = None
+            async for delta in self._stream([request], False, client):
+                final = delta.generation or final
+            return final
+
+        return await self._retrying(once)
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        """Log-probability of every continuation token given its context, from the server's
+        ``prompt_logprobs`` (vLLM's extension; ``empower serve`` speaks it too), one request per row."""
+        return asyncio.run(self._score_all(list(requests)))
+
+    async def ascore(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        """:meth:`score` from inside a running event loop (the server's proxy)."""
+        return await self._score_all(list(requests))
+
+    async def _score_all(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        gate = asyncio.Semaphore(self.concurrency)
+        async with self._new_client(self.timeout_s) as client:
+
+            async def one(request: ScoreRequest) -> list[float]:
+                async with gate:
+                    return await self._retrying(lambda: self._score_one(client, request))
+
+            return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    async def _score_one(self, client: httpx.AsyncClient, request: ScoreRequest) -> list[float]:
+        if not request.continuation:
+            return []
+        prompt = [*request.context, *request.continuation]
+        body = {"model": self.upstream_model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
+        response = await client.post("/v1/completions", json=body | {"prompt_logprobs": 0})
+        if response.status_code != 200:
+            message = f"upstream server at {self.url} answered {response.status_code}: {response.text[:500]}"
+            raise (
+                _Retry(message)
+                if response.status_code == 429 or response.status_code >= 500
+                else ServerEngineError(message)
+            )
+        entries = response.json()["choices"][0].get("prompt_logprobs")
+        if not isinstance(entries, list) or len(entries) != len(prompt):
+            raise ServerEngineError(
+                f"upstream server at {self.url} sent no prompt_logprobs for the {len(prompt)} prompt tokens; "
+                "scoring through a server needs them (vLLM's extension)"
+            )
+        out = []
+        for position in range(len(request.context), len(prompt)):
+            entry = (entries[position] or {}).get(str(prompt[position]))
+            if entry is None:
+                raise ServerEngineError(
+                    f"upstream server at {self.url} sent no log-probability for prompt token {position} "
+                    f"(id {prompt[position]}); scoring needs every one"
+                )
+            out.append(float(entry["logprob"] if isinstance(entry, dict) else entry))
+        return out
+
+    async def _retrying(self, call):
         for attempt in range(self.retries + 1):
             try:
-                final = None
-                async for delta in self._stream([request], False, client):
-                    final = delta.generation or final
-                return final
+                return await call()
             except (httpx.TransportError, _Retry) as err:
                 if attempt == self.retries:
                     raise ServerEngineError(

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from empower.engines.base import Finish, GenerateRequest, Generation, decode_continuation
+from empower.engines.base import Finish, GenerateRequest, Generation, ScoreRequest, decode_continuation
 from empower.engines.local import LocalEngine
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ class Batcher:
         self.model, self.prefix_cache = engine.model, engine.prefix_cache
         self.max_batch_rows, self.batch_wait_s = max_batch_rows, batch_wait_s
         self.stats = EngineStats()
+        self._model_lock = threading.Lock()  # one model call at a time: generate batches, or a scoring
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._deferred: collections.deque[_Job] = collections.deque()
         self._thread = threading.Thread(target=self._work, name="empower-engine", daemon=True)
@@ -132,6 +133,15 @@ class Batcher:
                 yield item
         finally:
             job.cancelled = True  # no-op when finished; otherwise the worker drops its rows
+
+    async def ascore(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        """The engine's *score* verb off the event loop (between generate batches)."""
+
+        def score() -> list[list[float]]:
+            with self._model_lock:
+                return self.engine.score(requests)
+
+        return await asyncio.to_thread(score)
 
     def close(self) -> None:
         """Stop the worker after the batch it is running (idempotent)."""
@@ -177,7 +187,8 @@ class Batcher:
                 continue
             start = time.perf_counter()
             try:
-                self._generate(jobs)
+                with self._model_lock:
+                    self._generate(jobs)
             except Exception as err:  # a bad batch fails its callers, never the worker
                 log.exception("generation failed")
                 for job in jobs:

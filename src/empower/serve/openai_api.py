@@ -50,6 +50,8 @@ class CompletionRequest(BaseModel):
     # vLLM's extension: each token in ``logprobs`` as "token_id:N", so a client that sent token ids
     # gets exactly the tokens back (empower's server engine asks for it).
     return_tokens_as_token_ids: bool | None = False
+    # vLLM's extension: the log-probability of every prompt token (only the token itself: 0).
+    prompt_logprobs: int | None = Field(None, ge=0, le=0)
 
 
 class ApiError(Exception):

@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from empower.assistant import AssistantConfig, Policy, PolicyAssistant, SuggestionRequest
 from empower.configs import option
+from empower.engines import ScoreRequest
 from empower.engines.local import LocalEngine
 from empower.engines.wrappers import Batcher, Delta
 from empower.serve.body_limit import BodyLimit
@@ -393,6 +394,13 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
         def deltas():
             return suggestion_deltas(policy, engine, states, requests, want_logprobs)
 
+        scored = None
+        if body.prompt_logprobs is not None:
+            if body.stream:
+                raise ApiError(
+                    400, "'prompt_logprobs' is answered without 'stream' only", param="prompt_logprobs"
+                )
+            scored = await prompt_logprobs(prompts)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
@@ -407,7 +415,22 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
                 collected.cancel()
         merged = await collected
         choices = [choice(merged[i], want_logprobs, as_ids=as_ids) for i in sorted(merged)]
+        if scored is not None:
+            for c in choices:
+                c["prompt_logprobs"] = scored[c["index"] // n]
         return chunk(request_id, choices, usage(prompts, n, sum(d.token_count for d in merged.values())))
+
+    async def prompt_logprobs(prompts: list[list[int]]) -> list[list[dict | None]]:
+        """vLLM's ``prompt_logprobs`` of each prompt: None for the first token, then each token's own."""
+        scored = await engine.ascore([ScoreRequest(p[:1], p[1:]) for p in prompts])
+        return [
+            [None]
+            + [
+                {str(t): {"logprob": lp, "decoded_token": tokenizer.decode([t])}}
+                for t, lp in zip(p[1:], logprobs, strict=True)
+            ]
+            for p, logprobs in zip(prompts, scored, strict=True)
+        ]
 
     async def _collect(deltas) -> dict[int, Delta]:
         merged: dict[int, Delta] = {}
