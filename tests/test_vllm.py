@@ -15,6 +15,8 @@ from empower.assistant import AssistantConfig, Policy, PolicyAssistant, Suggesti
 from empower.engines import GenerateRequest, ScoreRequest, encode
 from empower.engines.local import LocalEngine
 from empower.engines.openai import OpenAIEngine, served_model
+from empower.env import EvalConfig, run_eval
+from empower.metrics import read_traces
 from empower.serve.upstream import launch_vllm
 
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
@@ -79,3 +81,60 @@ def test_an_assistant_on_vllm_suggests_what_it_does_in_process(vllm, smol, polic
         (s.text, s.tokens, s.stop_reason) for s in here
     ]
     assert any(s.text for s in here)
+
+
+KEPT = (
+    "task_id",
+    "events",
+    "program",
+    "status",
+    "passed",
+    "suggestions",
+    "accepted",
+    "suggestion_tokens",
+    "turns",
+)
+
+
+def test_a_greedy_evaluation_on_vllm_gives_the_in_process_traces(vllm, tmp_path):
+    def traces(**where):
+        config = EvalConfig(assistant=models.DEFAULT_MODEL, policy=Policy.THRESHOLD, eta=4.0, human="reference",
+                            tasks="humaneval", limit=2, max_new_tokens=16, out=tmp_path / ("url" if where else "local"),
+                            metrics_resamples=100, assistant_device="cpu", **where)  # fmt: skip
+        return [
+            {k: t[k] for k in KEPT} for t in read_traces(run_eval(config, progress=False) / "traces.jsonl")
+        ]
+
+    here = traces()
+    assert sum(t["suggestions"] for t in here) > 0
+    assert traces(assistant_url=vllm, assistant_served_model="smollm2") == here
+
+
+def test_a_lora_adapter_is_served_by_name_and_suggests_what_it_does_in_process(smol, tmp_path):
+    """vLLM serves the base model and the adapter by name (--enable-lora); the adapter's suggestions
+    through it are the in-process adapter's."""
+    from empower.train import TrainConfig, train
+    from test_train import write_data_folder
+
+    write_data_folder(tmp_path / "data", smol[1], n_docs=4, cuts=4)
+    adapter = train(TrainConfig(data=tmp_path / "data", out=tmp_path / "adapter", base=models.DEFAULT_MODEL,
+                                max_steps=3, lr=2e-3, batch_size=4, val_fraction=0, seed=0))  # fmt: skip
+    url, process = launch_vllm(
+        models.resolve(models.DEFAULT_MODEL), "base", str(VLLM_PYTHON), log_path=tmp_path / "vllm.log",
+        adapters={"empower": str(adapter)},
+    )  # fmt: skip
+    try:
+        with pytest.raises(
+            ValueError, match=r"does not serve a model named 'sft'; it serves \['base', 'empower'\]"
+        ):
+            served_model(url, "sft")
+        fields = dict(assistant=str(adapter), policy=Policy.MODEL, max_new_tokens=16, assistant_device="cpu")
+        here = build_assistant(AssistantConfig(**fields)).suggest([SuggestionRequest(s) for s in STATES])
+        remote = build_assistant(
+            AssistantConfig(**fields, assistant_url=url, assistant_served_model="empower")
+        )
+        there = remote.suggest([SuggestionRequest(s) for s in STATES])
+    finally:
+        process.terminate()
+        process.wait()
+    assert [s.text for s in there] == [s.text for s in here] and any(s.text for s in here)

@@ -494,6 +494,7 @@ def build_assistant(
             tokenizer,
             api_key=os.environ.get("EMPOWER_ASSISTANT_API_KEY"),
             concurrency=config.assistant_batch_size,
+            eos_ids=models.eos_ids(config.assistant, tokenizer),
         )
     else:
         if model is None:

@@ -348,3 +348,19 @@ class ModelPool:
         """One name per model: an embedded name and its folder are the same model."""
         text = str(spec)
         return text if text.endswith(".gguf") else str(resolve(text))
+
+
+def eos_ids(spec: str | os.PathLike, tokenizer) -> list[int]:
+    """Every token that ends a reply of the model ``spec`` without loading its weights: the tokenizer's
+    EOS and its generation config's (what the in-process engine stops on)."""
+    from transformers import GenerationConfig
+
+    from empower.engines.base import end_ids
+
+    text = str(spec)
+    folder = adapter_base(text) if not text.endswith(".gguf") and is_adapter(resolve(text)) else text
+    try:
+        configured = GenerationConfig.from_pretrained(resolve(folder)).eos_token_id
+    except OSError:  # no generation config: the tokenizer's EOS alone
+        configured = None
+    return end_ids(tokenizer, configured)

@@ -121,6 +121,13 @@ class Engine(Protocol):
     def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]: ...
 
 
+def end_ids(tokenizer, configured: int | Sequence[int] | None) -> list[int]:
+    """Every token that ends a reply: the tokenizer's EOS and a generation config's ``eos_token_id``."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    ids.update([configured] if isinstance(configured, int) else configured or [])
+    return sorted(ids)
+
+
 def decode_continuation(tokenizer, prompt_ids: Sequence[int], ids: Sequence[int]) -> str:
     """Text of ``ids`` as it continues the prompt (keeps a leading space some tokenizers drop alone)."""
     if not ids:

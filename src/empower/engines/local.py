@@ -30,17 +30,22 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from empower.engines.base import LN2, Finish, GenerateRequest, Generation, ScoreRequest, decode_continuation
+from empower.engines.base import (
+    LN2,
+    Finish,
+    GenerateRequest,
+    Generation,
+    ScoreRequest,
+    decode_continuation,
+    end_ids,
+)
 from empower.prefix_cache import PrefixCache, batch_inputs, prefix_cache_for, store_prompts
 from empower.rule import empower_length
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
     """Every token that ends a reply: the tokenizer's EOS and the model's generation-config EOS ids."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids.update([configured] if isinstance(configured, int) else configured or [])
-    return sorted(ids)
+    return end_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None))
 
 
 class StepLogProbs(LogitsProcessor):

@@ -82,6 +82,7 @@ class _Choice:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     finish: Finish | None = None
     budget_hit: bool = False
+    eos_hit: bool = False
 
 
 class _Retry(Exception):
@@ -111,11 +112,15 @@ class OpenAIEngine:
         concurrency: int = 8,
         timeout_s: float = 120.0,
         retries: int = 3,
+        eos_ids: Sequence[int] = (),
     ):
         self.url, self.upstream_model, self.tokenizer = base_url(url), model, tokenizer
         self.name = f"{self.url}#{model}"
         self.process = process
         self.concurrency, self.timeout_s, self.retries = concurrency, timeout_s, retries
+        # The model's end-of-sequence ids end a generation here even where the server does not stop
+        # on them (vLLM serving a LoRA adapter may not), and are never part of it.
+        self.eos_ids = set(eos_ids)
         self.stats = EngineStats()
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._client = self._new_client(None)
@@ -292,6 +297,11 @@ class OpenAIEngine:
         elif self.tokenizer is not None:
             tokens = [self.tokenizer.decode([i]) for i in ids]
         text, finish = data.get("text", ""), data.get("finish_reason")
+        end = next((i for i, token in enumerate(ids) if token in self.eos_ids), None)
+        if end is not None:
+            text = "".join(tokens[:end]) if self.tokenizer is not None else text
+            tokens, token_logprobs, top, ids = tokens[:end], token_logprobs[:end], top[:end], ids[:end]
+            finish, choice.eos_hit = "stop", True
         if math.isfinite(request.budget_bits) and tokens:
             if None in token_logprobs:
                 i = token_logprobs.index(None)
@@ -311,7 +321,7 @@ class OpenAIEngine:
                     ids[:keep],
                 )
                 finish = "stop"
-                choice.budget_hit = True
+                choice.budget_hit, choice.eos_hit = True, False
             choice.bits = bits[: len(choice.bits) + keep]
         choice.text += text
         choice.ids += ids
@@ -333,6 +343,8 @@ class OpenAIEngine:
         text may end mid-character, and vLLM's ids run through a stop string its text leaves out)."""
         if choice.budget_hit:
             choice.finish = Finish.BUDGET
+        elif choice.eos_hit:
+            choice.finish = Finish.EOS
         elif reason == "length":
             choice.finish = Finish.LENGTH
         else:  # "stop": one of the request's stop strings, or end-of-sequence

