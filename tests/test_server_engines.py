@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
 from empower.assistant import AssistantConfig, Policy, PolicyAssistant, SuggestionRequest, build_assistant
@@ -116,3 +117,31 @@ def test_a_data_build_through_the_estimator_url_gives_the_in_process_pairs(serve
     (here, here_bits), (there, there_bits) = pairs(), pairs(estimator_url=server)
     assert there == here and any(completion for _, _, completion in here)
     assert sorted(there_bits) == pytest.approx(sorted(here_bits), abs=1e-3)
+
+
+def test_empower_serve_in_front_of_any_server_suggests_what_it_does_in_process(
+    server, tiny, tiny_model_path, tmp_path
+):
+    """`empower serve --engine-url` (no --engine vllm) over another server: threshold applied in front."""
+    args = [
+        "--assistant",
+        MODEL,
+        "--engine-url",
+        server,
+        "--policy",
+        "threshold",
+        "--eta",
+        "40",
+        "--model-name",
+        "front",
+    ]
+    fields = dict(assistant=tiny_model_path, policy=Policy.THRESHOLD, eta=40.0, max_new_tokens=12)
+    expected = PolicyAssistant(AssistantConfig(**fields), LocalEngine(*tiny)).suggest(
+        [SuggestionRequest(state) for state in STATES]
+    )
+    with serve_process(args, tmp_path / "front.log") as front:
+        for state, suggestion in zip(STATES, expected, strict=True):
+            body = {"model": "front", "prompt": state, "max_tokens": 12, "temperature": 0}
+            answer = httpx.post(f"{front}/v1/completions", json=body, timeout=60).json()
+            assert answer["choices"][0]["text"] == suggestion.text
+    assert any(s.stop_reason == "threshold" for s in expected)

@@ -85,7 +85,10 @@ class ServeConfig:
         EngineKind.TRANSFORMERS, "transformers (in-process) or vllm", flag="--engine"
     )
     serve_engine_url: str | None = option(
-        None, "use this running vLLM server instead of starting one", flag="--engine-url"
+        None,
+        "a running OpenAI-compatible server (vLLM, llama.cpp, empower serve) as the engine; given, the "
+        "engine is that server whatever --engine says",
+        flag="--engine-url",
     )
     serve_vllm_python: str = option(
         ".venv-vllm/bin/python", "python of the vLLM venv (make install-vllm)", flag="--vllm-python"
@@ -139,8 +142,12 @@ class ServeConfig:
             raise ValueError(f"serve_threads must be >= 0, got {self.serve_threads}")
         if self.serve_batch_wait_ms < 0:
             raise ValueError(f"serve_batch_wait_ms must be >= 0, got {self.serve_batch_wait_ms}")
-        if self.serve_engine_url and self.serve_engine is not EngineKind.VLLM:
-            raise ValueError("serve_engine_url is only used with --engine vllm")
+        if self.serve_engine_url:
+            if not self.serve_engine_url.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"serve_engine_url must start with http:// or https://, got {self.serve_engine_url!r}"
+                )
+            self.serve_engine = EngineKind.VLLM  # the server proxy: any OpenAI-compatible server
 
     @property
     def model_id(self) -> str:
