@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -95,7 +96,6 @@ class RowStops(StoppingCriteria):
         self.logprobs: list[list[float]] = [[] for _ in requests]
         self.top: list[list[dict[int, float]]] = [[] for _ in requests]
         self.finish: list[Finish | None] = [None] * len(requests)
-        self._bits: list[list[float]] = [[] for _ in requests]
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         logp = self.recorder.last.gather(1, input_ids[:, -1:]).squeeze(1).double().cpu().tolist()
@@ -129,10 +129,10 @@ class RowStops(StoppingCriteria):
             return Finish.CANCELLED
         if token in self.eos:
             return Finish.EOS
-        bits = [*self._bits[row], -logprob / LN2]
-        if empower_length(bits, request.budget_bits) < len(bits):
-            return Finish.BUDGET
-        self._bits[row] = bits
+        if math.isfinite(request.budget_bits):  # no rule to apply on the unbudgeted hot path
+            bits = [-lp / LN2 for lp in (*self.logprobs[row], logprob)]
+            if empower_length(bits, request.budget_bits) < len(bits):
+                return Finish.BUDGET
         self.ids[row].append(token)
         self.logprobs[row].append(logprob)
         top = {}
