@@ -41,7 +41,7 @@ from typing import Protocol
 import torch
 
 from empower import models
-from empower.configs import option
+from empower.configs import check_url, option
 from empower.engines.base import (
     LN2,
     Engine,
@@ -152,8 +152,7 @@ class AssistantConfig:
             raise ValueError(f"eta must be > 0 bits, got {self.eta}")
         if self.assistant_temperature < 0:
             raise ValueError(f"assistant_temperature must be >= 0, got {self.assistant_temperature}")
-        if self.assistant_url and not self.assistant_url.startswith(("http://", "https://")):
-            raise ValueError(f"assistant_url must start with http:// or https://, got {self.assistant_url!r}")
+        check_url("assistant_url", self.assistant_url)
         if self.assistant_served_model and not self.assistant_url:
             raise ValueError("assistant_served_model names a model on a server: give assistant_url too")
         if self.estimator and self.policy is not Policy.THRESHOLD:

@@ -66,6 +66,12 @@ def option(
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
+def check_url(name: str, value: str | None) -> None:
+    """A server URL option: empty, or http(s)://... (else a ValueError naming the field)."""
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError(f"{name} must start with http:// or https://, got {value!r}")
+
+
 def resumable_fields(cls) -> frozenset[str]:
     """Names of the fields of config class ``cls`` (bases included) that a resumed run may change.
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from empower import models
-from empower.configs import option, resumable_fields, save_config, to_dict
+from empower.configs import check_url, option, resumable_fields, save_config, to_dict
 from empower.corpus import CorpusConfig, Document, iter_documents, resolve_format
 from empower.engines.local import LocalEngine
 from empower.engines.openai import OpenAIEngine, served_model
@@ -103,11 +103,6 @@ class DataConfig(CorpusConfig):
             ("cuts_per_doc", self.cuts_per_doc >= 1, "at least one cut per document"),
             ("scoring_batch_tokens", self.scoring_batch_tokens >= 1, "must be positive"),
             (
-                "estimator_url",
-                not self.estimator_url or self.estimator_url.startswith(("http://", "https://")),
-                "must start with http:// or https://",
-            ),
-            (
                 "estimator_served_model",
                 not self.estimator_served_model or bool(self.estimator_url),
                 "names a model on a server: give estimator_url too",
@@ -118,6 +113,7 @@ class DataConfig(CorpusConfig):
                 "need 1 <= it < max tokens (a window's first token needs context to be scored)",
             ),
         ]
+        check_url("estimator_url", self.estimator_url)
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {rule}")

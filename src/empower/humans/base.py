@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from empower import models
-from empower.configs import option
+from empower.configs import check_url, option
 
 if TYPE_CHECKING:
     from empower.tasks import Task
@@ -100,5 +100,4 @@ class HumanConfig:
                 f"need human_retries >= 0, human_timeout_s > 0, human_temperature >= 0; got "
                 f"{self.human_retries}, {self.human_timeout_s}, {self.human_temperature}"
             )
-        if self.human_url and not self.human_url.startswith(("http://", "https://")):
-            raise ValueError(f"human_url must start with http:// or https://, got {self.human_url!r}")
+        check_url("human_url", self.human_url)

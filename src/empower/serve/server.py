@@ -38,7 +38,7 @@ from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from empower.assistant import AssistantConfig, Policy, PolicyAssistant, SuggestionRequest
-from empower.configs import option
+from empower.configs import check_url, option
 from empower.engines import ScoreRequest
 from empower.engines.local import LocalEngine
 from empower.engines.wrappers import Batcher, Delta
@@ -142,11 +142,8 @@ class ServeConfig:
             raise ValueError(f"serve_threads must be >= 0, got {self.serve_threads}")
         if self.serve_batch_wait_ms < 0:
             raise ValueError(f"serve_batch_wait_ms must be >= 0, got {self.serve_batch_wait_ms}")
+        check_url("serve_engine_url", self.serve_engine_url)
         if self.serve_engine_url:
-            if not self.serve_engine_url.startswith(("http://", "https://")):
-                raise ValueError(
-                    f"serve_engine_url must start with http:// or https://, got {self.serve_engine_url!r}"
-                )
             self.serve_engine = EngineKind.VLLM  # the server proxy: any OpenAI-compatible server
 
     @property
