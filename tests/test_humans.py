@@ -7,18 +7,23 @@ Run: .venv/bin/pytest tests/test_humans.py  (add -m integration for the server t
 from __future__ import annotations
 
 import json
+import random
 import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from transformers import LogitsProcessor
 
 from empower import models
+from empower.engines import GenerateRequest
+from empower.engines.local import LocalEngine
 from empower.humans import (
     ChatReply,
     ChatRequest,
     Decision,
+    HoldStats,
     HumanConfig,
     HumanServerError,
     HumanView,
@@ -29,6 +34,7 @@ from empower.humans import (
     align,
     build_human,
     edit_distance,
+    generate_held,
     incomplete,
     parse_appended,
     parse_decision,
@@ -336,9 +342,9 @@ def test_local_chat_does_not_end_a_held_reply(tiny, tiny_model_path):
     messages, prefill = [{"role": "user", "content": "Continue the code."}], "```python\n" + PROMPT
     [free] = backend.complete([ChatRequest(messages, 4, prefill)])
     assert free.text[len(prefill) :].strip() == ""
-    backend._ending = [
+    backend.ending = {
         i for t, i in tokenizer.get_vocab().items() if not tokenizer.convert_tokens_to_string([t]).strip()
-    ]
+    }
     seen = []
     held, once, unheld = backend.complete(
         [
@@ -349,8 +355,42 @@ def test_local_chat_does_not_end_a_held_reply(tiny, tiny_model_path):
     )
     assert unheld.text == free.text
     assert held.text[len(prefill) :].strip() and once.text[len(prefill) :].strip()
-    assert seen[0] == "" and seen[1].strip()  # the hold sees the reply so far: a first token not blank
-    assert once.text[len(prefill) :].startswith(seen[1])
+    added = once.text[len(prefill) :]
+    assert seen[0] == "" and all(added.startswith(reply) for reply in seen)  # the reply so far
+    assert backend.hold_stats.held >= 2 and backend.hold_stats.unheld == 0
+
+
+class BanWhileHeld(LogitsProcessor):
+    """The rule as a logits processor: ending tokens banned at every step where the hold is true."""
+
+    def __init__(self, tokenizer, hold, ending):
+        self.tokenizer, self.hold, self.ending, self.start = tokenizer, hold, sorted(ending), None
+
+    def __call__(self, input_ids, scores):
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        if self.hold(self.tokenizer.decode(input_ids[0, self.start :])):
+            scores[0, self.ending] = float("-inf")
+        return scores
+
+
+def test_held_generation_is_greedy_generation_with_ending_tokens_banned_while_held(tiny):
+    """Free generation with a step retaken where a held row ends is exact, not an approximation."""
+    model, tokenizer = tiny
+    engine = LocalEngine(model, tokenizer, prefix_cache=0)
+    ending = {
+        i for t, i in tokenizer.get_vocab().items() if not tokenizer.convert_tokens_to_string([t]).strip()
+    }
+    prompts = [tokenizer(text).input_ids for text in (PROMPT, "x = [", "import os\n", "def f():\n")]
+    holds = [lambda added: True, lambda added: len(added) < 6, lambda added: not added.strip(), None]
+    requests = [GenerateRequest(p, 8, ("```",)) for p in prompts]
+    stats = HoldStats()
+    held = generate_held(engine, requests, holds, ending, stats, random.Random(0))
+    for request, hold, got in zip(requests, holds, held, strict=True):
+        processors = [BanWhileHeld(tokenizer, hold, ending)] if hold else []
+        [banned] = engine.generate([request], logits_processors=processors)
+        assert (got.ids, got.text, got.finish) == (banned.ids, banned.text, banned.finish)
+        assert got.logprobs == pytest.approx(banned.logprobs, abs=1e-5)
+    assert stats.held > 0
 
 
 def _free_port() -> int:
@@ -399,7 +439,13 @@ def llama_server(tmp_path_factory):
 @pytest.mark.integration
 def test_llm_human_plays_turns_against_a_real_llama_cpp_server(llama_server, counter):
     human = build_human(
-        HumanConfig(human="llm", human_url=llama_server, human_model="smollm2", human_max_tokens=10)
+        HumanConfig(
+            human="llm",
+            human_url=llama_server,
+            human_server_api="chat",
+            human_model="smollm2",
+            human_max_tokens=10,
+        )
     )
     assert human.name.endswith("#smollm2")
     views = [HumanView(make_task(), PROMPT, "    total = a + b\n"), HumanView(make_task(), PROMPT, "")]
@@ -440,6 +486,7 @@ def test_evaluation_runs_whole_episodes_with_the_llm_human_behind_a_real_server(
         tasks_path=str(tasks),
         human="llm",
         human_url=llama_server,
+        human_server_api="chat",
         human_model="smollm2",
         human_max_tokens=10,
         sim_max_rounds=4,

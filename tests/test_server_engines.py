@@ -16,6 +16,7 @@ from empower.engines import GenerateRequest, ScoreRequest, encode
 from empower.engines.local import LocalEngine
 from empower.engines.openai import OpenAIEngine, ServerEngineError, served_model
 from empower.env import EvalConfig, run_eval
+from empower.humans import ChatRequest, HumanConfig, LocalChat, ServerChat
 from empower.labeling import DataConfig, build_data
 from empower.metrics import read_traces
 from serve_process import free_port, serve_process
@@ -78,6 +79,43 @@ def test_an_evaluation_through_the_url_gives_the_in_process_traces(server, tiny_
     here = traces()
     assert any(e["kind"] == "suggested" and e["text"] for t in here for e in t["events"])  # informative
     assert traces(assistant_url=server) == here
+
+
+def test_the_llm_human_on_a_server_replies_what_it_does_in_process(server, tiny, tiny_model_path):
+    """Same prompt tokens, prefill and hold: held replies (blank tokens made ending) included."""
+    config = HumanConfig(human="llm", human_model=tiny_model_path, human_url=f"{server}/v1")
+    local, remote = LocalChat(tiny_model_path, config, *tiny), ServerChat(config.human_url, config)
+    blank = {i for t, i in tiny[1].get_vocab().items() if not tiny[1].convert_tokens_to_string([t]).strip()}
+    local.ending = remote.ending = blank
+    messages, prefill = [{"role": "user", "content": "Continue the code."}], "```python\n" + STATES[0]
+    requests = [
+        ChatRequest(messages, 6, prefill, lambda added: True),
+        ChatRequest(messages, 6, prefill, lambda added: len(added) < 4),
+        ChatRequest(messages, 6, prefill),
+        ChatRequest([{"role": "user", "content": "Reply ACCEPT or REJECT."}], 4),
+    ]
+    here, there = local.complete(requests), remote.complete(requests)
+    assert [(r.text, r.closed) for r in there] == [(r.text, r.closed) for r in here]
+    assert remote.hold_stats == local.hold_stats and local.hold_stats.held > 0
+
+
+def test_an_evaluation_with_the_llm_human_on_a_server_gives_the_in_process_traces(
+    server, tiny_model_path, tmp_path
+):
+    def traces(**where):
+        config = EvalConfig(assistant=tiny_model_path, policy="base-n", n=3, human="llm", human_model=tiny_model_path,
+                            human_max_tokens=4, human_max_new_tokens=8, sim_max_rounds=3, tasks="humaneval", limit=2,
+                            max_new_tokens=8, out=tmp_path / ("url" if where else "local"), metrics_resamples=100,
+                            **where)  # fmt: skip
+        return [
+            {k: t[k] for k in (*KEPT, "human", "human_answers")}
+            for t in read_traces(run_eval(config, progress=False) / "traces.jsonl")
+        ]
+
+    here, there = traces(), traces(human_url=f"{server}/v1")
+    assert all(a["acceptor"] and a["appender"] for t in here for a in t["human_answers"][1:])  # both asked
+    assert [{**t, "human": None} for t in there] == [{**t, "human": None} for t in here]
+    assert there[0]["human"] == f"llm:{server}#{MODEL}"
 
 
 def test_a_name_the_server_does_not_serve_is_refused_with_the_names_it_does(server):

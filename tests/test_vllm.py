@@ -16,8 +16,10 @@ from empower.engines import GenerateRequest, ScoreRequest, encode
 from empower.engines.local import LocalEngine
 from empower.engines.openai import OpenAIEngine, served_model
 from empower.env import EvalConfig, run_eval
+from empower.humans import ChatRequest, HumanConfig, HumanView, LLMHuman, LocalChat, ServerChat
 from empower.metrics import read_traces
 from empower.serve.upstream import launch_vllm
+from empower.tasks import Task, TestType
 
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 STATES = [
@@ -108,6 +110,41 @@ def test_a_greedy_evaluation_on_vllm_gives_the_in_process_traces(vllm, tmp_path)
     here = traces()
     assert sum(t["suggestions"] for t in here) > 0
     assert traces(assistant_url=vllm, assistant_served_model="smollm2") == here
+
+
+def test_the_llm_human_on_vllm_replies_what_it_does_in_process(vllm, smol):
+    """The appender's and acceptor's prompts as token ids, prefilled and held: the same replies."""
+    config = HumanConfig(human="llm", human_model=models.DEFAULT_MODEL, human_url=f"{vllm}/v1",
+                         human_served_model="smollm2")  # fmt: skip
+    local, remote = LocalChat(models.DEFAULT_MODEL, config, *smol), ServerChat(config.human_url, config)
+    human = LLMHuman(config, local)
+    task = Task("t/0", "Write total(xs), the sum of xs.", 'def total(xs):\n    """Sum of xs."""\n',
+                TestType.HUMANEVAL, "def check(f):\n    assert f([1, 2]) == 3\n", "total")  # fmt: skip
+    states = [task.prompt, task.prompt + "    return sum(", task.prompt + "    s = 0\n    for x in xs:\n"]
+    requests = [human._appender(HumanView(task, state, ""), state) for state in states]
+    requests += [human._acceptor(HumanView(task, state, "x")) for state in states]
+    request = requests[-1]  # and a one-word answer held open, so that ends are surely refused
+    requests.append(ChatRequest(request.messages, 8, request.prefill, lambda added: True))
+    here, there = local.complete(requests), remote.complete(requests)
+    assert [(r.text, r.closed) for r in there] == [(r.text, r.closed) for r in here]
+    assert remote.hold_stats == local.hold_stats and local.hold_stats.held > 0
+
+
+def test_a_greedy_evaluation_with_the_llm_human_on_vllm_gives_the_in_process_traces(vllm, tmp_path):
+    def traces(**where):
+        config = EvalConfig(assistant=models.DEFAULT_MODEL, policy=Policy.BASE_N, n=10, human="llm",
+                            human_model=models.DEFAULT_MODEL, tasks="humaneval", limit=2, max_new_tokens=16,
+                            sim_max_rounds=4, out=tmp_path / ("url" if where else "local"), metrics_resamples=100,
+                            assistant_device="cpu", human_device="cpu", **where)  # fmt: skip
+        return [
+            {k: t[k] for k in (*KEPT, "human_answers")}
+            for t in read_traces(run_eval(config, progress=False) / "traces.jsonl")
+        ]
+
+    here = traces()
+    answers = [a for t in here for a in t["human_answers"]]
+    assert any(a["acceptor"] for a in answers) and any(a["appender"] for a in answers)  # both were asked
+    assert traces(human_url=f"{vllm}/v1", human_served_model="smollm2") == here
 
 
 def test_a_lora_adapter_is_served_by_name_and_suggests_what_it_does_in_process(smol, tmp_path):

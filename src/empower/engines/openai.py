@@ -80,6 +80,7 @@ class _Choice:
     ids: list[int] = dataclasses.field(default_factory=list)
     bits: list[float] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    top: list[dict[int | str, float]] = dataclasses.field(default_factory=list)
     finish: Finish | None = None
     budget_hit: bool = False
     eos_hit: bool = False
@@ -290,7 +291,13 @@ class OpenAIEngine:
         # A missing log-probability stays None (JSON null for our client): never 0 bits, which would
         # stretch a budgeted suggestion past eta.
         token_logprobs = (list(logprobs.get("token_logprobs") or []) + [None] * len(tokens))[: len(tokens)]
-        top = list(logprobs.get("top_logprobs") or [])[: len(tokens)]
+        top = [
+            {
+                int(k[len(TOKEN_ID) :]) if k.startswith(TOKEN_ID) else k: v
+                for k, v in (alternatives or {}).items()
+            }
+            for alternatives in list(logprobs.get("top_logprobs") or [])[: len(tokens)]
+        ]
         ids = [int(t[len(TOKEN_ID) :]) for t in tokens if t.startswith(TOKEN_ID)]
         if len(ids) != len(tokens):
             ids = []  # a server without token ids: the text is the server's own
@@ -326,6 +333,7 @@ class OpenAIEngine:
         choice.text += text
         choice.ids += ids
         choice.logprobs += [lp for lp in token_logprobs if lp is not None]
+        choice.top += top
         delta = Delta(index, text, token_count=len(tokens), finish_reason=finish)
         if want_logprobs:
             delta.tokens, delta.token_ids, delta.token_logprobs, delta.top_logprobs = (
@@ -350,7 +358,8 @@ class OpenAIEngine:
         else:  # "stop": one of the request's stop strings, or end-of-sequence
             choice.finish = Finish.STOP
         if self.tokenizer is not None and len(choice.ids) == len(choice.logprobs) and choice.ids:
-            generation = finish_row(self.tokenizer, request, choice.ids, choice.logprobs, choice.finish)
+            top = choice.top if len(choice.top) == len(choice.ids) else None
+            generation = finish_row(self.tokenizer, request, choice.ids, choice.logprobs, choice.finish, top)
             if generation.finish is Finish.STOP and not generation.stop:
                 generation.finish = Finish.EOS
             return generation

@@ -49,7 +49,9 @@ class Delta:
     tokens: list[str] = dataclasses.field(default_factory=list)
     token_ids: list[int] = dataclasses.field(default_factory=list)
     token_logprobs: list[float] = dataclasses.field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    # per token: the most likely alternatives, token id -> log-probability (a server that sends no
+    # token ids gives them by text)
+    top_logprobs: list[dict[int | str, float]] = dataclasses.field(default_factory=list)
     token_count: int = 0  # tokens generated for this delta (usage), logprobs asked or not
     finish_reason: str | None = None
     stopping_word: str = ""  # the request's stop string that ended it, if one did
@@ -211,7 +213,7 @@ class Batcher:
                 row.pending.token_ids.append(token)
                 row.pending.token_logprobs.append(logprob)
                 if top:
-                    row.pending.top_logprobs.append({self.tokenizer.decode([t]): v for t, v in top.items()})
+                    row.pending.top_logprobs.append(dict(top))
             text = decode_continuation(self.tokenizer, row.request.prompt[-4:], row.tokens)
             # Hold back what could be the start of a stop string, and half a multi-byte character.
             end = len(text) - _stop_prefix(text, row.sent_chars, row.request.stop)

@@ -12,12 +12,23 @@ Example::
 
 from __future__ import annotations
 
-from empower.humans.backends import ChatReply, ChatRequest, HoldEnd, LocalChat, ServerChat, ending_tokens
+from empower.humans.backends import (
+    ChatAPI,
+    ChatReply,
+    ChatRequest,
+    EngineChat,
+    HoldStats,
+    LocalChat,
+    ServerChat,
+    ending_tokens,
+    generate_held,
+)
 from empower.humans.base import (
     Decision,
     Human,
     HumanConfig,
     HumanKind,
+    HumanServerApi,
     HumanServerError,
     HumanTurn,
     HumanView,
@@ -35,18 +46,18 @@ def build_human(config: HumanConfig, *, model=None, tokenizer=None, pool: ModelP
     """
     if config.human is HumanKind.REFERENCE:
         return ReferenceHuman(config)
-    url = config.human_url or (
-        config.human_model if config.human_model.startswith(("http://", "https://")) else ""
-    )
-    if url:
-        backend = ServerChat(url, "" if url == config.human_model else config.human_model, config)
+    if config.human_url and config.human_server_api is HumanServerApi.CHAT:
+        backend = ChatAPI(config.human_url, config)
+    elif config.human_url:
+        backend = ServerChat(config.human_url, config, tokenizer)
     else:
         backend = LocalChat(config.human_model, config, model, tokenizer, pool)
     return LLMHuman(config, backend)
 
 
 __all__ = [
-    "ChatReply", "ChatRequest", "Decision", "HoldEnd", "Human", "HumanConfig", "HumanKind", "HumanServerError",
-    "HumanTurn", "HumanView", "LLMHuman", "LocalChat", "ReferenceHuman", "ServerChat", "agrees", "align",
-    "build_human", "edit_distance", "ending_tokens", "incomplete", "parse_appended", "parse_decision",
+    "ChatAPI", "ChatReply", "ChatRequest", "Decision", "EngineChat", "HoldStats", "Human", "HumanConfig",
+    "HumanKind", "HumanServerApi", "HumanServerError", "HumanTurn", "HumanView", "LLMHuman", "LocalChat", "ReferenceHuman",
+    "ServerChat", "agrees", "align", "build_human", "edit_distance", "ending_tokens", "generate_held",
+    "incomplete", "parse_appended", "parse_decision",
 ]  # fmt: skip

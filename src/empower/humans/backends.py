@@ -1,56 +1,43 @@
-"""Where the LLM human's chat completions come from: a local model through the in-process engine,
-or any OpenAI-compatible server (vLLM, llama.cpp, ``empower serve``)."""
+"""Where the LLM human's replies come from: an engine (the in-process one, or any OpenAI-compatible
+completions server that takes token ids: vLLM, ``empower serve``), or a server's chat completions.
+
+Both engine backends build the chat prompt here, with the human model's own chat template, start the
+reply with the prefill, and hold a reply open while its code stops mid-construct. So a human behind
+vLLM is the human in-process: same prompt tokens, same budget, same rule (:func:`generate_held`).
+The chat-completions backend is for servers that take no token ids (llama.cpp's): the server applies
+its template, nothing is prefilled and nothing is held (docs/assistants-and-humans.md says what that
+changes).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from transformers import LogitsProcessor
-
 from empower import models
-from empower.engines import Finish, GenerateRequest, encode
-from empower.engines.local import LocalEngine, eos_token_ids
+from empower.engines import Finish, GenerateRequest, Generation, encode
+from empower.engines.local import LocalEngine
+from empower.engines.openai import OpenAIEngine, ServerEngineError, served_model
 from empower.humans.base import HumanConfig, HumanServerError
 
 log = logging.getLogger(__name__)
+
+FENCE = "```"
+ALTERNATIVES = 20  # most likely tokens asked for where a held reply tried to end (vLLM's default cap)
 
 
 @dataclass
 class ChatRequest:
     messages: list[dict]
     max_tokens: int
-    prefill: str = ""  # the start of the reply, where the backend supports it (local)
-    # local: while this holds for the text added after the prefill, the reply may not end
+    prefill: str = ""  # the start of the reply, where the backend supports it
+    # while this holds for the text added after the prefill, the reply may not end
     hold_end: Callable[[str], bool] | None = None
-
-
-def ending_tokens(model, tokenizer) -> list[int]:
-    """Tokens that end an appender's reply: end-of-sequence, and any token with a backtick (the
-    closing fence starts with one)."""
-    return eos_token_ids(model, tokenizer) + [i for token, i in tokenizer.get_vocab().items() if "`" in token]
-
-
-class HoldEnd(LogitsProcessor):
-    """Logits processor: a row whose ``hold`` is true of its reply so far cannot end it yet."""
-
-    def __init__(self, tokenizer, holds: list[Callable[[str], bool] | None], ending: list[int]):
-        self.tokenizer, self.holds, self.ending, self.step = tokenizer, holds, ending, 0
-
-    def __call__(self, input_ids, scores):
-        for row, hold in enumerate(self.holds):
-            if hold is None:
-                continue
-            reply = (
-                self.tokenizer.decode(input_ids[row, input_ids.shape[1] - self.step :]) if self.step else ""
-            )
-            if hold(reply):
-                scores[row, self.ending] = float("-inf")
-        self.step += 1
-        return scores
 
 
 @dataclass
@@ -59,10 +46,163 @@ class ChatReply:
     closed: bool  # ended on its own (end-of-sequence or closing fence), not cut by max_tokens
 
 
-class LocalChat:
-    """Chat completions from a local model, through the in-process engine (batched)."""
+def ending_tokens(tokenizer, eos_ids: Sequence[int]) -> set[int]:
+    """Tokens that end an appender's reply: end-of-sequence, and any token with a backtick (the
+    closing fence starts with one)."""
+    return set(eos_ids) | {i for token, i in tokenizer.get_vocab().items() if "`" in token}
+
+
+@dataclass
+class HoldStats:
+    """How often held replies tried to end, and how often no other likely token was there."""
+
+    held: int = 0  # ends refused (a token chosen among the alternatives instead)
+    unheld: int = 0  # ends let through: every one of the ALTERNATIVES most likely tokens ends
+
+
+def generate_held(
+    engine,
+    requests: list[GenerateRequest],
+    holds: list[Callable[[str], bool] | None],
+    ending: set[int],
+    stats: HoldStats,
+    rng: random.Random,
+) -> list[Generation]:
+    """Generate, but never end a row with an ending token while its hold is true of its reply so far.
+
+    Generation runs free; where a held row ended (or wrote an ending token), its tokens before that
+    step are kept and the step is taken again from the most likely tokens that do not end: the best
+    one when greedy, else one sampled from them at the request's temperature. Then it goes on. Under
+    greedy decoding this is exactly generation with those tokens banned while the hold is true (the
+    banned tokens change no other choice), on any engine that reports top log-probabilities; when
+    sampling, the step is drawn from the top ``ALTERNATIVES`` only.
+    """
+    holds = list(holds)
+    kept: list[list[int]] = [[] for _ in requests]
+    lps: list[list[float]] = [[] for _ in requests]
+    results: list[Generation | None] = [None] * len(requests)
+    live = list(range(len(requests)))
+    while live:
+        asked = [_after(requests[i], kept[i]) for i in live]
+        gens = engine.generate(asked)
+        retake = []
+        for i, g in zip(live, gens, strict=True):
+            at = _first_held_end(engine.tokenizer, g, kept[i], holds[i], ending)
+            if at is None:
+                results[i] = _joined(requests[i], kept[i], lps[i], g, engine.tokenizer)
+                continue
+            kept[i] += g.ids[:at]
+            lps[i] += g.logprobs[:at]
+            retake.append(i)
+        steps = engine.generate(
+            [
+                GenerateRequest(_after(requests[i], kept[i]).prompt, 1, top_logprobs=ALTERNATIVES)
+                for i in retake
+            ]
+        )
+        live = []
+        for i, step in zip(retake, steps, strict=True):
+            choices = {t: lp for t, lp in (step.top_logprobs[0] if step.top_logprobs else {}).items()}
+            allowed = {t: lp for t, lp in choices.items() if isinstance(t, int) and t not in ending}
+            if not allowed:  # nothing likely but ending: from here the row goes on unconstrained
+                stats.unheld += 1
+                holds[i] = None
+                live.append(i)
+                continue
+            stats.held += 1
+            token = _pick(allowed, requests[i].temperature, rng)
+            kept[i].append(token)
+            lps[i].append(allowed[token])
+            if len(kept[i]) >= requests[i].max_tokens:
+                results[i] = _generation(requests[i], kept[i], lps[i], Finish.LENGTH, engine.tokenizer)
+            else:
+                live.append(i)
+    return results
+
+
+def _after(request: GenerateRequest, kept: list[int]) -> GenerateRequest:
+    """``request`` continued after the tokens already kept."""
+    return GenerateRequest(
+        request.prompt + tuple(kept),
+        request.max_tokens - len(kept),
+        request.stop,
+        temperature=request.temperature,
+        top_p=request.top_p,
+    )
+
+
+def _first_held_end(tokenizer, g: Generation, kept: list[int], hold, ending: set[int]) -> int | None:
+    """Index in ``g.ids`` of the first ending step taken while ``hold`` was true; None if there is none.
+    An end-of-sequence is not among the ids: it is the step after the last one."""
+    if hold is None:
+        return None
+    steps = [j for j, token in enumerate(g.ids) if token in ending]
+    if g.finish is Finish.EOS:
+        steps.append(len(g.ids))
+    for j in steps:
+        if hold(tokenizer.decode(kept + g.ids[:j])):
+            return j
+    return None
+
+
+def _pick(allowed: dict[int, float], temperature: float, rng: random.Random) -> int:
+    if temperature == 0:
+        return max(allowed, key=allowed.get)
+    top = max(allowed.values())
+    tokens = list(allowed)
+    return rng.choices(tokens, [math.exp((allowed[t] - top) / temperature) for t in tokens])[0]
+
+
+def _joined(request, kept: list[int], lps: list[float], g: Generation, tokenizer) -> Generation:
+    if not kept:
+        return g
+    return _generation(request, kept + g.ids, lps + g.logprobs, g.finish, tokenizer)
+
+
+def _generation(request, ids: list[int], lps: list[float], finish: Finish, tokenizer) -> Generation:
+    from empower.engines.local import finish_row
+
+    return finish_row(tokenizer, request, ids, lps, finish)
+
+
+class EngineChat:
+    """Chat replies from an engine: the chat template applied here, the prefill as prompt tokens, the
+    reply held open by :func:`generate_held`."""
 
     supports_prefill = True
+
+    def __init__(self, engine, eos_ids: Sequence[int], temperature: float, label: str):
+        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.temperature, self.label = temperature, label
+        self.ending = ending_tokens(self.tokenizer, eos_ids)  # once: it walks the whole vocabulary
+        self.hold_stats = HoldStats()
+        self._rng = random.Random(0)
+
+    def complete(self, requests: list[ChatRequest]) -> list[ChatReply]:
+        if not requests:
+            return []
+        texts = [
+            self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
+            + r.prefill
+            for r in requests
+        ]
+        # The chat template already holds the special tokens.
+        prompts = encode(self.tokenizer, texts, add_special_tokens=False)
+        asked = [
+            GenerateRequest(p, r.max_tokens, (FENCE,), temperature=self.temperature)
+            for p, r in zip(prompts, requests, strict=True)
+        ]
+        gens = generate_held(
+            self.engine, asked, [r.hold_end for r in requests], self.ending, self.hold_stats, self._rng
+        )
+        return [
+            ChatReply(r.prefill + g.text, g.finish in (Finish.EOS, Finish.STOP))
+            for r, g in zip(requests, gens, strict=True)
+        ]
+
+
+class LocalChat(EngineChat):
+    """The human's model in-process (batched, prompt prefixes cached turn to turn)."""
 
     def __init__(
         self, spec: str, config: HumanConfig, model=None, tokenizer=None, pool: models.ModelPool | None = None
@@ -71,63 +211,73 @@ class LocalChat:
             model, tokenizer = (pool if pool is not None else models.ModelPool()).load(
                 spec, device=config.human_device or None
             )
-        self.config = config
-        self.engine = LocalEngine(
+        engine = LocalEngine(
             model,
             tokenizer,
             batch_size=config.human_batch_size,
             prefix_cache=config.human_prefix_cache,
             name=spec,
         )
-        self.tokenizer = tokenizer
-        self.label = spec
-        self._ending = ending_tokens(model, tokenizer)  # once: it walks the whole vocabulary
+        super().__init__(engine, engine.eos_ids, config.human_temperature, spec)
+
+
+def server_engine(url: str, config: HumanConfig, tokenizer=None) -> OpenAIEngine:
+    """The human's completions server as an engine (``human_model`` names the local tokenizer)."""
+    key = os.environ.get("EMPOWER_HUMAN_API_KEY")
+    try:
+        served = served_model(url, config.human_served_model, key, timeout_s=config.human_timeout_s)
+    except ServerEngineError as err:
+        raise HumanServerError(f"simulated human server {url} unreachable: {err}") from err
+    tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(config.human_model)
+    return OpenAIEngine(
+        url,
+        served,
+        tokenizer,
+        api_key=key,
+        concurrency=config.human_concurrency,
+        timeout_s=config.human_timeout_s,
+        retries=config.human_retries,
+        eos_ids=models.eos_ids(config.human_model, tokenizer),
+    )
+
+
+class ServerChat(EngineChat):
+    """The human's model behind a completions server that takes token ids (vLLM, ``empower serve``):
+    the same prompt tokens, prefill and hold as in-process."""
+
+    def __init__(self, url: str, config: HumanConfig, tokenizer=None):
+        engine = server_engine(url, config, tokenizer)
+        super().__init__(engine, sorted(engine.eos_ids), config.human_temperature, engine.name)
 
     def complete(self, requests: list[ChatRequest]) -> list[ChatReply]:
-        replies = []
-        for begin in range(0, len(requests), self.config.human_batch_size):
-            batch = requests[begin : begin + self.config.human_batch_size]
-            texts = [
-                self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
-                + r.prefill
-                for r in batch
-            ]
-            # The chat template already holds the special tokens.
-            prompts = encode(self.tokenizer, texts, add_special_tokens=False)
-            holds = [r.hold_end for r in batch]
-            gens = self.engine.generate(
-                [
-                    GenerateRequest(p, r.max_tokens, ("```",), temperature=self.config.human_temperature)
-                    for p, r in zip(prompts, batch, strict=True)
-                ],
-                logits_processors=[HoldEnd(self.tokenizer, holds, self._ending)] if any(holds) else [],
-            )
-            for r, g in zip(batch, gens, strict=True):
-                replies.append(ChatReply(r.prefill + g.text, g.finish in (Finish.EOS, Finish.STOP)))
-        return replies
+        try:
+            return super().complete(requests)
+        except ServerEngineError as err:
+            raise HumanServerError(f"simulated human: {err}") from err
 
 
-class ServerChat:
-    """Chat completions from an OpenAI-compatible server (vLLM, llama.cpp, ...), requests in parallel.
+class ChatAPI:
+    """Chat completions from a server that takes no token ids (llama.cpp's), requests in parallel.
 
-    The ``openai`` client retries connection errors, timeouts, 429 and 5xx with exponential backoff
+    The server applies its own chat template; the reply is not prefilled and not held open. The
+    ``openai`` client retries connection errors, timeouts, 429 and 5xx with exponential backoff
     (``human_retries`` times); after that a :class:`HumanServerError` names the URL.
     """
 
     supports_prefill = False
 
-    def __init__(self, url: str, model: str, config: HumanConfig):
+    def __init__(self, url: str, config: HumanConfig):
         import openai
 
         self.url, self.config = url, config
-        key = os.environ.get("EMPOWER_HUMAN_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        key = os.environ.get("EMPOWER_HUMAN_API_KEY") or "EMPTY"
+        try:
+            self.model = served_model(url, config.human_served_model, key, timeout_s=config.human_timeout_s)
+        except ServerEngineError as err:
+            raise HumanServerError(f"simulated human server {url} unreachable: {err}") from err
         self.client = openai.OpenAI(
             base_url=url, api_key=key, timeout=config.human_timeout_s, max_retries=config.human_retries
         )
-        served = [m.id for m in self._call(self.client.models.list).data]
-        if not served:
-            raise HumanServerError(f"simulated human server {url} serves no model")
-        self.model = model if model in served else served[0]
         self.label = f"{url}#{self.model}"
 
     def _call(self, fn, *args, **kwargs):

@@ -28,6 +28,13 @@ class HumanKind(str, enum.Enum):
     LLM = "llm"
 
 
+class HumanServerApi(str, enum.Enum):
+    """How a human's server is asked: completions of token-id prompts built here, or chat."""
+
+    COMPLETIONS = "completions"
+    CHAT = "chat"
+
+
 @dataclass
 class HumanView:
     task: Task
@@ -57,12 +64,22 @@ class HumanServerError(ConnectionError):
 class HumanConfig:
     human: HumanKind = option(HumanKind.REFERENCE, "simulated human: reference | llm")
     human_model: str = option(
-        models.HUMAN_MODEL, "llm: local model spec, or the URL of an OpenAI-compatible server (http...)"
+        models.HUMAN_MODEL,
+        "llm: the human's model (local path, embedded name or hub id); with human_url, where its "
+        "tokenizer and chat template come from",
     )
     human_url: str = option(
         "",
-        "llm: base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1 (then human_model "
-        "names the served model; the server's first model when it serves no such name)",
+        "llm: base URL of an OpenAI-compatible server running the human's model, e.g. http://127.0.0.1:8001/v1",
+    )
+    human_served_model: str = option(
+        "", "llm (server): the model name the server serves it under (empty: the one model it lists)"
+    )
+    human_server_api: HumanServerApi = option(
+        HumanServerApi.COMPLETIONS,
+        "llm (server): completions (token-id prompts built here, the reply prefilled and held open as "
+        "in-process; vLLM, empower serve) | chat (the server's chat completions; for servers that take "
+        "no token ids, e.g. llama.cpp's)",
     )
     human_tolerance: float = option(
         0.0, "reference: largest normalized edit distance of an accepted suggestion (0 = exact agreement)"
@@ -101,3 +118,9 @@ class HumanConfig:
                 f"{self.human_retries}, {self.human_timeout_s}, {self.human_temperature}"
             )
         check_url("human_url", self.human_url)
+        if self.human_model.startswith(("http://", "https://")):
+            raise ValueError(
+                f"human_model is a URL ({self.human_model}): put the server's URL in human_url and the "
+                "model (where its tokenizer comes from) in human_model"
+            )
+        self.human_server_api = HumanServerApi(self.human_server_api)

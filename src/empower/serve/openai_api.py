@@ -38,7 +38,7 @@ class CompletionRequest(BaseModel):
     n: int | None = Field(1, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=20)  # as vLLM (max_logprobs 20); OpenAI allows 5
     stop: str | list[str] | None = None
     echo: bool | None = False
     best_of: int | None = None

@@ -367,7 +367,14 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
             logprobs = {
                 "tokens": tokens,
                 "token_logprobs": delta.token_logprobs,
-                "top_logprobs": delta.top_logprobs or None,
+                "top_logprobs": [
+                    {
+                        (f"token_id:{t}" if as_ids else tokenizer.decode([t])) if isinstance(t, int) else t: v
+                        for t, v in top.items()
+                    }
+                    for top in delta.top_logprobs
+                ]
+                or None,
                 "text_offset": offsets,
             }
         return {
