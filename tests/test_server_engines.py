@@ -11,14 +11,17 @@ import json
 import httpx
 import pytest
 
+from empower import models
 from empower.assistant import AssistantConfig, Policy, PolicyAssistant, SuggestionRequest, build_assistant
+from empower.cli import main
 from empower.engines import GenerateRequest, ScoreRequest, encode
 from empower.engines.local import LocalEngine
-from empower.engines.openai import OpenAIEngine, ServerEngineError, served_model
+from empower.engines.openai import OpenAIEngine, ServerEngineError, served_model, server_engine
 from empower.env import EvalConfig, run_eval
 from empower.humans import ChatRequest, HumanConfig, LocalChat, ServerChat
 from empower.labeling import DataConfig, build_data
 from empower.metrics import read_traces
+from flaky_proxy import Faults, flaky_proxy
 from serve_process import free_port, serve_process
 
 MODEL = "tiny-random"
@@ -39,7 +42,7 @@ def test_every_policy_over_a_url_suggests_what_it_does_in_process(server, tiny, 
     fields = dict(assistant=tiny_model_path, policy=policy, n=3, eta=40.0, max_new_tokens=12)
     local = PolicyAssistant(AssistantConfig(**fields), LocalEngine(*tiny))
     remote = build_assistant(AssistantConfig(**fields, assistant_url=f"{server}/v1"))
-    assert isinstance(remote.engine, OpenAIEngine)
+    assert isinstance(remote.engine.engine, OpenAIEngine)
     requests = [SuggestionRequest(state) for state in STATES]
     here, there = local.suggest(requests), remote.suggest(requests)
     assert [(s.text, s.tokens, s.stop_reason) for s in there] == [
@@ -56,7 +59,7 @@ def test_every_policy_over_a_url_suggests_what_it_does_in_process(server, tiny, 
 def test_the_budget_closes_the_stream_at_the_cut_with_the_ids_in_process_gives(server, tiny):
     tokenizer = tiny[1]
     requests = [GenerateRequest(p, 12, budget_bits=40.0) for p in encode(tokenizer, STATES)]
-    remote = OpenAIEngine(server, served_model(server), tokenizer).generate(requests)
+    remote = server_engine(server, served_model(server), tokenizer).generate(requests)
     for here, there in zip(LocalEngine(*tiny).generate(requests), remote, strict=True):
         assert (there.ids, there.text, there.finish) == (here.ids, here.text, here.finish)
         assert there.logprobs == pytest.approx(here.logprobs, abs=1e-4)
@@ -66,19 +69,54 @@ KEPT = ("task_id", "events", "program", "status", "passed", "tokens_read", "toke
         "accepted", "suggestion_tokens", "turns", "end_reason")  # fmt: skip
 
 
-@pytest.mark.parametrize("policy", [Policy.BASE_N, Policy.THRESHOLD])
-def test_an_evaluation_through_the_url_gives_the_in_process_traces(server, tiny_model_path, tmp_path, policy):
-    def traces(**where):
-        config = EvalConfig(assistant=tiny_model_path, policy=policy, n=3, eta=40.0, human="reference",
-                            tasks="humaneval", limit=2, max_new_tokens=8, out=tmp_path / ("url" if where else "local"),
-                            metrics_resamples=100, **where)  # fmt: skip
-        return [
-            {k: t[k] for k in KEPT} for t in read_traces(run_eval(config, progress=False) / "traces.jsonl")
-        ]
+def eval_config(out, policy=Policy.BASE_N, **where) -> EvalConfig:
+    fields = dict(assistant=models.resolve(models.TINY_MODEL), policy=policy, n=3, eta=40.0, human="reference",
+                  tasks="humaneval", limit=2, max_new_tokens=8, out=out, metrics_resamples=100)  # fmt: skip
+    return EvalConfig(**(fields | where))
 
-    here = traces()
+
+def kept(run) -> list[dict]:
+    return [{k: t[k] for k in KEPT} for t in read_traces(run / "traces.jsonl")]
+
+
+@pytest.mark.parametrize("policy", [Policy.BASE_N, Policy.THRESHOLD])
+def test_an_evaluation_through_the_url_gives_the_in_process_traces(server, tmp_path, policy):
+    here = kept(run_eval(eval_config(tmp_path / "local", policy), progress=False))
     assert any(e["kind"] == "suggested" and e["text"] for t in here for e in t["events"])  # informative
-    assert traces(assistant_url=server) == here
+    assert kept(run_eval(eval_config(tmp_path / "url", policy, assistant_url=server), progress=False)) == here
+
+
+def test_requests_a_server_fails_are_retried_with_backoff_and_the_run_is_unchanged(server, tmp_path, caplog):
+    here = kept(run_eval(eval_config(tmp_path / "local"), progress=False))
+    faults = Faults(passing=2, failing=3)  # then three 503s: fewer than one request's 1 + 3 attempts
+    with flaky_proxy(server, faults) as url:
+        there = kept(run_eval(eval_config(tmp_path / "url", assistant_url=url), progress=False))
+    assert there == here and faults.failed == 3
+    assert sum("503" in r.message and "retry" in r.message and url in r.message for r in caplog.records) == 3
+
+
+def test_a_server_gone_mid_run_stops_it_in_one_line_and_resume_finishes_it(server, tmp_path, capsys):
+    here = kept(run_eval(eval_config(tmp_path / "local", limit=3), progress=False))
+    out = tmp_path / "url"
+    # The server answers 503 for good from the second turn of the second episode on.
+    first = min(here, key=lambda t: t["task_id"])  # one episode at a time, in task order
+    faults = Faults(passing=first["turns"] + 1, failing=None)
+    with flaky_proxy(server, faults) as url:
+        args = ["eval", "run", "--assistant", models.resolve(models.TINY_MODEL), "--policy", "base-n", "--n", "3",
+                "--limit", "3", "--max-new-tokens", "8", "--sim-batch-size", "1", "--metrics-resamples", "100",
+                "--assistant-url", url, "--out", str(out)]  # fmt: skip
+        with pytest.raises(SystemExit) as stopped:
+            main(args)
+        message = capsys.readouterr().err
+        finished = len(read_traces(out / "traces.jsonl"))
+        assert stopped.value.code == 2 and finished == 1
+        assert f"{url}#{MODEL}" in message and "503" in message and "injected failure" in message
+        assert f"{finished} finished episode(s) are saved" in message and "--resume" in message
+        faults.failing = faults.failed  # the server is back
+        with pytest.raises(SystemExit) as resumed:
+            main([*args, "--resume"])
+    assert resumed.value.code in (0, None)
+    assert sorted(kept(out), key=lambda t: t["task_id"]) == sorted(here, key=lambda t: t["task_id"])
 
 
 def test_the_llm_human_on_a_server_replies_what_it_does_in_process(server, tiny, tiny_model_path):
@@ -135,7 +173,7 @@ def test_an_unreachable_server_is_one_error_naming_its_url(tiny_model_path):
 def test_prompt_logprobs_score_what_the_in_process_engine_scores(server, tiny):
     tokenizer = tiny[1]
     rows = [ScoreRequest(p[:2], p[2:]) for p in encode(tokenizer, STATES)]
-    remote = OpenAIEngine(server, served_model(server), tokenizer).score(rows)
+    remote = server_engine(server, served_model(server), tokenizer).score(rows)
     for here, there in zip(LocalEngine(*tiny).score(rows), remote, strict=True):
         assert there == pytest.approx(here, abs=1e-4) and len(there) > 0
 

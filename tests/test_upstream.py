@@ -50,7 +50,10 @@ def _deltas(engine: OpenAIEngine, request: GenerateRequest, logprobs: bool = Fal
 
 
 def test_an_nll_budget_refuses_a_missing_logprob_instead_of_counting_zero_bits():
-    with pytest.raises(RuntimeError, match=rf"{URL} sent no log-probability for token 1 \('b'\) of choice 0"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"{URL} sent no log-probability \(logprobs.token_logprobs\) for token 1 \('b'\) of choice 0; policy threshold",
+    ):
         _deltas(_engine(), GenerateRequest([1, 2, 3], 2, budget_bits=40.0))
 
 
@@ -70,6 +73,6 @@ def test_a_streaming_client_gets_the_error_in_band(tiny):
     events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
     assert response.status_code == 200
     assert [e["error"]["message"] for e in events if "error" in e] == [
-        f"upstream server at {URL} sent no log-probability for token 1 ('b') of choice 0; "
-        "the NLL budget needs every one"
+        f"upstream server at {URL} sent no log-probability (logprobs.token_logprobs) for token 1 ('b') of "
+        "choice 0; policy threshold's NLL budget needs every one"
     ]

@@ -14,7 +14,7 @@ from empower import models
 from empower.assistant import AssistantConfig, Policy, PolicyAssistant, SuggestionRequest, build_assistant
 from empower.engines import GenerateRequest, ScoreRequest, encode
 from empower.engines.local import LocalEngine
-from empower.engines.openai import OpenAIEngine, served_model
+from empower.engines.openai import served_model, server_engine
 from empower.env import EvalConfig, run_eval
 from empower.humans import ChatRequest, HumanConfig, HumanView, LLMHuman, LocalChat, ServerChat
 from empower.metrics import read_traces
@@ -48,7 +48,7 @@ def vllm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(vllm, smol):
-    return LocalEngine(*smol), OpenAIEngine(vllm, served_model(vllm), smol[1])
+    return LocalEngine(*smol), server_engine(vllm, served_model(vllm), smol[1])
 
 
 def test_vllm_generates_the_in_process_tokens_and_cuts_where_the_budget_does(engines, smol):

@@ -53,7 +53,7 @@ from empower.engines.base import (
     encode,
 )
 from empower.engines.local import LocalEngine
-from empower.engines.openai import OpenAIEngine, served_model
+from empower.engines.openai import served_model, server_engine
 from empower.prompts import PromptTemplate, build_prompt
 from empower.rule import empower_length
 
@@ -487,7 +487,7 @@ def build_assistant(
     if config.assistant_url:
         tokenizer = models.load_tokenizer(config.assistant)
         url = config.assistant_url
-        engine = OpenAIEngine(
+        engine = server_engine(
             url,
             served_model(url, config.assistant_served_model, os.environ.get("EMPOWER_ASSISTANT_API_KEY")),
             tokenizer,

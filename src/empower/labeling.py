@@ -40,7 +40,7 @@ from empower import models
 from empower.configs import check_url, option, resumable_fields, save_config, to_dict
 from empower.corpus import CorpusConfig, Document, iter_documents, resolve_format
 from empower.engines.local import LocalEngine
-from empower.engines.openai import OpenAIEngine, served_model
+from empower.engines.openai import served_model, server_engine
 from empower.jsonl import iter_jsonl
 from empower.rule import document_bits, empower_lengths
 from empower.scoring import ScoreCache, context_prefix, score_documents, weights_fingerprint
@@ -381,7 +381,7 @@ def build_data(config: DataConfig, *, model=None, tokenizer=None) -> Path:
         tokenizer = models.load_tokenizer(config.estimator)
         key = os.environ.get("EMPOWER_ESTIMATOR_API_KEY")
         served = served_model(config.estimator_url, config.estimator_served_model, key)
-        estimator = OpenAIEngine(config.estimator_url, served, tokenizer, api_key=key)
+        estimator = server_engine(config.estimator_url, served, tokenizer, api_key=key)
     else:
         if model is None or tokenizer is None:
             model, tokenizer = models.load_model(

@@ -110,6 +110,14 @@ class ScoreRequest:
             raise ValueError("a score request needs at least one context token")
 
 
+class ServerEngineError(ConnectionError):
+    """A server could not be reached, or refused a request, after the retries (the message names it)."""
+
+
+class Retryable(Exception):
+    """A failure worth another try: the connection was lost, the server is busy (429) or failing (5xx)."""
+
+
 class Engine(Protocol):
     """A language model behind the two verbs. ``tokenizer`` encodes prompts and decodes generations."""
 

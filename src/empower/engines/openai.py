@@ -6,21 +6,21 @@ too) with its log-probability. The NLL budget is the labeling rule (:func:`empow
 applied to the sampled tokens' log-probabilities as they stream; the stream is closed at the cut, so
 the server stops generating there. Two faces:
 
-- :meth:`OpenAIEngine.generate`, the engine verb for the roles (the assistant's policies): requests
-  in flight at once up to ``concurrency``, each retried with backoff when the server cannot be
-  reached or answers 429/5xx;
+- one request at a time, asynchronously (:meth:`OpenAIEngine.generate_one`, :meth:`score_one`
+  inside :meth:`session`): :func:`server_engine` wraps them in
+  :class:`~empower.engines.wrappers.Resilient`, which adds the engine verbs with requests in flight
+  at once, a timeout per attempt and retries with backoff;
 - :meth:`OpenAIEngine.stream`, for ``empower serve --engine vllm``: one upstream request per client
   request (``n`` copies of each prompt), its deltas passed on as they come.
 
 Example::
 
-    engine = OpenAIEngine("http://127.0.0.1:8000", served_model("http://127.0.0.1:8000"), tokenizer)
+    engine = server_engine("http://127.0.0.1:8000", served_model("http://127.0.0.1:8000"), tokenizer)
     [g] = engine.generate([GenerateRequest(tokenizer("def f(").input_ids, 16, budget_bits=4.0)])
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import math
@@ -29,16 +29,20 @@ from collections.abc import AsyncIterator, Sequence
 
 import httpx
 
-from empower.engines.base import LN2, Finish, GenerateRequest, Generation, ScoreRequest
+from empower.engines.base import (
+    LN2,
+    Finish,
+    GenerateRequest,
+    Generation,
+    Retryable,
+    ScoreRequest,
+    ServerEngineError,
+)
 from empower.engines.local import finish_row
-from empower.engines.wrappers import Delta, EngineStats
+from empower.engines.wrappers import Delta, EngineStats, Resilient
 from empower.rule import empower_length
 
 TOKEN_ID = "token_id:"
-
-
-class ServerEngineError(ConnectionError):
-    """The server could not be reached, or refused a request, after the retries."""
 
 
 def base_url(url: str) -> str:
@@ -86,20 +90,15 @@ class _Choice:
     eos_hit: bool = False
 
 
-class _Retry(Exception):
-    """An answer worth asking again (429, 5xx)."""
-
-
 class OpenAIEngine:
-    """An OpenAI-compatible completions server behind the engine interface (see the module doc).
+    """An OpenAI-compatible completions server, one request at a time (see the module doc).
 
     Args:
         url: the server's root (with or without ``/v1``).
         model: the model id to send (:func:`served_model`).
         tokenizer: the served model's tokenizer (prompts are built and generations decoded with it).
         process: a server process this engine owns (stopped by :meth:`close`).
-        concurrency: :meth:`generate`'s requests in flight at once.
-        timeout_s, retries: per request; retries wait 0.5 s, 1 s, 2 s, ...
+        eos_ids: the model's end-of-sequence ids.
     """
 
     def __init__(
@@ -110,84 +109,50 @@ class OpenAIEngine:
         process: subprocess.Popen | None = None,
         api_key: str | None = None,
         *,
-        concurrency: int = 8,
-        timeout_s: float = 120.0,
-        retries: int = 3,
         eos_ids: Sequence[int] = (),
     ):
         self.url, self.upstream_model, self.tokenizer = base_url(url), model, tokenizer
         self.name = f"{self.url}#{model}"
         self.process = process
-        self.concurrency, self.timeout_s, self.retries = concurrency, timeout_s, retries
         # The model's end-of-sequence ids end a generation here even where the server does not stop
         # on them (vLLM serving a LoRA adapter may not), and are never part of it.
         self.eos_ids = set(eos_ids)
         self.stats = EngineStats()
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-        self._client = self._new_client(None)
+        self._client = self.session()
 
-    def _new_client(self, timeout_s: float | None) -> httpx.AsyncClient:
+    def session(self) -> httpx.AsyncClient:
+        """A connection pool for one event loop (``async with``); timeouts are the caller's."""
         return httpx.AsyncClient(
-            base_url=self.url, headers=self._headers, timeout=httpx.Timeout(timeout_s, connect=10.0)
+            base_url=self.url, headers=self._headers, timeout=httpx.Timeout(None, connect=10.0)
         )
 
-    # ---- the engine verb --------------------------------------------------------------------------
-
-    def generate(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
-        """Every request's generation, in order (``concurrency`` in flight at once)."""
-        return asyncio.run(self._generate_all(list(requests)))
-
-    async def _generate_all(self, requests: list[GenerateRequest]) -> list[Generation]:
-        gate = asyncio.Semaphore(self.concurrency)
-        async with self._new_client(self.timeout_s) as client:
-
-            async def one(request: GenerateRequest) -> Generation:
-                async with gate:
-                    return await self._generate_one(client, request)
-
-            return list(await asyncio.gather(*(one(r) for r in requests)))
-
-    async def _generate_one(self, client: httpx.AsyncClient, request: GenerateRequest) -> Generation:
-        async def once() -> Generation:
-            final = None
+    async def generate_one(self, client: httpx.AsyncClient, request: GenerateRequest) -> Generation:
+        """One attempt at ``request``'s generation. Raises Retryable (connection lost, 429, 5xx) or
+        ServerEngineError (any other refusal)."""
+        final = None
+        try:
             async for delta in self._stream([request], False, client):
                 final = delta.generation or final
-            return final
+        except httpx.TransportError as err:
+            raise Retryable(f"server {self.url}: {type(err).__name__} {err}") from err
+        if final is None:
+            raise Retryable(f"server {self.url} closed the stream before the generation ended")
+        return final
 
-        return await self._retrying(once)
-
-    def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
-        """Log-probability of every continuation token given its context, from the server's
-        ``prompt_logprobs`` (vLLM's extension; ``empower serve`` speaks it too), one request per row."""
-        return asyncio.run(self._score_all(list(requests)))
-
-    async def ascore(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
-        """:meth:`score` from inside a running event loop (the server's proxy)."""
-        return await self._score_all(list(requests))
-
-    async def _score_all(self, requests: list[ScoreRequest]) -> list[list[float]]:
-        gate = asyncio.Semaphore(self.concurrency)
-        async with self._new_client(self.timeout_s) as client:
-
-            async def one(request: ScoreRequest) -> list[float]:
-                async with gate:
-                    return await self._retrying(lambda: self._score_one(client, request))
-
-            return list(await asyncio.gather(*(one(r) for r in requests)))
-
-    async def _score_one(self, client: httpx.AsyncClient, request: ScoreRequest) -> list[float]:
+    async def score_one(self, client: httpx.AsyncClient, request: ScoreRequest) -> list[float]:
+        """One attempt at the log-probability of every continuation token given its context, from
+        the server's ``prompt_logprobs`` (vLLM's extension; ``empower serve`` speaks it too)."""
         if not request.continuation:
             return []
         prompt = [*request.context, *request.continuation]
         body = {"model": self.upstream_model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
-        response = await client.post("/v1/completions", json=body | {"prompt_logprobs": 0})
+        try:
+            response = await client.post("/v1/completions", json=body | {"prompt_logprobs": 0})
+        except httpx.TransportError as err:
+            raise Retryable(f"server {self.url}: {type(err).__name__} {err}") from err
         if response.status_code != 200:
-            message = f"upstream server at {self.url} answered {response.status_code}: {response.text[:500]}"
-            raise (
-                _Retry(message)
-                if response.status_code == 429 or response.status_code >= 500
-                else ServerEngineError(message)
-            )
+            self._refused(response.status_code, response.text)
         entries = response.json()["choices"][0].get("prompt_logprobs")
         if not isinstance(entries, list) or len(entries) != len(prompt):
             raise ServerEngineError(
@@ -205,18 +170,9 @@ class OpenAIEngine:
             out.append(float(entry["logprob"] if isinstance(entry, dict) else entry))
         return out
 
-    async def _retrying(self, call):
-        for attempt in range(self.retries + 1):
-            try:
-                return await call()
-            except (httpx.TransportError, _Retry) as err:
-                if attempt == self.retries:
-                    raise ServerEngineError(
-                        f"server {self.url} failed after {self.retries} retries: {err}; start it or fix "
-                        "the URL (an evaluation resumes with --resume)"
-                    ) from err
-                await asyncio.sleep(0.5 * 2**attempt)
-        raise AssertionError("unreachable")
+    def _refused(self, status: int, detail: str) -> None:
+        message = f"upstream server at {self.url} answered {status}: {detail[:500]}"
+        raise Retryable(message) if status == 429 or status >= 500 else ServerEngineError(message)
 
     # ---- the streaming face (empower serve --engine vllm) ------------------------------------------
 
@@ -230,7 +186,7 @@ class OpenAIEngine:
         try:
             async for delta in self._stream(list(requests), logprobs, self._client):
                 yield delta
-        except _Retry as err:
+        except (Retryable, ServerEngineError) as err:  # the server passes it on to its client in band
             raise RuntimeError(str(err)) from err
 
     async def _stream(self, requests: list[GenerateRequest], logprobs: bool, client) -> AsyncIterator[Delta]:
@@ -261,11 +217,7 @@ class OpenAIEngine:
         try:
             async with client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
-                    detail = (await response.aread()).decode(errors="replace")[:500]
-                    message = f"upstream server at {self.url} answered {response.status_code}: {detail}"
-                    if response.status_code == 429 or response.status_code >= 500:
-                        raise _Retry(message)
-                    raise ServerEngineError(message)
+                    self._refused(response.status_code, (await response.aread()).decode(errors="replace"))
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
@@ -312,9 +264,9 @@ class OpenAIEngine:
         if math.isfinite(request.budget_bits) and tokens:
             if None in token_logprobs:
                 i = token_logprobs.index(None)
-                raise RuntimeError(
-                    f"upstream server at {self.url} sent no log-probability for token {i} "
-                    f"({tokens[i]!r}) of choice {index}; the NLL budget needs every one"
+                raise ServerEngineError(
+                    f"upstream server at {self.url} sent no log-probability (logprobs.token_logprobs) for "
+                    f"token {i} ({tokens[i]!r}) of choice {index}; policy threshold's NLL budget needs every one"
                 )
             bits = choice.bits + [-lp / LN2 for lp in token_logprobs]
             keep = empower_length(bits, request.budget_bits) - len(choice.bits)
@@ -374,3 +326,21 @@ class OpenAIEngine:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+
+def server_engine(
+    url: str,
+    model: str,
+    tokenizer,
+    *,
+    api_key: str | None = None,
+    eos_ids: Sequence[int] = (),
+    process: subprocess.Popen | None = None,
+    concurrency: int = 8,
+    timeout_s: float = 120.0,
+    retries: int = 3,
+) -> Resilient:
+    """The server at ``url`` as an engine: :class:`OpenAIEngine` with ``concurrency`` requests in
+    flight, ``timeout_s`` per attempt and ``retries`` retries with backoff."""
+    engine = OpenAIEngine(url, model, tokenizer, process, api_key, eos_ids=eos_ids)
+    return Resilient(engine, concurrency=concurrency, timeout_s=timeout_s, retries=retries)

@@ -1,4 +1,5 @@
-"""Wrappers over an engine: :class:`Batcher` gathers concurrent asyncio callers into one generate call.
+"""Wrappers over an engine: :class:`Batcher` gathers concurrent asyncio callers into one generate call;
+:class:`Resilient` keeps many requests in flight to a server, each under a timeout and retried.
 
 Why a worker thread: ``generate`` holds the CPU for hundreds of milliseconds; running it on the event
 loop would freeze every other request (health checks included). The worker takes the jobs that
@@ -30,7 +31,15 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from empower.engines.base import Finish, GenerateRequest, Generation, ScoreRequest, decode_continuation
+from empower.engines.base import (
+    Finish,
+    GenerateRequest,
+    Generation,
+    Retryable,
+    ScoreRequest,
+    ServerEngineError,
+    decode_continuation,
+)
 from empower.engines.local import LocalEngine
 
 log = logging.getLogger(__name__)
@@ -69,6 +78,8 @@ class EngineStats:
     tokens_generated: int = 0
     rows_cancelled: int = 0
     busy_seconds: float = 0.0
+    retried: int = 0  # attempts that failed and were tried again (Resilient)
+    refused: int = 0  # requests that failed every attempt
 
 
 class _Job:
@@ -266,3 +277,81 @@ def _stop_prefix(text: str, start: int, stops: tuple[str, ...]) -> int:
                 hold = k
                 break
     return hold
+
+
+class Resilient:
+    """The engine verbs over an engine that takes one request at a time, asynchronously.
+
+    ``engine`` has ``session()`` (an async context manager for one event loop) and
+    ``generate_one(session, request)`` / ``score_one(session, request)`` making one attempt and
+    raising :class:`~empower.engines.base.Retryable` for a failure worth another. Here: at most
+    ``concurrency`` requests in flight, each attempt under ``timeout_s``, ``retries`` retries after
+    0.5 s, 1 s, 2 s, ..., each retry logged; a request that fails them all stops the call with one
+    :class:`~empower.engines.base.ServerEngineError` naming the engine and the last failure. Other
+    attributes (``stream``, ``stats``, ``close``) are the engine's.
+    """
+
+    def __init__(
+        self, engine, *, concurrency: int = 8, timeout_s: float = 120.0, retries: int = 3, backoff_s=0.5
+    ):
+        if concurrency < 1 or timeout_s <= 0 or retries < 0:
+            raise ValueError(
+                f"need concurrency >= 1, timeout_s > 0 and retries >= 0; got {concurrency}, {timeout_s}, {retries}"
+            )
+        self.engine, self.tokenizer, self.name = engine, engine.tokenizer, engine.name
+        self.concurrency, self.timeout_s, self.retries, self.backoff_s = (
+            concurrency,
+            timeout_s,
+            retries,
+            backoff_s,
+        )
+
+    def __getattr__(self, name):
+        if name == "engine":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
+        return asyncio.run(self.agenerate(requests))
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        return asyncio.run(self.ascore(requests))
+
+    async def agenerate(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
+        """:meth:`generate` from inside a running event loop."""
+        return await self._all(list(requests), self.engine.generate_one)
+
+    async def ascore(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        """:meth:`score` from inside a running event loop (the server's proxy)."""
+        return await self._all(list(requests), self.engine.score_one)
+
+    async def _all(self, requests: list, verb) -> list:
+        gate = asyncio.Semaphore(self.concurrency)
+        async with self.engine.session() as session:
+
+            async def one(request):
+                async with gate:
+                    return await self._attempts(lambda: verb(session, request))
+
+            return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    async def _attempts(self, call):
+        stats = self.engine.stats
+        for attempt in range(self.retries + 1):
+            try:
+                return await asyncio.wait_for(call(), self.timeout_s)
+            except (Retryable, TimeoutError) as err:
+                failure = str(err) or f"no answer within {self.timeout_s:g} s"
+                if attempt == self.retries:
+                    stats.refused += 1
+                    raise ServerEngineError(
+                        f"{self.name}: a request failed {attempt + 1} time(s), last: {failure}; start the "
+                        "server or fix the URL (an evaluation resumes with --resume)"
+                    ) from err
+                stats.retried += 1
+                wait = self.backoff_s * 2**attempt
+                log.warning(
+                    "%s: %s; retry %d of %d in %g s", self.name, failure, attempt + 1, self.retries, wait
+                )
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")

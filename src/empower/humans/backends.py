@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from empower import models
 from empower.engines import Finish, GenerateRequest, Generation, encode
 from empower.engines.local import LocalEngine
-from empower.engines.openai import OpenAIEngine, ServerEngineError, served_model
+from empower.engines.openai import ServerEngineError, served_model, server_engine
+from empower.engines.wrappers import Resilient
 from empower.humans.base import HumanConfig, HumanServerError
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ class LocalChat(EngineChat):
         super().__init__(engine, engine.eos_ids, config.human_temperature, spec)
 
 
-def server_engine(url: str, config: HumanConfig, tokenizer=None) -> OpenAIEngine:
+def human_server_engine(url: str, config: HumanConfig, tokenizer=None) -> Resilient:
     """The human's completions server as an engine (``human_model`` names the local tokenizer)."""
     key = os.environ.get("EMPOWER_HUMAN_API_KEY")
     try:
@@ -229,15 +230,15 @@ def server_engine(url: str, config: HumanConfig, tokenizer=None) -> OpenAIEngine
     except ServerEngineError as err:
         raise HumanServerError(f"simulated human server {url} unreachable: {err}") from err
     tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(config.human_model)
-    return OpenAIEngine(
+    return server_engine(
         url,
         served,
         tokenizer,
         api_key=key,
+        eos_ids=models.eos_ids(config.human_model, tokenizer),
         concurrency=config.human_concurrency,
         timeout_s=config.human_timeout_s,
         retries=config.human_retries,
-        eos_ids=models.eos_ids(config.human_model, tokenizer),
     )
 
 
@@ -246,7 +247,7 @@ class ServerChat(EngineChat):
     the same prompt tokens, prefill and hold as in-process."""
 
     def __init__(self, url: str, config: HumanConfig, tokenizer=None):
-        engine = server_engine(url, config, tokenizer)
+        engine = human_server_engine(url, config, tokenizer)
         super().__init__(engine, sorted(engine.eos_ids), config.human_temperature, engine.name)
 
     def complete(self, requests: list[ChatRequest]) -> list[ChatReply]:

@@ -6,7 +6,7 @@ forwards each request, as token ids, to a vLLM OpenAI server: one it starts from
 or one already running at ``--engine-url``. vLLM does continuous batching and paged attention;
 a request that our client abandons is aborted upstream by closing the stream.
 
-Every policy works on this engine (:class:`empower.engines.openai.OpenAIEngine`): the requests come
+Every policy works on this engine (:func:`empower.engines.openai.server_engine`): the requests come
 from the policy module as for the in-process engine, and the NLL budget (``threshold``) is applied by
 asking for each sampled token's log-probability and cutting the stream where
 :func:`empower.rule.empower_length`, the labeling rule, says.
@@ -26,7 +26,8 @@ from pathlib import Path
 import httpx
 
 from empower import models
-from empower.engines.openai import OpenAIEngine, served_model
+from empower.engines.openai import served_model, server_engine
+from empower.engines.wrappers import Resilient
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def launch_vllm(
     return url, process
 
 
-def start_vllm_engine(config, tokenizer) -> OpenAIEngine:
+def start_vllm_engine(config, tokenizer) -> Resilient:
     """The vLLM engine for a ``ServeConfig``: the server at ``serve_engine_url`` or a new one."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per proxied request otherwise
     # vLLM's own server reads its key from VLLM_API_KEY; the same variable reaches one here.
@@ -123,18 +124,18 @@ def start_vllm_engine(config, tokenizer) -> OpenAIEngine:
     if config.serve_engine_url:
         url = config.serve_engine_url.rstrip("/")
         _wait_healthy(url, None, None, attempts=30)
-        return OpenAIEngine(url, served_model(url, "", api_key), tokenizer, api_key=api_key)
+        return server_engine(url, served_model(url, "", api_key), tokenizer, api_key=api_key)
     folder = models.resolve(config.assistant)
     if models.is_adapter(folder):  # the base model, and the adapter by its name
         base = models.resolve(models.adapter_base(folder))
         url, process = launch_vllm(
             base, f"{config.model_id}-base", config.serve_vllm_python, adapters={config.model_id: folder}
         )
-        return OpenAIEngine(url, config.model_id, tokenizer, process, api_key=api_key)
+        return server_engine(url, config.model_id, tokenizer, api_key=api_key, process=process)
     if not Path(folder).is_dir():
         raise ValueError(
             f"--engine vllm needs a folder of safetensors weights or a LoRA adapter folder, got "
             f"{config.assistant!r}"
         )
     url, process = launch_vllm(folder, config.model_id, config.serve_vllm_python)
-    return OpenAIEngine(url, config.model_id, tokenizer, process, api_key=api_key)
+    return server_engine(url, config.model_id, tokenizer, api_key=api_key, process=process)
