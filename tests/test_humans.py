@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import random
 import socket
-import subprocess
-import sys
-import time
 
 import pytest
 from transformers import LogitsProcessor
@@ -403,37 +400,6 @@ def test_unreachable_server_is_a_clear_error_naming_the_url():
     url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
     with pytest.raises(HumanServerError, match=url.replace(".", r"\.")):
         build_human(HumanConfig(human="llm", human_url=url, human_retries=1, human_timeout_s=2))
-
-
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
-    """A real llama.cpp server (llama-cpp-python) serving the embedded SmolLM2 GGUF on 127.0.0.1."""
-    pytest.importorskip(
-        "llama_cpp.server", reason="llama-cpp-python[server] not installed (make install-servers)"
-    )
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(models.embedded_gguf("smollm2-135m")),
-        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2",
-    ]  # fmt: skip
-    # Its log goes to a file: llama.cpp logs a lot, and an unread pipe would fill and block it.
-    log_path = tmp_path_factory.mktemp("llama") / "server.log"
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        while True:  # wait for the port; a dead process fails the fixture with its log
-            if process.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited {process.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.mark.integration

@@ -156,6 +156,15 @@ def test_an_evaluation_with_the_llm_human_on_a_server_gives_the_in_process_trace
     assert there[0]["human"] == f"llm:{server}#{MODEL}"
 
 
+@pytest.mark.integration
+def test_a_server_that_takes_no_token_ids_is_refused_before_any_work_naming_why(llama_server):
+    """llama-cpp-python's server takes string prompts only (and sends no token ids back)."""
+    with pytest.raises(
+        ServerEngineError, match=r"#smollm2 does not take a token-id prompt \(HTTP 500.*use vLLM"
+    ):
+        build_assistant(AssistantConfig(assistant=models.DEFAULT_MODEL, assistant_url=llama_server))
+
+
 def test_a_name_the_server_does_not_serve_is_refused_with_the_names_it_does(server):
     with pytest.raises(
         ValueError, match=rf"does not serve a model named 'adapter-7'; it serves \['{MODEL}'\]"

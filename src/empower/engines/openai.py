@@ -121,6 +121,38 @@ class OpenAIEngine:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._client = self.session()
 
+    def check(self) -> None:
+        """Ask for one token of a token-id prompt, once, before any work: a server that takes no token
+        ids, sends none back or sends no log-probabilities is refused here, naming what it lacks."""
+        start = next(
+            i for i in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, 0) if i is not None
+        )
+        body = {"model": self.upstream_model, "prompt": [start], "max_tokens": 1, "temperature": 0.0,
+                "logprobs": 1, "return_tokens_as_token_ids": True}  # fmt: skip
+        try:
+            response = httpx.post(
+                f"{self.url}/v1/completions", json=body, headers=self._headers, timeout=60.0
+            )
+        except httpx.HTTPError as err:
+            raise ServerEngineError(f"{self.name}: cannot be reached ({err})") from err
+        why = (
+            "; prompts go as token ids so that the server sees exactly the in-process prompt: use vLLM or "
+            "empower serve (a simulated human can use a chat server: --human-server-api chat)"
+        )
+        if response.status_code != 200:
+            raise ServerEngineError(
+                f"{self.name} does not take a token-id prompt (HTTP {response.status_code}: "
+                f"{response.text[:300]}){why}"
+            )
+        logprobs = response.json()["choices"][0].get("logprobs") or {}
+        if not logprobs.get("tokens") or not all(t.startswith(TOKEN_ID) for t in logprobs["tokens"]):
+            raise ServerEngineError(
+                f"{self.name} sends no token ids back (vLLM's return_tokens_as_token_ids: "
+                f"'token_id:N' in logprobs.tokens){why}"
+            )
+        if None in (logprobs.get("token_logprobs") or [None]):
+            raise ServerEngineError(f"{self.name} sends no log-probabilities (logprobs.token_logprobs){why}")
+
     def session(self) -> httpx.AsyncClient:
         """A connection pool for one event loop (``async with``); timeouts are the caller's."""
         return httpx.AsyncClient(
@@ -340,7 +372,13 @@ def server_engine(
     timeout_s: float = 120.0,
     retries: int = 3,
 ) -> Resilient:
-    """The server at ``url`` as an engine: :class:`OpenAIEngine` with ``concurrency`` requests in
-    flight, ``timeout_s`` per attempt and ``retries`` retries with backoff."""
+    """The server at ``url`` as an engine, checked (:meth:`OpenAIEngine.check`): :class:`OpenAIEngine`
+    with ``concurrency`` requests in flight, ``timeout_s`` per attempt and ``retries`` retries with
+    backoff."""
     engine = OpenAIEngine(url, model, tokenizer, process, api_key, eos_ids=eos_ids)
+    try:
+        engine.check()
+    except ServerEngineError:
+        engine.close()  # a server process started for it goes too
+        raise
     return Resilient(engine, concurrency=concurrency, timeout_s=timeout_s, retries=retries)
