@@ -208,6 +208,18 @@ def test_top_logprobs_list_the_most_likely_alternatives(engine):
         assert top[token] == pytest.approx(logprob)
 
 
+def test_banned_tokens_are_never_generated_and_log_probs_stay_the_models_own(engine):
+    unbanned = free(engine, max_tokens=6)
+    banned = tuple(sorted({t for g in unbanned for t in g.ids}))
+    requests = [GenerateRequest(p, 6, banned=banned) for p in prompts(engine.tokenizer)]
+    requests.append(GenerateRequest(prompts(engine.tokenizer)[0], 6))  # a row without bans, same batch
+    *made, plain = engine.generate(requests)
+    assert all(not set(g.ids) & set(banned) and len(g.ids) == 6 for g in made)
+    assert plain.ids == unbanned[0].ids
+    [scored] = engine.score([ScoreRequest(requests[0].prompt, tuple(made[0].ids))])
+    assert made[0].logprobs == pytest.approx(scored, abs=1e-4)  # the model's, not the banned distribution's
+
+
 def test_a_tiny_top_p_samples_the_greedy_tokens(engine):
     sampled = engine.generate(
         [GenerateRequest(p, 6, temperature=1.0, top_p=1e-6) for p in prompts(engine.tokenizer)]

@@ -7,7 +7,6 @@ Run: .venv/bin/pytest tests/test_humans.py  (add -m integration for the server t
 from __future__ import annotations
 
 import json
-import random
 import socket
 
 import pytest
@@ -354,7 +353,7 @@ def test_local_chat_does_not_end_a_held_reply(tiny, tiny_model_path):
     assert held.text[len(prefill) :].strip() and once.text[len(prefill) :].strip()
     added = once.text[len(prefill) :]
     assert seen[0] == "" and all(added.startswith(reply) for reply in seen)  # the reply so far
-    assert backend.hold_stats.held >= 2 and backend.hold_stats.unheld == 0
+    assert backend.hold_stats.held >= 2
 
 
 class BanWhileHeld(LogitsProcessor):
@@ -370,8 +369,8 @@ class BanWhileHeld(LogitsProcessor):
         return scores
 
 
-def test_held_generation_is_greedy_generation_with_ending_tokens_banned_while_held(tiny):
-    """Free generation with a step retaken where a held row ends is exact, not an approximation."""
+def test_held_generation_is_generation_with_ending_tokens_banned_while_held(tiny):
+    """Free generation with a step retaken (ending tokens banned) where a held row ends is exact."""
     model, tokenizer = tiny
     engine = LocalEngine(model, tokenizer, prefix_cache=0)
     ending = {
@@ -379,15 +378,18 @@ def test_held_generation_is_greedy_generation_with_ending_tokens_banned_while_he
     }
     prompts = [tokenizer(text).input_ids for text in (PROMPT, "x = [", "import os\n", "def f():\n")]
     holds = [lambda added: True, lambda added: len(added) < 6, lambda added: not added.strip(), None]
-    requests = [GenerateRequest(p, 8, ("```",)) for p in prompts]
+    # A blank stop string too: a stop a held row may not take (its tokens are ending tokens), which
+    # ends generation at a token boundary, past the kept ids.
+    requests = [GenerateRequest(p, 8, ("```",) if k % 2 else ("```", "\n")) for k, p in enumerate(prompts)]
     stats = HoldStats()
-    held = generate_held(engine, requests, holds, ending, stats, random.Random(0))
+    held = generate_held(engine, requests, holds, ending, stats)
     for request, hold, got in zip(requests, holds, held, strict=True):
         processors = [BanWhileHeld(tokenizer, hold, ending)] if hold else []
         [banned] = engine.generate([request], logits_processors=processors)
         assert (got.ids, got.text, got.finish) == (banned.ids, banned.text, banned.finish)
         assert got.logprobs == pytest.approx(banned.logprobs, abs=1e-5)
     assert stats.held > 0
+    assert [g.text for g in engine.generate(requests)] != [g.text for g in held]  # the holds changed replies
 
 
 def _free_port() -> int:

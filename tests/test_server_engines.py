@@ -65,6 +65,22 @@ def test_the_budget_closes_the_stream_at_the_cut_with_the_ids_in_process_gives(s
         assert there.logprobs == pytest.approx(here.logprobs, abs=1e-4)
 
 
+def test_banned_tokens_go_as_logit_bias_and_the_server_never_generates_them(server, tiny):
+    tokenizer = tiny[1]
+    local = LocalEngine(*tiny)
+    free = local.generate([GenerateRequest(p, 6) for p in encode(tokenizer, STATES)])
+    banned = tuple(sorted({t for g in free for t in g.ids}))
+    requests = [GenerateRequest(p, 6, banned=banned) for p in encode(tokenizer, STATES)]
+    remote = server_engine(server, served_model(server), tokenizer).generate(requests)
+    for here, there in zip(local.generate(requests), remote, strict=True):
+        assert (there.ids, there.text, there.finish) == (here.ids, here.text, here.finish)
+        assert not set(there.ids) & set(banned)
+    refused = httpx.post(
+        f"{server}/v1/completions", json={"model": MODEL, "prompt": "x", "logit_bias": {"5": -3}}
+    )
+    assert refused.status_code == 400 and "applies only -100" in refused.json()["error"]["message"]
+
+
 KEPT = ("task_id", "events", "program", "status", "passed", "tokens_read", "tokens_written", "suggestions",
         "accepted", "suggestion_tokens", "turns", "end_reason")  # fmt: skip
 

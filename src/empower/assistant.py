@@ -356,6 +356,7 @@ class PolicyAssistant:
         temperature: float | None = None,
         top_p: float = 1.0,
         top_logprobs: int = 0,
+        banned: Sequence[int] = (),
     ) -> GenerateRequest:
         """What to ask the engine for ``r``: the policy's prompt (or ``prompt_ids`` as they are), its
         token budget (base-n generates a few tokens past ``n``, cut by :meth:`finish`), the closing
@@ -376,6 +377,7 @@ class PolicyAssistant:
             cfg.assistant_temperature if temperature is None else temperature,
             top_p,
             top_logprobs,
+            tuple(banned),
         )
 
     def finish(self, r: SuggestionRequest, g: Generation) -> Suggestion:

@@ -42,7 +42,8 @@ class GenerateRequest:
     of ``stop`` (the text ends before it), or before the token that would bring the cumulative NLL of
     the generated tokens to ``budget_bits`` or above. ``temperature`` 0 is greedy; ``top_p`` < 1 samples
     from the smallest set of tokens that holds that much probability. ``top_logprobs``: how many most
-    likely alternatives to report per token.
+    likely alternatives to report per token. ``banned`` tokens are never generated (a server gets them
+    as ``logit_bias`` -100); their log-probabilities still come from the model's own distribution.
     """
 
     prompt: tuple[int, ...]
@@ -52,10 +53,12 @@ class GenerateRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     top_logprobs: int = 0
+    banned: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "prompt", tuple(self.prompt))
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "banned", tuple(self.banned))
         if not self.prompt:
             raise ValueError("a generate request needs at least one prompt token")
         if self.max_tokens < 1:

@@ -49,6 +49,18 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return end_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None))
 
 
+class Ban(LogitsProcessor):
+    """Each row's banned tokens (:attr:`GenerateRequest.banned`) are never sampled."""
+
+    def __init__(self, banned: list[tuple[int, ...]]):
+        self.rows = [(row, list(ids)) for row, ids in enumerate(banned) if ids]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row, ids in self.rows:
+            scores[row, ids] = float("-inf")
+        return scores
+
+
 class StepLogProbs(LogitsProcessor):
     """Keeps the log-probabilities of the current step; must come first so it sees the raw logits."""
 
@@ -252,6 +264,8 @@ class LocalEngine:
         stops = RowStops(requests, self.eos_ids, self.tokenizer, on_token, cancelled, on_finish)
         temperature, top_p = requests[0].temperature, requests[0].top_p
         processors = [stops.recorder, *logits_processors]
+        if any(r.banned for r in requests):
+            processors.append(Ban([r.banned for r in requests]))
         if temperature > 0:
             processors.append(TemperatureLogitsWarper(temperature))
             if top_p < 1.0:

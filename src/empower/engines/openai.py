@@ -245,6 +245,8 @@ class OpenAIEngine:
         }
         if first.stop:
             body["stop"] = list(first.stop)
+        if first.banned:
+            body["logit_bias"] = {str(token): -100 for token in first.banned}  # the most vLLM allows
         choices = {i: _Choice() for i in range(len(requests))}
         try:
             async with client.stream("POST", "/v1/completions", json=body) as response:

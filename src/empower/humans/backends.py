@@ -12,16 +12,14 @@ changes).
 from __future__ import annotations
 
 import logging
-import math
 import os
-import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from empower import models
 from empower.engines import Finish, GenerateRequest, Generation, encode
-from empower.engines.local import LocalEngine
+from empower.engines.local import LocalEngine, finish_row
 from empower.engines.openai import ServerEngineError, served_model, server_engine
 from empower.engines.wrappers import Resilient
 from empower.humans.base import HumanConfig, HumanServerError
@@ -29,7 +27,6 @@ from empower.humans.base import HumanConfig, HumanServerError
 log = logging.getLogger(__name__)
 
 FENCE = "```"
-ALTERNATIVES = 20  # most likely tokens asked for where a held reply tried to end (vLLM's default cap)
 
 
 @dataclass
@@ -55,10 +52,9 @@ def ending_tokens(tokenizer, eos_ids: Sequence[int]) -> set[int]:
 
 @dataclass
 class HoldStats:
-    """How often held replies tried to end, and how often no other likely token was there."""
+    """How often held replies tried to end."""
 
-    held: int = 0  # ends refused (a token chosen among the alternatives instead)
-    unheld: int = 0  # ends let through: every one of the ALTERNATIVES most likely tokens ends
+    held: int = 0  # steps retaken with the ending tokens banned
 
 
 def generate_held(
@@ -67,78 +63,66 @@ def generate_held(
     holds: list[Callable[[str], bool] | None],
     ending: set[int],
     stats: HoldStats,
-    rng: random.Random,
 ) -> list[Generation]:
     """Generate, but never end a row with an ending token while its hold is true of its reply so far.
 
     Generation runs free; where a held row ended (or wrote an ending token), its tokens before that
-    step are kept and the step is taken again from the most likely tokens that do not end: the best
-    one when greedy, else one sampled from them at the request's temperature. Then it goes on. Under
-    greedy decoding this is exactly generation with those tokens banned while the hold is true (the
-    banned tokens change no other choice), on any engine that reports top log-probabilities; when
-    sampling, the step is drawn from the top ``ALTERNATIVES`` only.
+    step are kept and that one step is taken again with the ending tokens banned (a server gets them
+    as ``logit_bias``); then it runs free again. That is exactly generation with those tokens banned
+    at every step where the hold is true (elsewhere the ban would change nothing), greedy or sampled,
+    on any engine that applies bans: in-process, vLLM, ``empower serve``.
     """
-    holds = list(holds)
+    banned = tuple(sorted(ending))
     kept: list[list[int]] = [[] for _ in requests]
     lps: list[list[float]] = [[] for _ in requests]
     results: list[Generation | None] = [None] * len(requests)
     live = list(range(len(requests)))
     while live:
-        asked = [_after(requests[i], kept[i]) for i in live]
-        gens = engine.generate(asked)
+        gens = engine.generate([_after(requests[i], kept[i]) for i in live])
         retake = []
         for i, g in zip(live, gens, strict=True):
             at = _first_held_end(engine.tokenizer, g, kept[i], holds[i], ending)
             if at is None:
                 results[i] = _joined(requests[i], kept[i], lps[i], g, engine.tokenizer)
-                continue
-            kept[i] += g.ids[:at]
-            lps[i] += g.logprobs[:at]
-            retake.append(i)
-        steps = engine.generate(
-            [
-                GenerateRequest(_after(requests[i], kept[i]).prompt, 1, top_logprobs=ALTERNATIVES)
-                for i in retake
-            ]
-        )
+            else:
+                kept[i] += g.ids[:at]
+                lps[i] += g.logprobs[:at]
+                retake.append(i)
+        stats.held += len(retake)
+        steps = engine.generate([_after(requests[i], kept[i], 1, banned) for i in retake]) if retake else []
         live = []
         for i, step in zip(retake, steps, strict=True):
-            choices = {t: lp for t, lp in (step.top_logprobs[0] if step.top_logprobs else {}).items()}
-            allowed = {t: lp for t, lp in choices.items() if isinstance(t, int) and t not in ending}
-            if not allowed:  # nothing likely but ending: from here the row goes on unconstrained
-                stats.unheld += 1
-                holds[i] = None
-                live.append(i)
-                continue
-            stats.held += 1
-            token = _pick(allowed, requests[i].temperature, rng)
-            kept[i].append(token)
-            lps[i].append(allowed[token])
-            if len(kept[i]) >= requests[i].max_tokens:
-                results[i] = _generation(requests[i], kept[i], lps[i], Finish.LENGTH, engine.tokenizer)
+            if step.finish is not Finish.LENGTH or len(kept[i]) + 1 >= requests[i].max_tokens:
+                results[i] = _joined(
+                    requests[i], kept[i], lps[i], step, engine.tokenizer
+                )  # a stop, or the end
             else:
+                kept[i] += step.ids
+                lps[i] += step.logprobs
                 live.append(i)
     return results
 
 
-def _after(request: GenerateRequest, kept: list[int]) -> GenerateRequest:
-    """``request`` continued after the tokens already kept."""
+def _after(request: GenerateRequest, kept: list[int], max_tokens: int = 0, banned=()) -> GenerateRequest:
+    """``request`` continued after the tokens already kept (``max_tokens`` of them, when given)."""
     return GenerateRequest(
         request.prompt + tuple(kept),
-        request.max_tokens - len(kept),
+        max_tokens or request.max_tokens - len(kept),
         request.stop,
         temperature=request.temperature,
         top_p=request.top_p,
+        banned=banned,
     )
 
 
 def _first_held_end(tokenizer, g: Generation, kept: list[int], hold, ending: set[int]) -> int | None:
     """Index in ``g.ids`` of the first ending step taken while ``hold`` was true; None if there is none.
-    An end-of-sequence is not among the ids: it is the step after the last one."""
+    An end-of-sequence, or a stop string that began at a token's start, is not among the ids: it is the
+    step after the last one."""
     if hold is None:
         return None
     steps = [j for j, token in enumerate(g.ids) if token in ending]
-    if g.finish is Finish.EOS:
+    if g.finish in (Finish.EOS, Finish.STOP):
         steps.append(len(g.ids))
     for j in steps:
         if hold(tokenizer.decode(kept + g.ids[:j])):
@@ -146,24 +130,10 @@ def _first_held_end(tokenizer, g: Generation, kept: list[int], hold, ending: set
     return None
 
 
-def _pick(allowed: dict[int, float], temperature: float, rng: random.Random) -> int:
-    if temperature == 0:
-        return max(allowed, key=allowed.get)
-    top = max(allowed.values())
-    tokens = list(allowed)
-    return rng.choices(tokens, [math.exp((allowed[t] - top) / temperature) for t in tokens])[0]
-
-
 def _joined(request, kept: list[int], lps: list[float], g: Generation, tokenizer) -> Generation:
     if not kept:
         return g
-    return _generation(request, kept + g.ids, lps + g.logprobs, g.finish, tokenizer)
-
-
-def _generation(request, ids: list[int], lps: list[float], finish: Finish, tokenizer) -> Generation:
-    from empower.engines.local import finish_row
-
-    return finish_row(tokenizer, request, ids, lps, finish)
+    return finish_row(tokenizer, request, kept + g.ids, lps + g.logprobs, g.finish)
 
 
 class EngineChat:
@@ -177,7 +147,6 @@ class EngineChat:
         self.temperature, self.label = temperature, label
         self.ending = ending_tokens(self.tokenizer, eos_ids)  # once: it walks the whole vocabulary
         self.hold_stats = HoldStats()
-        self._rng = random.Random(0)
 
     def complete(self, requests: list[ChatRequest]) -> list[ChatReply]:
         if not requests:
@@ -193,9 +162,7 @@ class EngineChat:
             GenerateRequest(p, r.max_tokens, (FENCE,), temperature=self.temperature)
             for p, r in zip(prompts, requests, strict=True)
         ]
-        gens = generate_held(
-            self.engine, asked, [r.hold_end for r in requests], self.ending, self.hold_stats, self._rng
-        )
+        gens = generate_held(self.engine, asked, [r.hold_end for r in requests], self.ending, self.hold_stats)
         return [
             ChatReply(r.prefill + g.text, g.finish in (Finish.EOS, Finish.STOP))
             for r, g in zip(requests, gens, strict=True)

@@ -255,12 +255,12 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
             ("presence_penalty", body.presence_penalty, 0.0),
             ("frequency_penalty", body.frequency_penalty, 0.0),
             ("seed", body.seed, None),
-            ("logit_bias", body.logit_bias or None, None),
         ):
             if value not in (default, None) and value != default:
                 raise ApiError(
                     400, f"'{name}' is not supported by this server (got {value!r}); leave it out", param=name
                 )
+        banned = banned_tokens(body.logit_bias)
         n = body.n or 1
         if body.best_of not in (None, n):
             raise ApiError(
@@ -338,11 +338,26 @@ def create_app(config: ServeConfig, engine, tokenizer) -> FastAPI:
                 temperature=body.temperature if body.temperature is not None else 1.0,
                 top_p=body.top_p or 1.0,
                 top_logprobs=body.logprobs or 0,
+                banned=banned,
             )
             for state, ids in zip(states, token_prompts, strict=True)
             for _ in range(n)
         ]
         return token_prompts, [state for state in states for _ in range(n)], requests
+
+    def banned_tokens(bias: dict[str, float] | None) -> tuple[int, ...]:
+        """``logit_bias`` as bans: -100 (the most vLLM applies) keeps a token out; nothing else is done."""
+        out = []
+        for key, value in (bias or {}).items():
+            if not key.isdigit() or int(key) >= len(tokenizer) or value > -100:
+                raise ApiError(
+                    400,
+                    f"'logit_bias' {{{key!r}: {value}}}: this server applies only -100 (the token is never "
+                    f"generated) to token ids 0..{len(tokenizer) - 1}",
+                    param="logit_bias",
+                )
+            out.append(int(key))
+        return tuple(out)
 
     def chunk(request_id: str, choices: list[dict], usage: dict | None = None) -> dict:
         out = {
