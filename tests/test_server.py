@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -24,7 +26,7 @@ from empower.assistant import (
     SuggestionRequest,
     build_assistant,
 )
-from empower.engines import GenerateRequest
+from empower.engines import GenerateRequest, ScoreRequest
 from empower.engines.local import LocalEngine
 from empower.engines.openai import OpenAIEngine
 from empower.engines.wrappers import Batcher, _first_stop_at, _stop_prefix
@@ -302,6 +304,27 @@ def test_the_batcher_streams_what_the_engine_generates(tiny, prompt_ids):
         assert mine[-1].generation.ids == g.ids and all(d.finish_reason is None for d in mine[:-1])
     # The budgeted row ends first, without waiting for the rest of its batch.
     assert [(d.index, d.finish_reason) for d in deltas if d.finish_reason] == [(1, "stop"), (0, "length")]
+
+
+def test_the_batcher_gathers_callers_on_many_threads_into_shared_generate_calls(tiny, prompt_ids):
+    """Its engine verb, called from 8 threads at once: the engine's generations, in fewer batches."""
+    engine = LocalEngine(*tiny, prefix_cache=0)
+    batcher = Batcher(LocalEngine(*tiny, prefix_cache=0), max_batch_rows=8, batch_wait_s=0.05)
+    requests = [
+        GenerateRequest(prompt_ids[: 3 + k], 6, budget_bits=40.0 if k % 2 else math.inf) for k in range(8)
+    ]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            made = list(pool.map(lambda r: batcher.generate([r])[0], requests))
+        scored = batcher.score(
+            [ScoreRequest(r.prompt, tuple(g.ids)) for r, g in zip(requests, made, strict=True)]
+        )
+    finally:
+        batcher.close()
+    for got, want, logprobs in zip(made, engine.generate(requests), scored, strict=True):
+        assert (got.ids, got.text, got.finish) == (want.ids, want.text, want.finish)
+        assert got.logprobs == pytest.approx(logprobs, abs=1e-4)
+    assert batcher.stats.rows == 8 and batcher.stats.batches < 8
 
 
 def test_threshold_keeps_the_tokens_the_labeling_rule_keeps(tiny, prompt_ids):

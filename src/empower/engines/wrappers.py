@@ -85,8 +85,14 @@ class EngineStats:
 class _Job:
     """One caller: its requests, and the queue its deltas go to (owned by the event loop)."""
 
-    def __init__(self, requests: list[GenerateRequest], logprobs: bool, loop: asyncio.AbstractEventLoop):
-        self.requests, self.logprobs, self.loop = requests, logprobs, loop
+    def __init__(
+        self,
+        requests: list[GenerateRequest],
+        logprobs: bool,
+        loop: asyncio.AbstractEventLoop,
+        streaming: bool = True,
+    ):
+        self.requests, self.logprobs, self.loop, self.streaming = requests, logprobs, loop, streaming
         self.events: asyncio.Queue = asyncio.Queue()
         self.rows = [_Row(index, r) for index, r in enumerate(requests)]
         self.open_rows = len(self.rows)
@@ -128,12 +134,33 @@ class Batcher:
         self._thread = threading.Thread(target=self._work, name="empower-engine", daemon=True)
         self._thread.start()
 
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
+        """The engine verb, from any thread: these requests join the other callers' waiting ones in one
+        generate call, and this returns when they are done."""
+
+        async def collect() -> list[Generation]:
+            out: list[Generation | None] = [None] * len(requests)
+            async for delta in self._deltas(list(requests), False, streaming=False):
+                out[delta.index] = delta.generation
+            return out
+
+        return asyncio.run(collect()) if requests else []
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        """The engine's *score* verb, from any thread (between generate batches)."""
+        with self._model_lock:
+            return self.engine.score(requests)
+
     async def stream(
         self, requests: Sequence[GenerateRequest], logprobs: bool = False
     ) -> AsyncIterator[Delta]:
         """Yield each request's deltas as its tokens are made (with token strings and log-probs when
         ``logprobs``). Closing the iterator early (the caller went away) cancels its requests."""
-        job = _Job(list(requests), logprobs, asyncio.get_running_loop())
+        async for delta in self._deltas(list(requests), logprobs):
+            yield delta
+
+    async def _deltas(self, requests: list[GenerateRequest], logprobs: bool, streaming: bool = True):
+        job = _Job(requests, logprobs, asyncio.get_running_loop(), streaming)
         self.stats.requests += 1
         self._queue.put(job)
         try:
@@ -149,12 +176,7 @@ class Batcher:
 
     async def ascore(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
         """The engine's *score* verb off the event loop (between generate batches)."""
-
-        def score() -> list[list[float]]:
-            with self._model_lock:
-                return self.engine.score(requests)
-
-        return await asyncio.to_thread(score)
+        return await asyncio.to_thread(self.score, requests)
 
     def close(self) -> None:
         """Stop the worker after the batch it is running (idempotent)."""
@@ -219,6 +241,8 @@ class Batcher:
             row.tokens.append(token)
             self.stats.tokens_generated += 1
             row.pending.token_count += 1
+            if not job.streaming:  # the caller takes the whole generation at the end
+                return
             if job.logprobs:
                 row.pending.tokens.append(self.tokenizer.decode([token]))
                 row.pending.token_ids.append(token)
