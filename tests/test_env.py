@@ -239,61 +239,66 @@ def test_one_by_one_takes_a_step_per_turn(players):
     assert stats.steps == sum(t["turns"] for t in traces)
 
 
-def test_killed_run_resumes_without_counting_an_episode_twice(tmp_path, tiny_model_path):
+def _by_task(traces: list[dict]) -> list[dict]:
+    return sorted(traces, key=lambda t: t["task_id"])
+
+
+def test_the_async_loop_plays_the_lockstep_episodes_each_advancing_on_its_own(players):
+    _, lockstep = players()
+    stats, async_ = players(sim_loop="async", sim_batch_size=3)
+    assert _by_task(async_) == _by_task(lockstep) and stats.episodes == len(lockstep)
+    assert stats.steps == sum(t["turns"] for t in lockstep)  # a step per episode turn
+    shared = stats.engines["assistant"]
+    assert shared.rows == stats.steps and shared.batches < shared.rows  # turns of episodes in one call
+    _, again = players()  # the run's engines are the players' own again
+    assert _by_task(again) == _by_task(lockstep)
+
+
+def test_the_async_loop_plays_the_lockstep_episodes_with_the_llm_human(
+    make_config, tiny, tiny_model_path, tasks_file
+):
+    config = make_config(human="llm", human_model=tiny_model_path, human_max_tokens=3,
+                         human_max_new_tokens=6, sim_max_rounds=3)  # fmt: skip
+    assistant = build_assistant(config.part(AssistantConfig), model=tiny[0], tokenizer=tiny[1])
+    human = build_human(config.part(HumanConfig), model=tiny[0], tokenizer=tiny[1])
+    count, tasks = TokenCounter(config.sim_count_tokenizer), load_tasks("humaneval", str(tasks_file))
+    runs = {}
+    for loop in ("lockstep", "async"):
+        runs[loop] = []
+        run_episodes(
+            tasks, assistant, human, dataclasses.replace(config, sim_loop=loop), count, runs[loop].append
+        )
+    assert _by_task(runs["async"]) == _by_task(runs["lockstep"])
+    assert all(t["human_answers"] for t in runs["async"])
+
+
+@pytest.mark.parametrize("loop, after", [("lockstep", 1), ("async", 1), ("async", 3)])
+def test_killed_run_resumes_without_counting_an_episode_twice(tmp_path, tiny_model_path, loop, after):
+    """SIGKILL once ``after`` episodes are saved (others in flight); --resume then plays what is
+    missing, and the run equals an uninterrupted one."""
     tasks = _write_tasks(tmp_path / "many.jsonl", copies=2)
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "empower",
-        "eval",
-        "--assistant",
-        tiny_model_path,
-        "--policy",
-        "model",
-        "--max-new-tokens",
-        "6",
-        "--tasks",
-        "humaneval",
-        "--tasks-path",
-        str(tasks),
-        "--out",
-        str(out),
-        "--sim-batch-size",
-        "1",
-        "--sandbox-workers",
-        "1",
-        "--metrics-resamples",
-        "200",
-    ]
+    fields = dict(assistant=tiny_model_path, policy="model", max_new_tokens=6, tasks="humaneval",
+                  tasks_path=str(tasks), sim_batch_size=1 if loop == "lockstep" else 3, sim_loop=loop,
+                  sandbox_workers=1, metrics_resamples=200)  # fmt: skip
+    command = [sys.executable, "-m", "empower", "eval"]
+    command += [f"--{k.replace('_', '-')}={v}" for k, v in fields.items()] + ["--out", str(out)]
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     traces = out / "traces.jsonl"
-    while process.poll() is None and not (traces.is_file() and traces.read_text().count("\n") >= 1):
-        time.sleep(0.2)
+    while process.poll() is None and not (traces.is_file() and traces.read_text().count("\n") >= after):
+        time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     done_before = traces.read_text().count("\n")
     assert 1 <= done_before < 6, "the run must be interrupted mid-way for this test to mean anything"
     assert not (out / "summary.json").exists()
-    run_eval(
-        EvalConfig(
-            assistant=tiny_model_path,
-            policy="model",
-            max_new_tokens=6,
-            tasks="humaneval",
-            tasks_path=str(tasks),
-            out=out,
-            sim_batch_size=1,
-            sandbox_workers=1,
-            metrics_resamples=200,
-            resume=True,
-        ),
-        progress=False,
-    )
+    run_eval(EvalConfig(**fields, out=out, resume=True), progress=False)
     ids = [t["task_id"] for t in _traces(out)]
     assert len(ids) == len(set(ids)) == 6
+    whole = run_eval(EvalConfig(**fields, out=tmp_path / "whole"), progress=False)
+    assert _by_task(_traces(out)) == _by_task(_traces(whole))
 
 
 # ---------------------------------------------------------------- scripted episodes, counted by hand
@@ -507,7 +512,7 @@ def test_the_fields_a_resume_may_change_are_declared_on_the_fields():
     from empower.train import TrainConfig
 
     assert resumable_fields(EvalConfig) == {
-        "limit", "out", "resume", "sim_batch_size", "assistant_batch_size", "assistant_device",
+        "limit", "out", "resume", "sim_batch_size", "sim_loop", "assistant_batch_size", "assistant_device",
         "assistant_prefix_cache", "human_batch_size", "human_prefix_cache", "human_concurrency",
         "human_timeout_s", "human_retries", "human_device", "sandbox_workers", "metrics_resamples",
         "metrics_seed",

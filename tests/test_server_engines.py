@@ -111,7 +111,8 @@ def test_requests_a_server_fails_are_retried_with_backoff_and_the_run_is_unchang
     assert sum("503" in r.message and "retry" in r.message and url in r.message for r in caplog.records) == 3
 
 
-def test_a_server_gone_mid_run_stops_it_in_one_line_and_resume_finishes_it(server, tmp_path, capsys):
+@pytest.mark.parametrize("loop", ["lockstep", "async"])
+def test_a_server_gone_mid_run_stops_it_in_one_line_and_resume_finishes_it(server, tmp_path, capsys, loop):
     here = kept(run_eval(eval_config(tmp_path / "local", limit=3), progress=False))
     out = tmp_path / "url"
     # The server answers 503 for good from the second turn of the second episode on.
@@ -120,7 +121,7 @@ def test_a_server_gone_mid_run_stops_it_in_one_line_and_resume_finishes_it(serve
     with flaky_proxy(server, faults) as url:
         args = ["eval", "run", "--assistant", models.resolve(models.TINY_MODEL), "--policy", "base-n", "--n", "3",
                 "--limit", "3", "--max-new-tokens", "8", "--sim-batch-size", "1", "--metrics-resamples", "100",
-                "--assistant-url", url, "--out", str(out)]  # fmt: skip
+                "--assistant-url", url, "--out", str(out), "--sim-loop", loop]  # fmt: skip
         with pytest.raises(SystemExit) as stopped:
             main(args)
         message = capsys.readouterr().err

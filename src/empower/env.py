@@ -25,25 +25,36 @@ the task set, so the summary and ``reproduce``'s done-check count the same episo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import enum
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from empower import models
 from empower.assistant import Assistant, AssistantConfig, SuggestionRequest, assistant_name, build_assistant
 from empower.configs import option, resumable_fields, to_dict
+from empower.engines.local import LocalEngine
+from empower.engines.wrappers import Batcher, Turns, waiting
 from empower.humans import Decision, Human, HumanConfig, HumanView, build_human
 from empower.metrics import MetricsConfig, discounted_pass, read_traces, write_summary
 from empower.sandbox import SandboxConfig, Status, run_many, validate_references
 from empower.tasks import TASK_SETS, Task, load_tasks
 
 log = logging.getLogger(__name__)
+
+
+class SimLoop(str, enum.Enum):
+    LOCKSTEP = "lockstep"
+    ASYNC = "async"
 
 
 @dataclass
@@ -68,7 +79,16 @@ class EvalConfig(MetricsConfig, SandboxConfig, HumanConfig, AssistantConfig):
     sim_max_rounds: int = option(50, "turns per episode before it is cut off")
     sim_max_tokens: int = option(1024, "program length (counted tokens) at which an episode is cut off")
     sim_batch_size: int = option(
-        8, "episodes stepped together; their model calls go out as one batch", resumable=True
+        8,
+        "episodes in flight: stepped together (lockstep) or each on its own (async); their pending model "
+        "calls go out as one batch",
+        resumable=True,
+    )
+    sim_loop: SimLoop = option(
+        SimLoop.LOCKSTEP,
+        "lockstep: every live episode's turn waits for the slowest; async: each episode advances as soon "
+        "as its own calls return",
+        resumable=True,
     )
     sim_count_tokenizer: str = option(
         models.DEFAULT_MODEL, "tokenizer that counts tokens read/written (keep it fixed across compared runs)"
@@ -78,6 +98,7 @@ class EvalConfig(MetricsConfig, SandboxConfig, HumanConfig, AssistantConfig):
         for base in (AssistantConfig, HumanConfig, SandboxConfig, MetricsConfig):
             if hasattr(base, "__post_init__"):
                 base.__post_init__(self)
+        self.sim_loop = SimLoop(self.sim_loop)
         if self.tasks not in TASK_SETS:
             raise ValueError(f"tasks must be one of {', '.join(TASK_SETS)}, got {self.tasks!r}")
         for name in ("sim_max_rounds", "sim_max_tokens", "sim_batch_size"):
@@ -141,6 +162,13 @@ class RunStats:
     assistant_s: float = 0.0
     human_s: float = 0.0
     sandbox_s: float = 0.0
+    # async loop: the shared in-process engines' counters (role -> EngineStats: batches, rows, busy_seconds)
+    engines: dict = field(default_factory=dict)
+
+    def add(self, other: RunStats) -> None:
+        """Count ``other``'s episodes and call times in (the threads of the async loop)."""
+        for name in ("episodes", "steps", "assistant_s", "human_s", "sandbox_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
     def other_s(self) -> float:
@@ -267,6 +295,8 @@ def run_episodes(
     The programs of the episodes that finish in a step are tested together in the sandbox (worker
     pool) right away, so a trace is handed over, and saved, as soon as its episode is scored.
     """
+    if config.sim_loop is SimLoop.ASYNC:
+        return _run_async(tasks, assistant, human, config, count, on_finished)
     stats = RunStats()
     begin = time.perf_counter()
     queue, live = deque(tasks), []
@@ -287,6 +317,80 @@ def run_episodes(
                 stats.episodes += 1
     stats.total_s = time.perf_counter() - begin
     return stats
+
+
+def _run_async(
+    tasks: list[Task],
+    assistant: Assistant,
+    human: Human,
+    config: EvalConfig,
+    count: TokenCounter,
+    on_finished: Callable[[dict], None],
+) -> RunStats:
+    """:func:`run_episodes` with each episode on its own thread, ``sim_batch_size`` in flight.
+
+    Episodes take turns running Python (:class:`Turns`: no tokenizer or counter is shared across
+    threads at once) and give their turn up while they wait for a model or the sandbox, so their
+    calls overlap: in-process models gather the calls waiting for them into one generate call
+    (:class:`Batcher`), servers get them as concurrent requests. The first error stops the others at
+    their next turn; the traces of finished episodes are saved already.
+    """
+    begin, turns, stop = time.perf_counter(), Turns(), threading.Event()
+    sandboxes = threading.Semaphore(config.sandbox_workers or 2 * (os.cpu_count() or 1))
+
+    def play(task: Task) -> RunStats:
+        mine = RunStats()
+        with turns.turn():
+            episode = Episode(task=task, state=task.prompt)
+            while not episode.end_reason:
+                if stop.is_set():
+                    return mine
+                _step([episode], assistant, human, count, config, mine)
+            start = time.perf_counter()
+            with waiting(), sandboxes:
+                [result] = run_many([(task, episode.state)], config.part(SandboxConfig))
+            mine.sandbox_s += time.perf_counter() - start
+            on_finished(_trace(episode, result, assistant, human, config))
+            mine.episodes += 1
+        return mine
+
+    stats = RunStats()
+    with _shared_engines(assistant, human, config, stats.engines):
+        with ThreadPoolExecutor(config.sim_batch_size, thread_name_prefix="episode") as threads:
+            futures = [threads.submit(play, task) for task in tasks]
+            try:
+                for future in futures:
+                    stats.add(future.result())
+            except BaseException:
+                stop.set()
+                threads.shutdown(cancel_futures=True)
+                raise
+    stats.total_s = time.perf_counter() - begin
+    return stats
+
+
+@contextlib.contextmanager
+def _shared_engines(assistant: Assistant, human: Human, config: EvalConfig, counters: dict):
+    """Every in-process engine of the run behind a :class:`Batcher` while the episodes play, so the
+    calls of episodes on other threads are gathered into its generate calls; restored after, with
+    each one's counters in ``counters`` (by role)."""
+    owners = [("assistant", assistant, "engine", config.assistant_batch_size)]
+    owners += [("estimator", assistant, "estimator", config.assistant_batch_size)]
+    owners += [("human", getattr(human, "backend", None), "engine", config.human_batch_size)]
+    swapped = []
+    for role, owner, name, rows in owners:
+        engine = getattr(owner, name, None)
+        if isinstance(engine, LocalEngine):
+            setattr(owner, name, Batcher(engine, max_batch_rows=rows, batch_wait_s=0.002))
+            swapped.append((role, owner, name, engine))
+    try:
+        yield
+    finally:
+        for role, owner, name, engine in swapped:
+            batcher = getattr(owner, name)
+            batcher.close()
+            counters[role] = batcher.stats
+            setattr(owner, name, engine)
 
 
 def exclude_broken_references(tasks: list[Task], config: EvalConfig) -> tuple[list[Task], list[dict]]:

@@ -1,5 +1,6 @@
-"""Wrappers over an engine: :class:`Batcher` gathers concurrent asyncio callers into one generate call;
-:class:`Resilient` keeps many requests in flight to a server, each under a timeout and retried.
+"""Wrappers over an engine: :class:`Batcher` gathers concurrent callers into one generate call;
+:class:`Resilient` keeps many requests in flight to a server, each under a timeout and retried;
+:class:`Turns` lets threads (episodes) take turns running Python while their engine calls overlap.
 
 Why a worker thread: ``generate`` holds the CPU for hundreds of milliseconds; running it on the event
 loop would freeze every other request (health checks included). The worker takes the jobs that
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -65,6 +67,51 @@ class Delta:
     finish_reason: str | None = None
     stopping_word: str = ""  # the request's stop string that ended it, if one did
     generation: Generation | None = None
+
+
+_held = threading.local()
+
+
+class Turns:
+    """Threads that take turns: one runs Python at a time (tokenizers, bookkeeping: nothing needs to be
+    thread-safe), and a thread waiting for an engine (:func:`waiting`) lets the others run meanwhile.
+
+    Example::
+
+        turns = Turns()
+        def play(task):
+            with turns.turn():
+                ...  # engine calls inside wait with the turn given up
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def turn(self):
+        self._lock.acquire()
+        _held.turns = self
+        try:
+            yield
+        finally:
+            _held.turns = None
+            self._lock.release()
+
+
+@contextlib.contextmanager
+def waiting():
+    """Around a blocking engine call: a thread holding a turn gives it up until the call returns."""
+    turns = getattr(_held, "turns", None)
+    if turns is None:
+        yield
+        return
+    _held.turns = None
+    turns._lock.release()
+    try:
+        yield
+    finally:
+        turns._lock.acquire()
+        _held.turns = turns
 
 
 @dataclasses.dataclass
@@ -144,11 +191,14 @@ class Batcher:
                 out[delta.index] = delta.generation
             return out
 
-        return asyncio.run(collect()) if requests else []
+        if not requests:
+            return []
+        with waiting():
+            return asyncio.run(collect())
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
         """The engine's *score* verb, from any thread (between generate batches)."""
-        with self._model_lock:
+        with waiting(), self._model_lock:
             return self.engine.score(requests)
 
     async def stream(
@@ -336,10 +386,12 @@ class Resilient:
         return getattr(self.engine, name)
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
-        return asyncio.run(self.agenerate(requests))
+        with waiting():
+            return asyncio.run(self.agenerate(requests))
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
-        return asyncio.run(self.ascore(requests))
+        with waiting():
+            return asyncio.run(self.ascore(requests))
 
     async def agenerate(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
         """:meth:`generate` from inside a running event loop."""
