@@ -527,6 +527,8 @@ def run_eval(config: EvalConfig, progress: bool = True, pool: models.ModelPool |
             stats.sandbox_s,
             stats.other_s,
         )
+        # Where this invocation's time went (a resumed run keeps only its last invocation's).
+        (config.out / "speed.json").write_text(json.dumps(dataclasses.asdict(stats), indent=2) + "\n")
     write_summary(config.out)
     return config.out
 

