@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from empower.assistant import AssistantConfig, Suggestion, build_assistant
-from empower.env import EvalConfig, TokenCounter, run_episodes, run_eval
+from empower.env import EvalConfig, LoopStatus, TokenCounter, run_episodes, run_eval
 from empower.humans import ChatReply, HumanConfig, LLMHuman, build_human
 from empower.metrics import summarize_run
 from empower.reproduce import eval_done
@@ -204,15 +204,22 @@ def players(make_config, tiny, tasks_file):
     human = build_human(config.part(HumanConfig))
     count = TokenCounter(config.sim_count_tokenizer)
 
-    def play(**overrides):
+    def play(on_finished=None, status=None, **overrides):
         traces = []
+
+        def finished(trace):
+            traces.append(trace)
+            if on_finished:
+                on_finished(trace)
+
         stats = run_episodes(
             load_tasks("humaneval", str(tasks_file)),
             assistant,
             human,
             dataclasses.replace(config, **overrides),
             count,
-            traces.append,
+            finished,
+            status,
         )
         return stats, traces
 
@@ -252,6 +259,18 @@ def test_the_async_loop_plays_the_lockstep_episodes_each_advancing_on_its_own(pl
     assert shared.rows == stats.steps and shared.batches < shared.rows  # turns of episodes in one call
     _, again = players()  # the run's engines are the players' own again
     assert _by_task(again) == _by_task(lockstep)
+
+
+@pytest.mark.parametrize("loop", ["lockstep", "async"])
+def test_progress_shows_live_episodes_and_the_rate(players, loop):
+    status, seen = LoopStatus(), []
+    _, traces = players(on_finished=lambda trace: seen.append((status.live, status.line())), status=status,
+                        sim_loop=loop, sim_batch_size=3)  # fmt: skip
+    assert status.finished == len(traces) == 3 and status.live == 0
+    assert seen[0][0] >= 1 and seen[0][1].startswith(f"{seen[0][0]} live, ")
+    assert status.line().startswith("0 live, 0 waiting on a call, ") and status.line().endswith(
+        " episodes/min"
+    )
 
 
 def test_the_async_loop_plays_the_lockstep_episodes_with_the_llm_human(

@@ -176,6 +176,23 @@ class RunStats:
         return self.total_s - self.assistant_s - self.human_s - self.sandbox_s
 
 
+@dataclass
+class LoopStatus:
+    """What the progress bar shows while episodes play (read as it redraws)."""
+
+    live: int = 0  # episodes in flight
+    in_call: int = 0  # lock-step: episodes whose model call is running
+    turns: Turns | None = None  # async: its threads waiting for a model or the sandbox
+    finished: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def line(self) -> str:
+        minutes = (time.perf_counter() - self.start) / 60
+        waiting = self.turns.waiting if self.turns is not None else self.in_call
+        rate = f"{self.finished / minutes:.1f}" if self.finished else "-"
+        return f"{self.live} live, {waiting} waiting on a call, {rate} episodes/min"
+
+
 def _step(
     live: list[Episode],
     assistant: Assistant,
@@ -289,14 +306,16 @@ def run_episodes(
     config: EvalConfig,
     count: TokenCounter,
     on_finished: Callable[[dict], None],
+    status: LoopStatus | None = None,
 ) -> RunStats:
     """Play one episode per task, ``sim_batch_size`` at a time; call ``on_finished(trace)`` per episode.
 
     The programs of the episodes that finish in a step are tested together in the sandbox (worker
     pool) right away, so a trace is handed over, and saved, as soon as its episode is scored.
     """
+    status = status if status is not None else LoopStatus()
     if config.sim_loop is SimLoop.ASYNC:
-        return _run_async(tasks, assistant, human, config, count, on_finished)
+        return _run_async(tasks, assistant, human, config, count, on_finished, status)
     stats = RunStats()
     begin = time.perf_counter()
     queue, live = deque(tasks), []
@@ -305,9 +324,12 @@ def run_episodes(
         while queue and len(live) < config.sim_batch_size:
             task = queue.popleft()
             live.append(Episode(task=task, state=task.prompt))
+        status.live = status.in_call = len(live)
         _step(live, assistant, human, count, config, stats)
+        status.in_call = 0
         finished = [e for e in live if e.end_reason]
         live = [e for e in live if not e.end_reason]
+        status.live = len(live)
         if finished:
             start = time.perf_counter()
             results = run_many([(e.task, e.state) for e in finished], config.part(SandboxConfig))
@@ -315,6 +337,7 @@ def run_episodes(
             for episode, result in zip(finished, results, strict=True):
                 on_finished(_trace(episode, result, assistant, human, config))
                 stats.episodes += 1
+                status.finished += 1
     stats.total_s = time.perf_counter() - begin
     return stats
 
@@ -326,6 +349,7 @@ def _run_async(
     config: EvalConfig,
     count: TokenCounter,
     on_finished: Callable[[dict], None],
+    status: LoopStatus,
 ) -> RunStats:
     """:func:`run_episodes` with each episode on its own thread, ``sim_batch_size`` in flight.
 
@@ -336,22 +360,28 @@ def _run_async(
     their next turn; the traces of finished episodes are saved already.
     """
     begin, turns, stop = time.perf_counter(), Turns(), threading.Event()
+    status.turns = turns
     sandboxes = threading.Semaphore(config.sandbox_workers or 2 * (os.cpu_count() or 1))
 
     def play(task: Task) -> RunStats:
         mine = RunStats()
         with turns.turn():
-            episode = Episode(task=task, state=task.prompt)
-            while not episode.end_reason:
-                if stop.is_set():
-                    return mine
-                _step([episode], assistant, human, count, config, mine)
-            start = time.perf_counter()
-            with waiting(), sandboxes:
-                [result] = run_many([(task, episode.state)], config.part(SandboxConfig))
-            mine.sandbox_s += time.perf_counter() - start
-            on_finished(_trace(episode, result, assistant, human, config))
-            mine.episodes += 1
+            status.live += 1
+            try:
+                episode = Episode(task=task, state=task.prompt)
+                while not episode.end_reason:
+                    if stop.is_set():
+                        return mine
+                    _step([episode], assistant, human, count, config, mine)
+                start = time.perf_counter()
+                with waiting(), sandboxes:
+                    [result] = run_many([(task, episode.state)], config.part(SandboxConfig))
+                mine.sandbox_s += time.perf_counter() - start
+                on_finished(_trace(episode, result, assistant, human, config))
+                mine.episodes += 1
+                status.finished += 1
+            finally:
+                status.live -= 1
         return mine
 
     stats = RunStats()
@@ -545,7 +575,21 @@ def _play(
 ) -> RunStats:
     """Build the assistant and human, run the episodes, append each trace as it finishes."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.text import Text
+
+    status = LoopStatus()
+
+    class StatusColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(status.line(), style="dim")
 
     assistant = build_assistant(config.part(AssistantConfig), pool=pool)
     human = build_human(config.part(HumanConfig), pool=pool)
@@ -556,6 +600,7 @@ def _play(
         MofNCompleteColumn(),
         TextColumn("{task.description}"),
         TimeElapsedColumn(),
+        StatusColumn(),
         console=Console(stderr=True),
         disable=not progress,
     )
@@ -577,4 +622,4 @@ def _play(
                 description=f"pass {totals['passed'] / totals['done']:.2f} acceptance {acceptance:.2f}",
             )
 
-        return run_episodes(todo, assistant, human, config, count, on_finished)
+        return run_episodes(todo, assistant, human, config, count, on_finished, status)

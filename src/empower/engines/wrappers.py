@@ -86,6 +86,7 @@ class Turns:
 
     def __init__(self):
         self._lock = threading.Lock()
+        self.waiting = 0  # threads waiting for an engine right now (progress)
 
     @contextlib.contextmanager
     def turn(self):
@@ -106,11 +107,13 @@ def waiting():
         yield
         return
     _held.turns = None
+    turns.waiting += 1
     turns._lock.release()
     try:
         yield
     finally:
         turns._lock.acquire()
+        turns.waiting -= 1
         _held.turns = turns
 
 
