@@ -46,7 +46,7 @@ from empower.engines.local import LocalEngine
 from empower.engines.wrappers import Batcher, Turns, waiting
 from empower.humans import Decision, Human, HumanConfig, HumanView, build_human
 from empower.metrics import MetricsConfig, discounted_pass, read_traces, write_summary
-from empower.sandbox import SandboxConfig, Status, run_many, validate_references
+from empower.sandbox import SandboxConfig, Status, run_many, validate_references, worker_count
 from empower.tasks import TASK_SETS, Task, load_tasks
 
 log = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ def _run_async(
     """
     begin, turns, stop = time.perf_counter(), Turns(), threading.Event()
     status.turns = turns
-    sandboxes = threading.Semaphore(config.sandbox_workers or 2 * (os.cpu_count() or 1))
+    sandboxes = threading.Semaphore(worker_count(config.part(SandboxConfig)))
 
     def play(task: Task) -> RunStats:
         mine = RunStats()

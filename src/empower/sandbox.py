@@ -657,14 +657,18 @@ def _crash_result(returncode: int, stderr_tail: str, result) -> ExecutionResult:
     )
 
 
+def worker_count(config: SandboxConfig) -> int:
+    """Programs run at once: ``sandbox_workers``, or two per core."""
+    return config.sandbox_workers or 2 * (os.cpu_count() or 1)
+
+
 def run_many(
     items: list[tuple[Task, str]], config: SandboxConfig | None = None, public_only: bool = False
 ) -> list[ExecutionResult]:
     """Run many (task, program) pairs with a pool of ``sandbox_workers`` threads, each driving one
     child process; results come back in the order of ``items``."""
     config = config or SandboxConfig()
-    workers = config.sandbox_workers or 2 * (os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=worker_count(config)) as pool:
         return list(pool.map(lambda item: run_task_tests(item[0], item[1], config, public_only), items))
 
 

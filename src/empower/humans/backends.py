@@ -189,13 +189,18 @@ class LocalChat(EngineChat):
         super().__init__(engine, engine.eos_ids, config.human_temperature, spec)
 
 
+def _served(url: str, config: HumanConfig, key: str | None) -> str:
+    """The human's model name on the server at ``url`` (HumanServerError when it cannot be reached)."""
+    try:
+        return served_model(url, config.human_served_model, key, timeout_s=config.human_timeout_s)
+    except ServerEngineError as err:
+        raise HumanServerError(f"simulated human server {url} unreachable: {err}") from err
+
+
 def human_server_engine(url: str, config: HumanConfig, tokenizer=None) -> Resilient:
     """The human's completions server as an engine (``human_model`` names the local tokenizer)."""
     key = os.environ.get("EMPOWER_HUMAN_API_KEY")
-    try:
-        served = served_model(url, config.human_served_model, key, timeout_s=config.human_timeout_s)
-    except ServerEngineError as err:
-        raise HumanServerError(f"simulated human server {url} unreachable: {err}") from err
+    served = _served(url, config, key)
     tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(config.human_model)
     return server_engine(
         url,
@@ -239,10 +244,7 @@ class ChatAPI:
 
         self.url, self.config = url, config
         key = os.environ.get("EMPOWER_HUMAN_API_KEY") or "EMPTY"
-        try:
-            self.model = served_model(url, config.human_served_model, key, timeout_s=config.human_timeout_s)
-        except ServerEngineError as err:
-            raise HumanServerError(f"simulated human server {url} unreachable: {err}") from err
+        self.model = _served(url, config, key)
         self.client = openai.OpenAI(
             base_url=url, api_key=key, timeout=config.human_timeout_s, max_retries=config.human_retries
         )
