@@ -327,6 +327,31 @@ def test_the_batcher_gathers_callers_on_many_threads_into_shared_generate_calls(
     assert batcher.stats.rows == 8 and batcher.stats.batches < 8
 
 
+def test_the_batcher_keeps_calls_of_different_kinds_in_separate_batches(tiny, prompt_ids):
+    """Short and long replies asked at once from many threads: each generate call holds one kind (a
+    static batch runs to its longest row), and every caller still gets the engine's generation."""
+    engine = LocalEngine(*tiny, prefix_cache=0)
+    batcher = Batcher(LocalEngine(*tiny, prefix_cache=0), max_batch_rows=8, batch_wait_s=0.05)
+    calls: list[set[int]] = []
+    real = batcher.engine.generate
+
+    def recorded(requests, *args, **kwargs):
+        calls.append({r.max_tokens for r in requests})
+        return real(requests, *args, **kwargs)
+
+    batcher.engine.generate = recorded
+    requests = [GenerateRequest(prompt_ids[: 3 + k], 3 if k % 2 else 9) for k in range(12)]
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            made = list(pool.map(lambda r: batcher.generate([r])[0], requests))
+    finally:
+        batcher.close()
+    for got, want in zip(made, engine.generate(requests), strict=True):
+        assert (got.ids, got.text, got.finish) == (want.ids, want.text, want.finish)
+    assert all(len(kinds) == 1 for kinds in calls)
+    assert batcher.stats.rows == 12 and batcher.stats.batches < 12
+
+
 def test_threshold_keeps_the_tokens_the_labeling_rule_keeps(tiny, prompt_ids):
     policy = _policy(tiny, policy=Policy.THRESHOLD, eta=40.0)
     batcher = Batcher(LocalEngine(*tiny))

@@ -146,6 +146,8 @@ class _Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.rows = [_Row(index, r) for index, r in enumerate(requests)]
         self.open_rows = len(self.rows)
+        # A caller's requests are of one kind (one episode step, one editor request).
+        self.kind = next(((r.temperature, r.top_p, r.max_tokens) for r in requests), None)
         self.cancelled = False
 
     def post(self, item) -> None:
@@ -240,24 +242,36 @@ class Batcher:
     # ---- worker thread -------------------------------------------------------------------------
 
     def _gather(self) -> list[_Job] | None:
-        """Block for the first job, then take what else is waiting, up to ``max_batch_rows``."""
+        """Block for the first job, then take what else is waiting of its kind, up to ``max_batch_rows``.
+
+        Jobs of another kind (sampling settings, token budget) wait for a later batch, oldest first: a
+        static batch runs to its longest row, so a 4-token acceptor reply batched with an 18-token
+        appender reply (and its longer prompt) would pay for both.
+        """
         first = self._deferred.popleft() if self._deferred else self._queue.get()
         if first is None:
             return None
         jobs, rows = [first], len(first.rows)
+        later: collections.deque[_Job] = collections.deque()
+        for job in self._deferred:
+            if job.kind == first.kind and rows + len(job.rows) <= self.max_batch_rows:
+                jobs.append(job)
+                rows += len(job.rows)
+            else:
+                later.append(job)
+        self._deferred = later
         deadline = time.monotonic() + self.batch_wait_s
         while rows < self.max_batch_rows:
             try:
-                job = (
-                    self._deferred.popleft()
-                    if self._deferred
-                    else self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                )
+                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
             if job is None:
                 self._queue.put(None)
                 break
+            if job.kind != first.kind:
+                self._deferred.append(job)
+                continue
             if rows + len(job.rows) > self.max_batch_rows:
                 self._deferred.append(job)
                 break
