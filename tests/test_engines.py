@@ -6,7 +6,10 @@ Run: .venv/bin/pytest tests/test_engines.py
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from transformers import LogitsProcessor
 
 from empower.engines import Finish, GenerateRequest, ScoreRequest, decode_continuation, encode
 from empower.engines.local import LocalEngine
+from empower.engines.wrappers import Slots
 
 STATES = ["def add(a, b):\n    ", "import os\n\n\ndef main():\n    path = os.getcwd()\n    ", "x = ["]
 
@@ -225,3 +229,34 @@ def test_a_tiny_top_p_samples_the_greedy_tokens(engine):
         [GenerateRequest(p, 6, temperature=1.0, top_p=1e-6) for p in prompts(engine.tokenizer)]
     )
     assert [g.ids for g in sampled] == [g.ids for g in free(engine, max_tokens=6)]
+
+
+def test_slots_bound_holders_across_threads_and_survive_cancelled_waiters():
+    """Four threads, each with its own event loop and three tasks: never more than two hold a slot;
+    waiters that give up (timeouts) lose no slot, so both are free at the end."""
+    slots, lock, now, most = Slots(2), threading.Lock(), [0], [0]
+
+    async def hold(seconds: float) -> None:
+        async with slots.slot():
+            with lock:
+                now[0] += 1
+                most[0] = max(most[0], now[0])
+            await asyncio.sleep(seconds)
+            with lock:
+                now[0] -= 1
+
+    async def thread_work(k: int) -> None:
+        impatient = asyncio.wait_for(hold(0.01), 0.001) if k % 2 else hold(0.01)
+        results = await asyncio.gather(impatient, hold(0.02), hold(0.01), return_exceptions=True)
+        assert all(r is None or isinstance(r, TimeoutError) for r in results)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda k: asyncio.run(thread_work(k)), range(4)))
+
+    async def both_free() -> None:
+        await asyncio.wait_for(
+            asyncio.gather(slots.acquire(), slots.acquire()), 5.0
+        )  # blocks if one was lost
+
+    asyncio.run(both_free())
+    assert most[0] == 2

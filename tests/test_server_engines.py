@@ -112,6 +112,19 @@ def test_requests_a_server_fails_are_retried_with_backoff_and_the_run_is_unchang
 
 
 @pytest.mark.parametrize("loop", ["lockstep", "async"])
+def test_requests_in_flight_never_exceed_the_engines_setting_under_either_loop(server, tmp_path, loop):
+    """Six episodes in flight, each calling from its own thread under the async loop: at most
+    assistant_batch_size (2) requests are out at once, and the traces are the in-process ones."""
+    here = kept(run_eval(eval_config(tmp_path / "local", limit=6), progress=False))
+    config = eval_config(tmp_path / "url", limit=6, assistant_url=server, sim_batch_size=6,
+                         assistant_batch_size=2, sim_loop=loop)  # fmt: skip
+    there = kept(run_eval(config, progress=False))
+    assert sorted(there, key=lambda t: t["task_id"]) == sorted(here, key=lambda t: t["task_id"])
+    counted = json.loads((tmp_path / "url" / "speed.json").read_text())["engines"]["assistant"]
+    assert counted["requests"] > 6 and counted["most_in_flight"] == 2 and counted["in_flight"] == 0
+
+
+@pytest.mark.parametrize("loop", ["lockstep", "async"])
 def test_a_server_gone_mid_run_stops_it_in_one_line_and_resume_finishes_it(server, tmp_path, capsys, loop):
     here = kept(run_eval(eval_config(tmp_path / "local", limit=3), progress=False))
     out = tmp_path / "url"

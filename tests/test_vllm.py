@@ -12,6 +12,7 @@ import pytest
 
 from empower import models
 from empower.assistant import AssistantConfig, Policy, PolicyAssistant, SuggestionRequest, build_assistant
+from empower.cli import main
 from empower.engines import GenerateRequest, ScoreRequest, encode
 from empower.engines.local import LocalEngine
 from empower.engines.openai import served_model, server_engine
@@ -110,6 +111,25 @@ def test_a_greedy_evaluation_on_vllm_gives_the_in_process_traces(vllm, tmp_path)
     here = traces()
     assert sum(t["suggestions"] for t in here) > 0
     assert traces(assistant_url=vllm, assistant_served_model="smollm2") == here
+
+
+@pytest.mark.parametrize("role", ["assistant", "human"])
+def test_a_program_longer_than_the_servers_context_is_refused_before_any_episode(
+    vllm, tmp_path, capsys, role
+):
+    """vLLM here serves 2,048 tokens of context: programs allowed to grow to 2,040 tokens cannot get
+    a reply, so the run stops at once, naming the server's context and the settings."""
+    where = ["--assistant-url", vllm] if role == "assistant" else ["--human-url", f"{vllm}/v1"]
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        main(["eval", "run", "--assistant", models.DEFAULT_MODEL, "--policy", "base-n", "--human", "llm",
+              "--human-model", models.DEFAULT_MODEL, "--limit", "1", "--sim-max-tokens", "2040",
+              "--out", str(out), *where])  # fmt: skip
+    message = " ".join(capsys.readouterr().err.split())  # the console wraps lines
+    reply = "max_new_tokens=" if role == "assistant" else "human_max_new_tokens="
+    assert stopped.value.code == 2
+    assert "2048 tokens of context" in message and "sim_max_tokens=2040" in message and reply in message
+    assert not (out / "traces.jsonl").is_file() or not (out / "traces.jsonl").read_text()
 
 
 def test_the_llm_human_on_vllm_replies_what_it_does_in_process(vllm, smol):

@@ -43,7 +43,7 @@ from empower import models
 from empower.assistant import Assistant, AssistantConfig, SuggestionRequest, assistant_name, build_assistant
 from empower.configs import option, resumable_fields, to_dict
 from empower.engines.local import LocalEngine
-from empower.engines.wrappers import Batcher, Turns, waiting
+from empower.engines.wrappers import Batcher, EngineStats, Turns, waiting
 from empower.humans import Decision, Human, HumanConfig, HumanView, build_human
 from empower.metrics import MetricsConfig, discounted_pass, read_traces, write_summary
 from empower.sandbox import SandboxConfig, Status, run_many, validate_references, worker_count
@@ -162,7 +162,7 @@ class RunStats:
     assistant_s: float = 0.0
     human_s: float = 0.0
     sandbox_s: float = 0.0
-    # async loop: the shared in-process engines' counters (role -> EngineStats: batches, rows, busy_seconds)
+    # role -> EngineStats: the async loop's Batchers (batches, rows, busy_seconds), servers (in flight)
     engines: dict = field(default_factory=dict)
 
     def add(self, other: RunStats) -> None:
@@ -317,6 +317,13 @@ def run_episodes(
     if config.sim_loop is SimLoop.ASYNC:
         return _run_async(tasks, assistant, human, config, count, on_finished, status)
     stats = RunStats()
+    with _shared_engines(assistant, human, config, stats.engines, share=False):
+        _run_lockstep(tasks, assistant, human, config, count, on_finished, status, stats)
+    return stats
+
+
+def _run_lockstep(tasks, assistant, human, config, count, on_finished, status, stats) -> None:
+    """Step every live episode together: one call per role for all of them, then the sandbox."""
     begin = time.perf_counter()
     queue, live = deque(tasks), []
 
@@ -339,7 +346,6 @@ def run_episodes(
                 stats.episodes += 1
                 status.finished += 1
     stats.total_s = time.perf_counter() - begin
-    return stats
 
 
 def _run_async(
@@ -385,7 +391,7 @@ def _run_async(
         return mine
 
     stats = RunStats()
-    with _shared_engines(assistant, human, config, stats.engines):
+    with _shared_engines(assistant, human, config, stats.engines, share=True):
         with ThreadPoolExecutor(config.sim_batch_size, thread_name_prefix="episode") as threads:
             futures = [threads.submit(play, task) for task in tasks]
             try:
@@ -399,18 +405,50 @@ def _run_async(
     return stats
 
 
+def _engine_owners(assistant: Assistant, human: Human, config: EvalConfig) -> list[tuple]:
+    """(role, owner, attribute, batch rows) of every engine a run may call: ``getattr(owner,
+    attribute)`` is the engine, or None where that role has none (a scripted human, no estimator)."""
+    return [
+        ("assistant", assistant, "engine", config.assistant_batch_size),
+        ("estimator", assistant, "estimator", config.assistant_batch_size),
+        ("human", getattr(human, "backend", None), "engine", config.human_batch_size),
+    ]
+
+
+def check_context(assistant: Assistant, human: Human, config: EvalConfig) -> None:
+    """Refuse, before any episode, a run whose longest request cannot fit an engine's context.
+
+    An episode's program grows to ``sim_max_tokens`` and every prompt holds it, plus the reply's
+    budget; a server with a shorter ``max_model_len`` (vLLM's ``--max-model-len``) would refuse the
+    request hours into the run. Counted with the run's tokenizer: a lower bound, not exact.
+    """
+    replies = {"assistant": ("max_new_tokens", config.max_new_tokens),
+               "estimator": ("max_new_tokens", config.max_new_tokens),
+               "human": ("human_max_new_tokens", config.human_max_new_tokens)}  # fmt: skip
+    for role, owner, name, _ in _engine_owners(assistant, human, config):
+        engine = getattr(owner, name, None)
+        context = getattr(engine, "max_model_len", None)
+        field, reply = replies[role]
+        if context and config.sim_max_tokens + reply > context:
+            raise ValueError(
+                f"the {role}'s engine ({getattr(engine, 'name', '') or type(engine).__name__}) takes "
+                f"{context} tokens of context, but a program may grow to sim_max_tokens="
+                f"{config.sim_max_tokens} and a reply adds up to {field}={reply}: lower sim_max_tokens or "
+                f"serve the model with a longer context (vLLM: --max-model-len)"
+            )
+
+
 @contextlib.contextmanager
-def _shared_engines(assistant: Assistant, human: Human, config: EvalConfig, counters: dict):
-    """Every in-process engine of the run behind a :class:`Batcher` while the episodes play, so the
-    calls of episodes on other threads are gathered into its generate calls; restored after, with
-    each one's counters in ``counters`` (by role)."""
-    owners = [("assistant", assistant, "engine", config.assistant_batch_size)]
-    owners += [("estimator", assistant, "estimator", config.assistant_batch_size)]
-    owners += [("human", getattr(human, "backend", None), "engine", config.human_batch_size)]
+def _shared_engines(assistant: Assistant, human: Human, config: EvalConfig, counters: dict, share: bool):
+    """While the episodes play, every in-process engine of the run behind a :class:`Batcher` when
+    ``share`` (the async loop: the calls of episodes on other threads are gathered into its generate
+    calls), restored after; then each engine's counters (batches, requests in flight, retries, ...)
+    go into ``counters`` by role."""
+    owners = _engine_owners(assistant, human, config)
     swapped = []
     for role, owner, name, rows in owners:
         engine = getattr(owner, name, None)
-        if isinstance(engine, LocalEngine):
+        if share and isinstance(engine, LocalEngine):
             setattr(owner, name, Batcher(engine, max_batch_rows=rows, batch_wait_s=0.002))
             swapped.append((role, owner, name, engine))
     try:
@@ -421,6 +459,9 @@ def _shared_engines(assistant: Assistant, human: Human, config: EvalConfig, coun
             batcher.close()
             counters[role] = batcher.stats
             setattr(owner, name, engine)
+        for role, owner, name, _ in owners:
+            if isinstance(stats := getattr(getattr(owner, name, None), "stats", None), EngineStats):
+                counters[role] = stats
 
 
 def exclude_broken_references(tasks: list[Task], config: EvalConfig) -> tuple[list[Task], list[dict]]:
@@ -593,6 +634,7 @@ def _play(
 
     assistant = build_assistant(config.part(AssistantConfig), pool=pool)
     human = build_human(config.part(HumanConfig), pool=pool)
+    check_context(assistant, human, config)
     totals = {"passed": 0, "shown": 0, "accepted": 0, "done": 0}
     bar = Progress(
         TextColumn("[bold]eval"),

@@ -118,12 +118,15 @@ class OpenAIEngine:
         # on them (vLLM serving a LoRA adapter may not), and are never part of it.
         self.eos_ids = set(eos_ids)
         self.stats = EngineStats()
+        # Prompt plus generation the server takes (vLLM's --max-model-len, read by check()); None: unknown.
+        self.max_model_len: int | None = None
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._client = self.session()
 
     def check(self) -> None:
         """Ask for one token of a token-id prompt, once, before any work: a server that takes no token
-        ids, sends none back or sends no log-probabilities is refused here, naming what it lacks."""
+        ids, sends none back or sends no log-probabilities is refused here, naming what it lacks. Reads
+        the context length the server lists for the model (:attr:`max_model_len`) where it lists one."""
         start = next(
             i for i in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, 0) if i is not None
         )
@@ -152,6 +155,12 @@ class OpenAIEngine:
             )
         if None in (logprobs.get("token_logprobs") or [None]):
             raise ServerEngineError(f"{self.name} sends no log-probabilities (logprobs.token_logprobs){why}")
+        try:
+            listed = httpx.get(f"{self.url}/v1/models", headers=self._headers, timeout=60.0).json()
+        except (httpx.HTTPError, ValueError):
+            return  # context length unknown: nothing to check it against
+        card = next((m for m in listed.get("data", []) if m.get("id") == self.upstream_model), {})
+        self.max_model_len = card.get("max_model_len")
 
     def session(self) -> httpx.AsyncClient:
         """A connection pool for one event loop (``async with``); timeouts are the caller's."""

@@ -130,6 +130,8 @@ class EngineStats:
     busy_seconds: float = 0.0
     retried: int = 0  # attempts that failed and were tried again (Resilient)
     refused: int = 0  # requests that failed every attempt
+    in_flight: int = 0  # requests sent and not yet answered (Resilient), and the most at once
+    most_in_flight: int = 0
 
 
 class _Job:
@@ -370,16 +372,74 @@ def _stop_prefix(text: str, start: int, stops: tuple[str, ...]) -> int:
     return hold
 
 
+class Slots:
+    """At most ``n`` holders at once across threads, each on its own event loop (an episode thread's
+    ``asyncio.run``): ``asyncio.Semaphore`` belongs to one loop, so calls from many threads would each
+    get ``n``. Waiters are served oldest first; a waiter cancelled once its slot was handed over passes
+    the slot on."""
+
+    def __init__(self, n: int):
+        self._free, self._lock = n, threading.Lock()
+        self._waiters: collections.deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = (
+            collections.deque()
+        )
+
+    async def acquire(self) -> None:
+        with self._lock:
+            if self._free > 0 and not self._waiters:
+                self._free -= 1
+                return
+            waiter = (asyncio.get_running_loop(), asyncio.get_running_loop().create_future())
+            self._waiters.append(waiter)
+        try:
+            await waiter[1]
+        except asyncio.CancelledError:
+            with self._lock:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                    raise
+            if waiter[1].done() and not waiter[1].cancelled():  # handed over just as it was cancelled
+                self.release()
+            raise
+
+    def release(self) -> None:
+        """Hand the slot to the oldest waiter (it stays held), or free it."""
+        with self._lock:
+            while self._waiters:
+                loop, future = self._waiters.popleft()
+                try:
+                    loop.call_soon_threadsafe(self._hand, future)
+                    return
+                except RuntimeError:  # that caller's loop is gone
+                    continue
+            self._free += 1
+
+    def _hand(self, future: asyncio.Future) -> None:
+        if future.cancelled():  # its caller gave up before the hand-over arrived
+            self.release()
+        elif not future.done():
+            future.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        await self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+
 class Resilient:
     """The engine verbs over an engine that takes one request at a time, asynchronously.
 
     ``engine`` has ``session()`` (an async context manager for one event loop) and
     ``generate_one(session, request)`` / ``score_one(session, request)`` making one attempt and
     raising :class:`~empower.engines.base.Retryable` for a failure worth another. Here: at most
-    ``concurrency`` requests in flight, each attempt under ``timeout_s``, ``retries`` retries after
-    0.5 s, 1 s, 2 s, ..., each retry logged; a request that fails them all stops the call with one
-    :class:`~empower.engines.base.ServerEngineError` naming the engine and the last failure. Other
-    attributes (``stream``, ``stats``, ``close``) are the engine's.
+    ``concurrency`` requests in flight over every call from every thread (:class:`Slots`), each
+    attempt under ``timeout_s``, ``retries`` retries after 0.5 s, 1 s, 2 s, ..., each retry logged;
+    a request that fails them all stops the call with one :class:`~empower.engines.base.ServerEngineError`
+    naming the engine and the last failure. Other attributes (``stream``, ``stats``, ``close``) are
+    the engine's.
     """
 
     def __init__(
@@ -396,6 +456,7 @@ class Resilient:
             retries,
             backoff_s,
         )
+        self.slots, self._counting = Slots(concurrency), threading.Lock()
 
     def __getattr__(self, name):
         if name == "engine":  # not set yet (unpickling): no recursion
@@ -419,14 +480,23 @@ class Resilient:
         return await self._all(list(requests), self.engine.score_one)
 
     async def _all(self, requests: list, verb) -> list:
-        gate = asyncio.Semaphore(self.concurrency)
         async with self.engine.session() as session:
 
             async def one(request):
-                async with gate:
-                    return await self._attempts(lambda: verb(session, request))
+                async with self.slots.slot():
+                    self._count(+1)
+                    try:
+                        return await self._attempts(lambda: verb(session, request))
+                    finally:
+                        self._count(-1)
 
             return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    def _count(self, change: int) -> None:
+        stats = self.engine.stats
+        with self._counting:
+            stats.in_flight += change
+            stats.most_in_flight = max(stats.most_in_flight, stats.in_flight)
 
     async def _attempts(self, call):
         stats = self.engine.stats
