@@ -13,7 +13,8 @@ Each (way, policy) cell is a run folder under ``runs/bench-loop/``; a finished c
 so ``python -m bench loop`` can be stopped and restarted (cells run longer than ten minutes each on
 2 cores: run ``python -m bench.bench_loop WAY POLICY`` one cell at a time, then ``python -m bench
 loop`` to write the table). Reported: episodes per minute, the speed-up over lock-step, the
-fraction of wall time each in-process model was busy, and whether the traces equal lock-step's.
+fraction of wall time each model was busy (in-process: its generate calls; vLLM: the share of
+``/metrics`` samples with a request running), and whether the traces equal lock-step's.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
+
+import httpx
 
 from empower import models
 from empower.env import EvalConfig, run_eval
@@ -70,9 +74,12 @@ def run_cell(way: str, policy: str) -> dict:
         config = _config(way, policy, urls)
         if (folder / "traces.jsonl").is_file():  # a cell cut short is played again whole: its time counts
             (folder / "traces.jsonl").unlink()
+        samplers = [_RunningSampler(role, url.removesuffix("/v1")) for role, url in (urls or {}).items()]
         start = time.perf_counter()
         run_eval(config, progress=False)
         seconds = time.perf_counter() - start
+        for sampler in samplers:
+            sampler.stop()
     finally:
         for process in processes:
             process.terminate()
@@ -81,8 +88,14 @@ def run_cell(way: str, policy: str) -> dict:
     total = stats["total_s"]
     if way == "lockstep":  # the calls of a step run one after the other
         busy = {"assistant": stats["assistant_s"] / total, "human": stats["human_s"] / total}
+    elif samplers:
+        busy = {sampler.role: sampler.busy() for sampler in samplers}
     else:
-        busy = {role: engine["busy_seconds"] / total for role, engine in stats["engines"].items()}
+        busy = {  # in-process models (their Batchers); a server's requests are counted, not its time
+            role: engine["busy_seconds"] / total
+            for role, engine in stats["engines"].items()
+            if engine["batches"]
+        }
     cell = {
         "way": way, "policy": policy, "episodes": stats["episodes"], "seconds": seconds,
         "episodes_per_min": 60 * stats["episodes"] / total, "busy": busy, "load": os.getloadavg()[0],
@@ -90,6 +103,33 @@ def run_cell(way: str, policy: str) -> dict:
     figures.write_text(json.dumps(cell, indent=2) + "\n")
     print(json.dumps(cell), flush=True)
     return cell
+
+
+class _RunningSampler:
+    """Polls a vLLM server's ``vllm:num_requests_running`` gauge (``/metrics``) every 0.25 s on a
+    thread: the share of samples with a request running is the server's busy fraction."""
+
+    def __init__(self, role: str, url: str):
+        self.role, self.url, self.samples, self.running = role, url, 0, []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.wait(0.25):
+            try:
+                text = httpx.get(f"{self.url}/metrics", timeout=5.0).text
+            except httpx.HTTPError:
+                continue
+            lines = [line for line in text.splitlines() if line.startswith("vllm:num_requests_running")]
+            self.running.append(sum(float(line.rsplit(" ", 1)[1]) for line in lines))
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def busy(self) -> float:
+        return sum(r > 0 for r in self.running) / max(1, len(self.running))
 
 
 def _same_traces(way: str, policy: str) -> str:
@@ -103,7 +143,7 @@ def _same_traces(way: str, policy: str) -> str:
 
 
 def _share(busy: dict, role: str) -> str:
-    return f"{busy[role]:.0%}" if role in busy else "- (on vLLM)"
+    return f"{busy[role]:.0%}" if role in busy else "-"
 
 
 def main() -> str:
@@ -115,7 +155,8 @@ def main() -> str:
         "",
         "SmolLM2-135M assistant, Qwen2.5-Coder-0.5B human (the LLM-human setup of `configs/cpu-study-2h.yaml`:",
         f"16 episodes in flight, up to 40 turns, K_H = 10), the first {TASKS} HumanEval tasks, greedy, fp32 CPU.",
-        "*Busy*: the share of the wall time each in-process model spent generating.",
+        "*Busy*: the share of the wall time each in-process model spent generating; on vLLM, the share of",
+        "`vllm:num_requests_running` samples (every 0.25 s) above zero.",
         "",
         "| policy | way | episodes/min | vs lock-step | busy: assistant | busy: human | traces = lock-step | load |",
         "|---|---|---|---|---|---|---|---|",
@@ -135,12 +176,23 @@ def main() -> str:
             f"\n{policy}: episodes of {turns[0]} to {turns[-1]} turns (median {turns[len(turns) // 2]}); the "
             f"lock-step run took {turns[-1]} steps, the last ones with the longest episode alone."
         )
+    for policy in POLICIES:
+        speed = json.loads((OUT / f"async-{policy}" / "speed.json").read_text())
+        human = speed["engines"]["human"]
+        lockstep = json.loads((OUT / f"lockstep-{policy}" / "speed.json").read_text())
+        lines.append(
+            f"\n{policy}, async in-process: the human model generated {human['rows']} replies in "
+            f"{human['batches']} batches, busy {human['busy_seconds']:.0f} s (lock-step: "
+            f"{lockstep['human_s']:.0f} s in human calls)."
+        )
     lines.append(
         "\nWith as many episodes in flight as tasks, no loop can finish before the longest episode has "
         "played its turns one after another, so every way here is bounded by that one episode; the "
         "asynchronous loop gains only where episodes wait for each other's calls. In-process on 2 cores "
-        "the async loop's calls arrive one by one and go out in smaller batches (its human model is busy "
-        "nearly all the time), which costs more than the waiting it saves under threshold."
+        "the models are compute-bound: an episode's calls arrive one by one and go out in smaller "
+        "batches than lock-step's, so what the async loop saves in waiting it pays in batching; the "
+        "Batcher keeps calls of one kind (token budget, sampling) together, since a static batch runs "
+        "to its longest row."
     )
     return "\n".join(lines)
 
