@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from empower.assistant import AssistantConfig, Suggestion, build_assistant
-from empower.env import EvalConfig, LoopStatus, TokenCounter, run_episodes, run_eval
+from empower.env import Episode, EvalConfig, LoopStatus, TokenCounter, run_episodes, run_eval
 from empower.humans import ChatReply, HumanConfig, LLMHuman, build_human
 from empower.metrics import summarize_run
 from empower.reproduce import eval_done
-from empower.tasks import load_tasks
+from empower.tasks import Task, TestType, load_tasks
 
 PROBLEMS = {
     "add": (
@@ -169,6 +169,21 @@ def test_resume_refuses_a_different_configuration(run_copy):
         run_eval(dataclasses.replace(config, max_new_tokens=7), progress=False)
 
 
+def test_a_run_made_before_a_setting_existed_resumes_only_at_its_default(run_copy):
+    """config.json of an older run lacks human_repair: it resumes at the default (no repair), and a
+    resume asking for repairs is refused, naming the setting."""
+    run, config = run_copy
+    saved = json.loads((run / "config.json").read_text())
+    del saved["human_repair"]
+    (run / "config.json").write_text(json.dumps(saved))
+    lines = (run / "traces.jsonl").read_text().splitlines(keepends=True)
+    (run / "traces.jsonl").write_text("".join(lines[:2]))
+    with pytest.raises(ValueError, match="human_repair: 0.0 -> 0.5"):
+        run_eval(dataclasses.replace(config, human_repair=0.5), progress=False)
+    run_eval(config, progress=False)
+    assert len(_traces(run)) == 3
+
+
 def test_torn_trace_line_is_played_again_on_resume(run_copy):
     run, config = run_copy
     lines = (run / "traces.jsonl").read_text().splitlines(keepends=True)
@@ -186,8 +201,12 @@ def test_task_whose_reference_fails_is_excluded_and_counted(tmp_path, make_confi
     assert summarize_run(run).excluded == 1
 
 
-@pytest.mark.parametrize("field,value", [("sim_max_rounds", 0), ("sim_batch_size", 0), ("limit", 0)])
-def test_invalid_limit_is_refused_by_name(make_config, field, value):
+@pytest.mark.parametrize(
+    "field,value",
+    [("sim_max_rounds", 0), ("sim_batch_size", 0), ("limit", 0), ("assistant_batch_size", 0),
+     ("human_concurrency", 0), ("human_batch_size", 0), ("human_repair", 1.5)],
+)  # fmt: skip
+def test_an_invalid_setting_is_refused_by_name(make_config, field, value):
     with pytest.raises(ValueError, match=field):
         make_config(**{field: value})
 
@@ -289,6 +308,9 @@ def test_the_async_loop_plays_the_lockstep_episodes_with_the_llm_human(
         )
     assert _by_task(runs["async"]) == _by_task(runs["lockstep"])
     assert all(t["human_answers"] for t in runs["async"])
+    # The tiny model's answers are malformed, and an LLM human never deletes: no flag is taken for another.
+    assert sum(t["malformed_human_answers"] for t in runs["async"]) > 0
+    assert not any(e["kind"] == "deleted" for t in runs["async"] for e in t["events"])
 
 
 @pytest.mark.parametrize("loop, after", [("lockstep", 1), ("async", 1), ("async", 3)])
@@ -447,6 +469,29 @@ def test_scripted_episode_counts_tokens_and_dpr(make_config, case):
     assert [e["kind"] for e in trace["events"]] == kinds
     assert (trace["suggestions"], trace["accepted"], trace["end_reason"]) == (shown, accepted, end)
     assert trace["human_answers"] == []  # the reference human has no words of its own
+
+
+def test_a_repair_deletes_accepted_text_and_the_trace_counts_it(make_config):
+    """toy/add: "    return a - b\n" is a near miss (1 edit in 17 characters) the repairing human accepts,
+    then deletes from the "-" on (4 characters, all from the accepted suggestion) and writes "+ b\n"."""
+    trace = _play_add(make_config, ["    return a - b\n"], human_tolerance=0.1, human_repair=1.0)
+    kinds = [e["kind"] for e in trace["events"]]
+    assert kinds == ["suggested", "accepted", "deleted", "wrote", "finished"]
+    assert [e["text"] for e in trace["events"] if e["kind"] in ("deleted", "wrote")] == ["- b\n", "+ b\n"]
+    assert trace["chars_deleted_from_accepted"] == 4 and trace["accepted"] == 1 and trace["passed"]
+    kept = _play_add(make_config, ["    return a - b\n"], human_tolerance=0.1)  # no repair: the bug stays
+    assert kept["chars_deleted_from_accepted"] == 0 and not kept["passed"]
+
+
+def test_a_deletion_counts_only_the_characters_that_came_from_accepted_suggestions():
+    task = Task("t/0", "Return 1.", "def f():\n", TestType.HUMANEVAL, "def check(f):\n    pass\n", "f")
+    episode = Episode(task=task, state=task.prompt + "ab")
+    episode.accepted_spans.append((len(episode.state), len(episode.state) + 3))
+    episode.state += "cde" + "fg"  # "cde" accepted, then "fg" written
+    assert episode.delete(4) == "defg" and episode.chars_deleted == 2
+    assert episode.delete(2) == "bc" and episode.chars_deleted == 3
+    with pytest.raises(RuntimeError, match="deletes 2 characters"):
+        episode.delete(2)
 
 
 class ScriptedChat:

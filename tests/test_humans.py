@@ -66,10 +66,11 @@ def n_tokens(tokenizer, text: str) -> int:
 def reference_human(counter):
     """Builds reference humans sharing one loaded counting tokenizer."""
 
-    def build(tolerance=0.0, k=10) -> ReferenceHuman:
-        return ReferenceHuman(
-            HumanConfig(human="reference", human_tolerance=tolerance, human_max_tokens=k), counter
+    def build(tolerance=0.0, k=10, repair=0.0) -> ReferenceHuman:
+        config = HumanConfig(
+            human="reference", human_tolerance=tolerance, human_max_tokens=k, human_repair=repair
         )
+        return ReferenceHuman(config, counter)
 
     return build
 
@@ -155,6 +156,46 @@ def test_reference_takes_in_a_near_miss_at_tolerance_and_continues_after_it(refe
     assert turn.written == "    return total\n"  # re-aligned: the bug stays, the intent goes on after it
 
 
+def test_a_repairing_human_deletes_a_near_miss_it_accepted_from_where_it_differs(reference_human):
+    """Accepts the near miss like the fallible human, then deletes it from the first difference on and
+    writes its intent from there: the bug does not stay."""
+    suggestion = "    total = a - b\n"  # differs from the intent at the "-"
+    turn = respond(reference_human(0.1, repair=1.0), PROMPT, suggestion)
+    assert (turn.decision, turn.deleted) == (Decision.ACCEPT, len("- b\n"))
+    kept = suggestion[: len(suggestion) - turn.deleted]
+    assert kept == "    total = a " and REFERENCE.startswith(PROMPT + kept + turn.written)
+    assert turn.written.startswith("+ b\n")
+
+
+@pytest.mark.parametrize(
+    ("suggestion", "decision"),
+    [("    total", Decision.ACCEPT), ("    return a * b\n", Decision.REJECT), ("", Decision.ACCEPT)],
+)
+def test_a_repairing_human_deletes_nothing_it_had_no_reason_to(reference_human, suggestion, decision):
+    """Exact agreement, a rejection and an empty suggestion: the fallible human's turn, nothing deleted."""
+    turn = respond(reference_human(0.1, repair=1.0), PROMPT, suggestion)
+    assert turn == respond(reference_human(0.1), PROMPT, suggestion)
+    assert (turn.decision, turn.deleted) == (decision, 0)
+
+
+def test_a_repairing_human_finishes_like_the_others(reference_human):
+    assert respond(reference_human(0.1, repair=1.0), REFERENCE, "    x = 1\n").decision is Decision.FINISH
+
+
+def test_repair_is_a_chance_drawn_the_same_way_every_run(reference_human):
+    """At repair 0.5 some near misses are repaired and some kept, and a second human draws the same."""
+    states = [PROMPT + "    total = a + b\n" + "\n" * k for k in range(40)]
+    suggestions = ["    return totl\n"] * len(states)
+
+    def deleted(human):
+        return [respond(human, state, s).deleted for state, s in zip(states, suggestions, strict=True)]
+
+    first = deleted(reference_human(0.2, repair=0.5))
+    assert first == deleted(reference_human(0.2, repair=0.5))
+    assert 0 < sum(d > 0 for d in first) < len(first)
+    assert sum(deleted(reference_human(0.2, repair=0.0))) == 0
+
+
 def test_align_re_anchors_on_lines_written_after_a_difference():
     intent = "def f(x):\n    y = x + 1\n    z = y * 2\n    w = z - 3\n    return w\n"
     state = "def f(x):\n    y = x + 2\n    z = y * 2\n    w ="
@@ -190,6 +231,8 @@ def test_reference_without_a_reference_solution_is_a_clear_error(reference_human
 def test_config_rejects_a_tolerance_outside_zero_one():
     with pytest.raises(ValueError, match="human_tolerance"):
         HumanConfig(human_tolerance=1.5)
+    with pytest.raises(ValueError, match="human_repair"):
+        HumanConfig(human_repair=-0.1)
 
 
 # ---------------------------------------------------------------------------------- LLM human: parsing

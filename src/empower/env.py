@@ -145,6 +145,22 @@ class Episode:
     suggestion_chars: list[int] = field(default_factory=list)
     human_answers: list[dict] = field(default_factory=list)
     end_reason: str | None = None
+    accepted_spans: list[tuple[int, int]] = field(default_factory=list)  # where accepted text is in state
+    chars_deleted: int = 0  # characters of accepted suggestions the human deleted
+
+    def delete(self, chars: int) -> str:
+        """Delete ``chars`` characters from the end of the program; returns them, and counts those
+        that came from accepted suggestions (the human study's measure)."""
+        if not 0 < chars <= len(self.state) - len(self.task.prompt):
+            raise RuntimeError(
+                f"{self.task.task_id}: the human deletes {chars} characters of a program with "
+                f"{len(self.state) - len(self.task.prompt)} after the prompt"
+            )
+        cut = len(self.state) - chars
+        removed, self.state = self.state[cut:], self.state[:cut]
+        self.chars_deleted += sum(max(0, end - max(start, cut)) for start, end in self.accepted_spans)
+        self.accepted_spans = [(start, min(end, cut)) for start, end in self.accepted_spans if start < cut]
+        return removed
 
     def event(self, kind: str, text: str, tokens: int, **extra) -> None:
         self.events.append(
@@ -235,9 +251,13 @@ def _step(
             if turn.decision is Decision.ACCEPT:
                 episode.event("accepted", suggestion.text, shown_tokens)
                 episode.accepted += 1
+                episode.accepted_spans.append((len(episode.state), len(episode.state) + len(suggestion.text)))
                 episode.state += suggestion.text
             elif turn.decision is Decision.REJECT:
                 episode.event("rejected", "", 0)
+        if turn.deleted:
+            removed = episode.delete(turn.deleted)
+            episode.event("deleted", removed, count([removed])[0])
         episode.malformed += bool(turn.malformed)
         if turn.raw is not None:
             episode.human_answers.append(
@@ -288,8 +308,7 @@ def _trace(episode: Episode, result, assistant: Assistant, human: Human, config:
         "accepted": episode.accepted,
         "suggestion_tokens": episode.suggestion_tokens,
         "suggestion_chars": episode.suggestion_chars,
-        # Simulated humans never edit an accepted suggestion; the field is kept for human studies.
-        "chars_deleted_from_accepted": 0,
+        "chars_deleted_from_accepted": episode.chars_deleted,
         "dpr": discounted_pass(passed, episode.tokens_read, episode.tokens_written, config),
         "turns": episode.turns,
         "end_reason": episode.end_reason,
@@ -499,6 +518,9 @@ def _prepare_folder(config: EvalConfig) -> tuple[set[str], dict | None]:
     saved = json.loads(config_path.read_text())
     current = to_dict(config)
     may_change = resumable_fields(EvalConfig)
+    # A field added since the run was made is unchanged at its default.
+    missing = {k: v for k, v in to_dict(EvalConfig()).items() if k not in saved}
+    saved = {**missing, **saved}
     changed = sorted(k for k in current if k not in may_change and saved.get(k) != current[k])
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)

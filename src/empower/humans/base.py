@@ -2,6 +2,8 @@
 
 Each turn a human returns a :class:`HumanTurn`: ACCEPT (the suggestion is appended, then
 ``written``), REJECT (only ``written`` is appended) or FINISH (the episode ends after ``written``).
+A human that repairs also deletes ``deleted`` characters from the end of the program (after an
+accepted suggestion is appended, before ``written``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class HumanTurn:
     written: str = ""
     malformed: bool = False  # the model's answer could not be parsed (logged; a default was used)
     raw: dict | None = None  # llm: the model's answers {"acceptor": ..., "appender": ...}, saved in the trace
+    deleted: int = 0  # characters deleted from the program's end before ``written`` (a repair)
 
 
 class Human(Protocol):
@@ -84,6 +87,11 @@ class HumanConfig:
     human_tolerance: float = option(
         0.0, "reference: largest normalized edit distance of an accepted suggestion (0 = exact agreement)"
     )
+    human_repair: float = option(
+        0.0,
+        "reference: chance that the human, re-reading a near miss it has just accepted against its "
+        "intent, notices it and deletes the suggestion from where it differs (then writes on)",
+    )
     human_max_tokens: int = option(10, "K_H: most tokens the human writes per turn")
     human_tokenizer: str = option(models.DEFAULT_MODEL, "tokenizer counting the human's K_H tokens")
     human_max_new_tokens: int = option(48, "llm: generation budget of the appender (cut to K_H afterwards)")
@@ -105,8 +113,9 @@ class HumanConfig:
 
     def __post_init__(self):
         self.human = HumanKind(self.human)
-        if not 0.0 <= self.human_tolerance <= 1.0:
-            raise ValueError(f"human_tolerance must be in [0, 1], got {self.human_tolerance}")
+        for name in ("human_tolerance", "human_repair"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("human_max_tokens", "human_max_new_tokens", "human_batch_size", "human_concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

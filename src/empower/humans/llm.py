@@ -158,7 +158,7 @@ class LLMHuman:
                 if decision is not Decision.ACCEPT or not view.suggestion:
                     decision = Decision.FINISH
             raw = {"acceptor": answers[i].text if i in answers else None, "appender": reply.text}
-            turns[i] = HumanTurn(decision, written, malformed, raw)
+            turns[i] = HumanTurn(decision, written, malformed=malformed, raw=raw)
         return turns
 
     def _acceptor(self, view: HumanView) -> ChatRequest:

@@ -2,14 +2,16 @@
 
 It intends the task's reference program and accepts a suggestion that agrees with what it intends
 to write next (exactly at tolerance 0; near misses at tolerance > 0, so it can take in a bug), then
-writes the next chunk of at most ``human_max_tokens`` tokens of its intent. The rule is in
-docs/assistants-and-humans.md.
+writes the next chunk of at most ``human_max_tokens`` tokens of its intent. With ``human_repair``
+> 0 it re-reads a near miss it has just accepted and, with that chance, notices where it differs
+from its intent and deletes it from there. The rule is in docs/assistants-and-humans.md.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import random
 
 from rapidfuzz.distance import Levenshtein
 from rapidfuzz.process import cdist
@@ -87,8 +89,12 @@ class ReferenceHuman:
     def __init__(self, config: HumanConfig, tokenizer=None):
         self.config = config
         self.tokenizer = tokenizer or models.load_tokenizer(config.human_tokenizer)
-        tolerance = config.human_tolerance
-        self.name = "reference" if tolerance == 0 else f"reference-tol{tolerance:g}"
+        tolerance, repair = config.human_tolerance, config.human_repair
+        self.name = (
+            "reference"
+            + (f"-tol{tolerance:g}" if tolerance else "")
+            + (f"-repair{repair:g}" if repair else "")
+        )
 
     def respond(self, views: list[HumanView]) -> list[HumanTurn]:
         return [self._respond(view) for view in views]
@@ -104,11 +110,26 @@ class ReferenceHuman:
         if not remaining.strip():
             return HumanTurn(Decision.FINISH)
         accept = agrees(view.suggestion, remaining, self.config.human_tolerance)
+        deleted = 0
         if accept and view.suggestion:
-            state = view.state + view.suggestion
+            kept = view.suggestion
+            if not remaining.startswith(kept) and self._notices(view):
+                kept = os.path.commonprefix([kept, remaining])  # delete from the first difference on
+                deleted = len(view.suggestion) - len(kept)
+            state = view.state + kept
             remaining = intent[align(state, intent) :]
         written = self._chunk(remaining) if remaining.strip() else ""
-        return HumanTurn(Decision.ACCEPT if accept else Decision.REJECT, written)
+        return HumanTurn(Decision.ACCEPT if accept else Decision.REJECT, written, deleted=deleted)
+
+    def _notices(self, view: HumanView) -> bool:
+        """Whether the human notices the near miss it accepted: a draw with chance ``human_repair``,
+        seeded by the task, the program and the suggestion, so that a run replays exactly and every
+        assistant's same suggestion in the same place meets the same human."""
+        repair = self.config.human_repair
+        if repair >= 1.0 or repair <= 0.0:
+            return repair >= 1.0
+        seed = f"{view.task.task_id}\0{view.state}\0{view.suggestion}"
+        return random.Random(seed).random() < repair
 
     def _chunk(self, text: str) -> str:
         return cap_tokens(text, self.tokenizer, self.config.human_max_tokens)[0]
