@@ -116,9 +116,12 @@ class Estimate:
         return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
 
-def _bootstrap(samples: tuple[np.ndarray, ...], statistic, config: MetricsConfig) -> Estimate:
+def bootstrap(
+    samples: tuple[np.ndarray, ...], statistic, config: MetricsConfig, method: str = "BCa"
+) -> Estimate:
     """BCa bootstrap over tasks; ``samples`` are per-task arrays resampled together (paired). Where
-    BCa is undefined (every value the same), the percentile interval, which is then that value."""
+    BCa is undefined (every value the same), the percentile interval, which is then that value.
+    ``method="percentile"`` for statistics of pooled counts, whose jackknife BCa needs may degenerate."""
     value = float(statistic(*samples, axis=-1))
     if len(samples[0]) < 2:
         return Estimate(value)
@@ -129,7 +132,7 @@ def _bootstrap(samples: tuple[np.ndarray, ...], statistic, config: MetricsConfig
         n_resamples=config.metrics_resamples,
         paired=True,
         vectorized=True,
-        method="percentile" if degenerate else "BCa",
+        method="percentile" if degenerate else method,
         rng=np.random.default_rng(config.metrics_seed),
     )
     low, high = result.confidence_interval
@@ -298,14 +301,14 @@ def summarize_episodes(
         complete=expected is not None and len(episodes) == expected,
         pass_at_1=wilson(int(passed.sum()), len(passed)),
         acceptance=wilson(int(accepted.sum()), int(shown.sum())) if with_suggestions.any() else None,
-        dpr=_bootstrap((dpr,), _mean, config),
+        dpr=bootstrap((dpr,), _mean, config),
         suggestions=int(shown.sum()),
         accepted=int(accepted.sum()),
         suggestions_per_episode=float(shown.mean()),
         mean_suggestion_tokens=float(np.mean(lengths)) if lengths else None,
         mean_suggestion_chars=float(np.mean(chars)) if chars else None,
-        tokens_read=_bootstrap((np.array([e.tokens_read for e in episodes], dtype=float),), _mean, config),
-        tokens_written=_bootstrap(
+        tokens_read=bootstrap((np.array([e.tokens_read for e in episodes], dtype=float),), _mean, config),
+        tokens_written=bootstrap(
             (np.array([e.tokens_written for e in episodes], dtype=float),), _mean, config
         ),
         chars_deleted_from_accepted=sum(e.chars_deleted_from_accepted for e in episodes),
@@ -430,7 +433,7 @@ def compare_episodes(
         pass_difference=paired_difference(
             int((passed_a & passed_b).sum()), only_a, only_b, int((~passed_a & ~passed_b).sum())
         ),
-        dpr_difference=_bootstrap((differences,), _mean, config),
+        dpr_difference=bootstrap((differences,), _mean, config),
         wilcoxon_p=wilcoxon_p,
     )
 

@@ -3,6 +3,7 @@
     empower eval --assistant smollm2-135m --policy base-n --n 10 --human reference --tasks humaneval
     empower eval summary runs/eval/*                    # table with 95% CIs
     empower eval summary runs/eval/* --baseline runs/eval/base-ref   # plus paired tests
+    empower eval agree runs/eval/base-llm --human reference --human-tolerance 0.25   # humans agree?
 
 ``empower eval FLAGS`` is short for ``empower eval run FLAGS``; the flags come from
 :class:`empower.env.EvalConfig`.
@@ -17,10 +18,12 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from empower import metrics
+from empower import metrics, panel
 from empower.cli import app
 from empower.configs import config_command, option
 from empower.env import EvalConfig, run_eval
+from empower.humans import HumanConfig, build_human
+from empower.metrics import MetricsConfig
 
 
 class _RunByDefault(TyperGroup):
@@ -66,6 +69,36 @@ def summary(config: SummaryConfig) -> None:
             )
     if config.baseline:
         console.print(metrics.comparison_table([metrics.compare_runs(r, config.baseline) for r in runs]))
+
+
+@dataclass
+class AgreeConfig(HumanConfig, MetricsConfig):
+    """Recorded runs, and the candidate human (the human flags) to put before their suggestions."""
+
+    runs: list[Path] = option(
+        help="run folders written by `empower eval` (the recorded human's decisions)", default_factory=list
+    )
+
+    def __post_init__(self):
+        HumanConfig.__post_init__(self)
+        MetricsConfig.__post_init__(self)
+        if not self.runs:
+            raise ValueError("runs: name at least one run folder")
+
+
+@config_command(eval_app, AgreeConfig, "agree", positional=("runs",))
+def agree(config: AgreeConfig) -> None:
+    """How often a human (the --human flags) decides as the runs' recorded human did on the same
+    suggestions: agreement, Cohen's kappa with a 95% CI over tasks, and both acceptance rates."""
+    human = build_human(HumanConfig(**{k: getattr(config, k) for k in HumanConfig.__dataclass_fields__}))
+    rows = [
+        panel.agreement(
+            metrics.read_traces(run / "traces.jsonl"), panel.run_tasks(run), human,
+            MetricsConfig(**{k: getattr(config, k) for k in MetricsConfig.__dataclass_fields__}),
+        )
+        for run in config.runs
+    ]  # fmt: skip
+    Console().print(panel.agreement_table(rows))
 
 
 @config_command(eval_app, EvalConfig, "run")
