@@ -84,6 +84,14 @@ def test_an_exact_human_disagrees_with_a_fallible_one_on_its_near_misses_only(ta
     assert (found.both, found.only_recorded, found.only_candidate, found.neither) == (1, 1, 0, 1)
     assert found.kappa.value == pytest.approx(0.4) and found.raw == pytest.approx(2 / 3)
     assert (found.acceptance, found.recorded_acceptance) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
+    # the three suggestions are 14, 16 and 17 characters long: all in the 11-20 bin
+    assert [(b.label, b.shown, b.accepted, b.recorded) for b in found.by_length] == [
+        ("1-10", 0, 0, 0),
+        ("11-20", 3, 1, 2),
+        ("21-40", 0, 0, 0),
+        ("41-80", 0, 0, 0),
+        ("81+", 0, 0, 0),
+    ]
     same = agreement(RECORDED, by_id, fallible, METRICS)
     assert (same.raw, same.kappa.value) == (1.0, 1.0)
 
@@ -119,7 +127,8 @@ def test_the_agree_command_prints_the_table_for_run_folders(tasks, tmp_path, cap
         main(["eval", "agree", str(run), "--human", "reference", "--metrics-resamples", "200"])
     out = capsys.readouterr().out
     assert done.value.code in (0, None)
-    [row] = [line for line in out.splitlines() if "reference" in line]
+    row, length_row = [line for line in out.splitlines() if line.startswith("│ reference ")]
     cells = [cell.strip() for cell in row.split("│")[1:9]]
     assert cells[:5] == ["reference", "recorded", "3", "3", "0.667"] and cells[6:] == ["0.333", "0.667"]
     assert cells[5].startswith("0.400 [")
+    assert [c.strip() for c in length_row.split("│")[1:4]] == ["reference", "-", "0.33 (1/3)"]

@@ -89,7 +89,8 @@ class AgreeConfig(HumanConfig, MetricsConfig):
 @config_command(eval_app, AgreeConfig, "agree", positional=("runs",))
 def agree(config: AgreeConfig) -> None:
     """How often a human (the --human flags) decides as the runs' recorded human did on the same
-    suggestions: agreement, Cohen's kappa with a 95% CI over tasks, and both acceptance rates."""
+    suggestions: agreement, Cohen's kappa with a 95% CI over tasks, both acceptance rates, and both
+    by suggestion length."""
     human = build_human(HumanConfig(**{k: getattr(config, k) for k in HumanConfig.__dataclass_fields__}))
     rows = [
         panel.agreement(
@@ -98,7 +99,9 @@ def agree(config: AgreeConfig) -> None:
         )
         for run in config.runs
     ]  # fmt: skip
-    Console().print(panel.agreement_table(rows))
+    console = Console()
+    console.print(panel.agreement_table(rows))
+    console.print(panel.length_table(rows))
 
 
 @config_command(eval_app, EvalConfig, "run")
