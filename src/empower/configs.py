@@ -168,6 +168,11 @@ def to_dict(config) -> dict:
     return plain(config)
 
 
+def part_of(config, cls: type[C]) -> C:
+    """The sub-config ``cls`` (a base of ``config``'s class) holding ``config``'s values of its fields."""
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.init})
+
+
 def save_config(config, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
 

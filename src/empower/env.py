@@ -41,7 +41,7 @@ from pathlib import Path
 
 from empower import models
 from empower.assistant import Assistant, AssistantConfig, SuggestionRequest, assistant_name, build_assistant
-from empower.configs import option, resumable_fields, to_dict
+from empower.configs import option, part_of, resumable_fields, to_dict
 from empower.engines.local import LocalEngine
 from empower.engines.wrappers import Batcher, EngineStats, Turns, waiting
 from empower.humans import Decision, Human, HumanConfig, HumanView, build_human
@@ -113,7 +113,7 @@ class EvalConfig(MetricsConfig, SandboxConfig, HumanConfig, AssistantConfig):
 
     def part(self, cls):
         """The sub-config (AssistantConfig, HumanConfig, ...) holding this run's values of its fields."""
-        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if f.init})
+        return part_of(self, cls)
 
 
 class TokenCounter:
@@ -333,17 +333,17 @@ def run_episodes(
     pool) right away, so a trace is handed over, and saved, as soon as its episode is scored.
     """
     status = status if status is not None else LoopStatus()
-    if config.sim_loop is SimLoop.ASYNC:
-        return _run_async(tasks, assistant, human, config, count, on_finished, status)
-    stats = RunStats()
-    with _shared_engines(assistant, human, config, stats.engines, share=False):
-        _run_lockstep(tasks, assistant, human, config, count, on_finished, status, stats)
+    stats, concurrent = RunStats(), config.sim_loop is SimLoop.ASYNC
+    begin = time.perf_counter()
+    with _shared_engines(assistant, human, config, stats.engines, share=concurrent):
+        play = _run_async if concurrent else _run_lockstep
+        play(tasks, assistant, human, config, count, on_finished, status, stats)
+    stats.total_s = time.perf_counter() - begin
     return stats
 
 
 def _run_lockstep(tasks, assistant, human, config, count, on_finished, status, stats) -> None:
     """Step every live episode together: one call per role for all of them, then the sandbox."""
-    begin = time.perf_counter()
     queue, live = deque(tasks), []
 
     while queue or live:
@@ -364,19 +364,10 @@ def _run_lockstep(tasks, assistant, human, config, count, on_finished, status, s
                 on_finished(_trace(episode, result, assistant, human, config))
                 stats.episodes += 1
                 status.finished += 1
-    stats.total_s = time.perf_counter() - begin
 
 
-def _run_async(
-    tasks: list[Task],
-    assistant: Assistant,
-    human: Human,
-    config: EvalConfig,
-    count: TokenCounter,
-    on_finished: Callable[[dict], None],
-    status: LoopStatus,
-) -> RunStats:
-    """:func:`run_episodes` with each episode on its own thread, ``sim_batch_size`` in flight.
+def _run_async(tasks, assistant, human, config, count, on_finished, status, stats) -> None:
+    """Each episode on its own thread, ``sim_batch_size`` in flight.
 
     Episodes take turns running Python (:class:`Turns`: no tokenizer or counter is shared across
     threads at once) and give their turn up while they wait for a model or the sandbox, so their
@@ -384,7 +375,7 @@ def _run_async(
     (:class:`Batcher`), servers get them as concurrent requests. The first error stops the others at
     their next turn; the traces of finished episodes are saved already.
     """
-    begin, turns, stop = time.perf_counter(), Turns(), threading.Event()
+    turns, stop = Turns(), threading.Event()
     status.turns = turns
     sandboxes = threading.Semaphore(worker_count(config.part(SandboxConfig)))
 
@@ -409,19 +400,15 @@ def _run_async(
                 status.live -= 1
         return mine
 
-    stats = RunStats()
-    with _shared_engines(assistant, human, config, stats.engines, share=True):
-        with ThreadPoolExecutor(config.sim_batch_size, thread_name_prefix="episode") as threads:
-            futures = [threads.submit(play, task) for task in tasks]
-            try:
-                for future in futures:
-                    stats.add(future.result())
-            except BaseException:
-                stop.set()
-                threads.shutdown(cancel_futures=True)
-                raise
-    stats.total_s = time.perf_counter() - begin
-    return stats
+    with ThreadPoolExecutor(config.sim_batch_size, thread_name_prefix="episode") as threads:
+        futures = [threads.submit(play, task) for task in tasks]
+        try:
+            for future in futures:
+                stats.add(future.result())
+        except BaseException:
+            stop.set()
+            threads.shutdown(cancel_futures=True)
+            raise
 
 
 def _engine_owners(assistant: Assistant, human: Human, config: EvalConfig) -> list[tuple]:

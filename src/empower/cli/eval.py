@@ -20,7 +20,7 @@ from typer.core import TyperGroup
 
 from empower import metrics, panel
 from empower.cli import app
-from empower.configs import config_command, option
+from empower.configs import config_command, option, part_of
 from empower.env import EvalConfig, run_eval
 from empower.humans import HumanConfig, build_human
 from empower.metrics import MetricsConfig
@@ -91,11 +91,11 @@ def agree(config: AgreeConfig) -> None:
     """How often a human (the --human flags) decides as the runs' recorded human did on the same
     suggestions: agreement, Cohen's kappa with a 95% CI over tasks, both acceptance rates, and both
     by suggestion length."""
-    human = build_human(HumanConfig(**{k: getattr(config, k) for k in HumanConfig.__dataclass_fields__}))
+    human = build_human(part_of(config, HumanConfig))
     rows = [
         panel.agreement(
             metrics.read_traces(run / "traces.jsonl"), panel.run_tasks(run), human,
-            MetricsConfig(**{k: getattr(config, k) for k in MetricsConfig.__dataclass_fields__}),
+            part_of(config, MetricsConfig),
         )
         for run in config.runs
     ]  # fmt: skip

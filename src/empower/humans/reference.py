@@ -125,11 +125,8 @@ class ReferenceHuman:
         """Whether the human notices the near miss it accepted: a draw with chance ``human_repair``,
         seeded by the task, the program and the suggestion, so that a run replays exactly and every
         assistant's same suggestion in the same place meets the same human."""
-        repair = self.config.human_repair
-        if repair >= 1.0 or repair <= 0.0:
-            return repair >= 1.0
         seed = f"{view.task.task_id}\0{view.state}\0{view.suggestion}"
-        return random.Random(seed).random() < repair
+        return random.Random(seed).random() < self.config.human_repair  # in [0, 1): p = 1 always
 
     def _chunk(self, text: str) -> str:
         return cap_tokens(text, self.tokenizer, self.config.human_max_tokens)[0]
