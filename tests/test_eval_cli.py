@@ -124,6 +124,38 @@ def test_eval_flags_start_a_run(tmp_path, tiny_model_path):
     assert json.loads((out / "summary.json").read_text())["episodes"] == 1
 
 
+def test_a_plausible_human_plays_a_run_and_its_trace_says_what_each_decision_was_drawn_from(
+    tmp_path, tiny_model_path
+):
+    tasks = tmp_path / "one.jsonl"
+    tasks.write_text(
+        json.dumps(
+            {
+                "task_id": "toy/inc",
+                "prompt": "def inc(x):\n",
+                "entry_point": "inc",
+                "canonical_solution": "    y = x + 1\n    return y\n",
+                "test": "def check(candidate):\n    assert candidate(1) == 2\n",
+            }
+        )
+        + "\n"
+    )
+    out = tmp_path / "run"
+    result = _invoke(
+        "eval", "--assistant", tiny_model_path, "--policy", "base-n", "--n", "4", "--human", "plausible",
+        "--human-model", tiny_model_path, "--human-max-tokens", "2", "--tasks", "humaneval",
+        "--tasks-path", tasks, "--out", out, "--metrics-resamples", "200",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    [trace] = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+    assert trace["suggestions"] >= 2 and len(trace["human_answers"]) == trace["suggestions"]
+    for answer in trace["human_answers"]:
+        assert 0 < answer["chance"] < 1 and answer["bits_per_char"] > 0 and answer["own_bits_per_char"] > 0
+        accepted = any(e["kind"] == "accepted" and e["turn"] == answer["turn"] for e in trace["events"])
+        assert (answer["draw"] < answer["chance"]) == accepted
+    assert json.loads((out / "config.json").read_text())["human"] == "plausible"
+
+
 def test_unknown_task_set_is_refused_by_name(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--tasks", "nonsense", "--out", str(tmp_path / "run")])

@@ -7,9 +7,11 @@ Run: .venv/bin/pytest tests/test_humans.py  (add -m integration for the server t
 from __future__ import annotations
 
 import json
+import math
 import socket
 
 import pytest
+import torch
 from transformers import LogitsProcessor
 
 from empower import models
@@ -25,7 +27,9 @@ from empower.humans import (
     HumanView,
     LLMHuman,
     LocalChat,
+    PlausibleHuman,
     ReferenceHuman,
+    accept_chance,
     agrees,
     align,
     build_human,
@@ -35,6 +39,8 @@ from empower.humans import (
     parse_appended,
     parse_decision,
 )
+from empower.humans.plausible import Plausibility
+from empower.humans.study import PAPER_STUDY, logit
 from empower.tasks import Task, TestType
 
 PROMPT = 'def add(a, b):\n    """Return the sum of a and b."""\n'
@@ -516,3 +522,141 @@ def test_evaluation_runs_whole_episodes_with_the_llm_human_behind_a_real_server(
         )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["episodes"] == 2 and summary["complete"] is True
+
+
+# ---------------------------------------------------------------------------------- the plausible human
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny):
+    return LocalEngine(*tiny, batch_size=4)
+
+
+@pytest.fixture
+def plausible(counter, tiny_engine):
+    """Builds plausible humans scoring with the tiny random model (so surprise carries no meaning here:
+    the branches are driven by the rate and the slopes)."""
+
+    def build(rate=0.5, length=0.0, surprise=0.0, repair=0.0, k=10) -> PlausibleHuman:
+        config = HumanConfig(
+            human="plausible", human_accept_rate=rate, human_length_slope=length,
+            human_surprise_slope=surprise, human_repair=repair, human_max_tokens=k,
+        )  # fmt: skip
+        return PlausibleHuman(config, tiny_engine, counter)
+
+    return build
+
+
+ALWAYS, NEVER = 1 - 1e-12, 1e-12
+
+
+def test_the_default_plausible_human_accepts_as_the_papers_study_participants_did():
+    """At the study's mean lengths, suggestions as plausible as its own code are accepted at the rates
+    real programmers accepted Empower's (8.08%) and Base-20's (6.18%)."""
+    config = HumanConfig(human="plausible")
+    for arm in PAPER_STUDY:
+        assert accept_chance(0.0, arm.mean_length, config) == pytest.approx(arm.acceptance, abs=2e-5)
+
+
+def test_accept_chance_falls_by_its_slopes_with_length_and_surprise():
+    config = HumanConfig(
+        human="plausible", human_accept_rate=0.3, human_length_slope=0.5, human_surprise_slope=2.0
+    )
+    base = logit(accept_chance(0.0, 20, config))
+    assert logit(accept_chance(0.0, 40, config)) == pytest.approx(base - 0.5)  # one doubling
+    assert logit(accept_chance(1.5, 20, config)) == pytest.approx(base - 3.0)  # 1.5 bits/char more
+    assert logit(accept_chance(-1.0, 20, config)) == pytest.approx(base + 2.0)  # less surprising: likelier
+
+
+def test_bits_per_char_is_the_models_surprise_at_the_text_read_after_its_context(tiny, tiny_engine):
+    """Context and text are read together: this tokenizer merges the context's last newline with the
+    text's indent, so that token (and its newline) is scored as part of the text."""
+    model, tokenizer = tiny
+    context, text = "def add(a, b):\n", "    return a + b\n"
+    ids = tokenizer(context + text, return_tensors="pt").input_ids
+    n_context = len(tokenizer(context).input_ids) - 1  # its "\n" is merged into "\n   "
+    assert tokenizer.decode(ids[0, n_context:]) == "\n" + text
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    bits = -sum(logp[j - 1, ids[0, j]].item() for j in range(n_context, ids.shape[1])) / math.log(2)
+    [measured, empty] = Plausibility(tiny_engine).bits_per_char([(context, text), ("", text)])
+    assert measured == pytest.approx(bits / len("\n" + text), rel=1e-4)
+    assert empty > 0  # no context: read after the start token
+
+
+def test_plausible_human_accepts_on_its_draw_and_writes_its_intent_on_from_there(plausible):
+    turn = respond(plausible(ALWAYS), PROMPT, "    total = a + b\n")
+    assert (turn.decision, turn.written) == (Decision.ACCEPT, "    return total\n")
+    assert turn.raw["chance"] == pytest.approx(1.0) and turn.raw["bits_per_char"] > 0
+
+
+def test_plausible_human_takes_in_what_its_intent_lacks_and_writes_on(plausible, reference_human):
+    """It judges by plausibility, not by its intent: it can accept a bug, which stays."""
+    turn = respond(plausible(ALWAYS), PROMPT, "    total = a - b\n")
+    assert turn.decision is Decision.ACCEPT and turn.deleted == 0
+    assert turn.written == respond(reference_human(0.1), PROMPT, "    total = a - b\n").written
+
+
+def test_plausible_human_rejects_on_its_draw_and_writes_its_own_chunk(plausible, reference_human):
+    turn = respond(plausible(NEVER), PROMPT, "    total = a + b\n")
+    assert turn.decision is Decision.REJECT and turn.raw["chance"] < 1e-9
+    assert turn.written == respond(reference_human(), PROMPT, "    x = 1\n").written
+
+
+def test_plausible_human_repairs_what_it_accepted_from_where_it_differs(plausible):
+    turn = respond(plausible(ALWAYS, repair=1.0), PROMPT, "    total = a - b\n")
+    assert (turn.decision, turn.deleted, turn.written[:4]) == (Decision.ACCEPT, len("- b\n"), "+ b\n")
+
+
+def test_plausible_human_finishes_and_takes_an_empty_suggestion_without_reading_it(plausible):
+    finish = respond(plausible(NEVER), REFERENCE, "    x = 1\n")
+    empty = respond(plausible(NEVER), PROMPT, "")
+    assert (finish.decision, finish.raw) == (Decision.FINISH, None)
+    assert (empty.decision, empty.raw) == (Decision.ACCEPT, None)
+
+
+def test_plausible_decisions_are_draws_that_replay_and_fall_with_length(plausible):
+    states = [PROMPT + "    total = a + b\n" + "\n" * k for k in range(60)]
+
+    def accepted(human, suggestion):
+        return [respond(human, state, suggestion).decision is Decision.ACCEPT for state in states]
+
+    line = "    x = [i * i for i in range(100) if i % 3]\n"  # 45 characters: chance about 0.5
+    short = accepted(plausible(0.5, length=1.0), line)
+    assert 0.3 < sum(short) / len(short) < 0.7  # a chance, not a rule: some of each
+    assert short == accepted(plausible(0.5, length=1.0), line)  # the same human draws the same
+    long = accepted(plausible(0.5, length=1.0), line * 4)  # two doublings: chance about 0.12
+    assert sum(long) < sum(short) / 2
+
+
+@pytest.mark.integration
+def test_plausible_human_finds_the_reference_more_plausible_than_garbage(counter, smol):
+    """With a real model (SmolLM2) surprise means something: the intended next line reads as more
+    plausible than a line of the same length that does not belong."""
+    config = HumanConfig(human="plausible", human_accept_rate=0.5)
+    human = PlausibleHuman(config, LocalEngine(*smol), counter)
+    [right, wrong] = human.respond(
+        [
+            HumanView(make_task(), PROMPT, "    total = a + b\n"),
+            HumanView(make_task(), PROMPT, "  ]]x) = (;\n=! %%\n"),
+        ]
+    )
+    assert len("    total = a + b\n") == len("  ]]x) = (;\n=! %%\n")
+    assert right.raw["bits_per_char"] + 1 < wrong.raw["bits_per_char"]
+    assert right.raw["chance"] > wrong.raw["chance"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("human_accept_rate", 0.0), ("human_accept_rate", 1.0), ("human_length_slope", -0.1),
+     ("human_surprise_slope", float("inf"))],
+)  # fmt: skip
+def test_config_rejects_plausible_parameters_out_of_range(field, value):
+    with pytest.raises(ValueError, match=field):
+        HumanConfig(human="plausible", **{field: value})
+
+
+def test_a_plausible_human_behind_a_chat_api_is_refused_by_name():
+    config = HumanConfig(human="plausible", human_url="http://127.0.0.1:9/v1", human_server_api="chat")
+    with pytest.raises(ValueError, match="human-server-api completions"):
+        build_human(config)

@@ -44,7 +44,7 @@ from empower.assistant import Assistant, AssistantConfig, SuggestionRequest, ass
 from empower.configs import option, part_of, resumable_fields, to_dict
 from empower.engines.local import LocalEngine
 from empower.engines.wrappers import Batcher, EngineStats, Turns, waiting
-from empower.humans import Decision, Human, HumanConfig, HumanView, build_human
+from empower.humans import Decision, Human, HumanConfig, HumanKind, HumanView, build_human
 from empower.metrics import MetricsConfig, discounted_pass, read_traces, write_summary
 from empower.sandbox import SandboxConfig, Status, run_many, validate_references, worker_count
 from empower.tasks import TASK_SETS, Task, load_tasks
@@ -285,8 +285,8 @@ def _step(
 MAX_ANSWER_CHARS = 4000
 
 
-def _bounded(text: str | None) -> str | None:
-    if text is None or len(text) <= MAX_ANSWER_CHARS:
+def _bounded(text):
+    if not isinstance(text, str) or len(text) <= MAX_ANSWER_CHARS:
         return text
     return text[:MAX_ANSWER_CHARS] + f"... [{len(text) - MAX_ANSWER_CHARS} more characters]"
 
@@ -313,7 +313,8 @@ def _trace(episode: Episode, result, assistant: Assistant, human: Human, config:
         "turns": episode.turns,
         "end_reason": episode.end_reason,
         "malformed_human_answers": episode.malformed,
-        # The LLM human's own words per turn (none for the reference human), to audit its decisions.
+        # Per turn, what the human decided from, to audit it: the LLM human's own words, the plausible
+        # human's surprise and chance (nothing for the reference human).
         "human_answers": episode.human_answers,
     }
 
@@ -483,7 +484,7 @@ def exclude_broken_references(tasks: list[Task], config: EvalConfig) -> tuple[li
 
 
 def _needs_reference(config: EvalConfig) -> bool:
-    return str(getattr(config.human, "value", config.human)) == "reference"
+    return HumanKind(config.human).intends_reference
 
 
 def _prepare_folder(config: EvalConfig) -> tuple[set[str], dict | None]:

@@ -224,7 +224,7 @@ def entry_label(entry: dict, kind: str) -> str:
     if kind == "humans":
         human = str(entry.get("human", "reference"))
         model = entry.get("human_model") or entry.get("human_url")
-        return f"{human}-{Path(str(model)).name}" if human == "llm" and model else human
+        return f"{human}-{Path(str(model)).name}" if human in ("llm", "plausible") and model else human
     return str(entry.get("tasks", "humaneval"))
 
 
@@ -398,7 +398,7 @@ def run_evaluation(eval_cfg, pool) -> None:
     from empower.env import run_eval
     from empower.humans import HumanKind
 
-    pool.retain([eval_cfg.human_model] if HumanKind(eval_cfg.human) is HumanKind.LLM else [])
+    pool.retain([eval_cfg.human_model] if HumanKind(eval_cfg.human).has_model else [])
     run_eval(eval_cfg, pool=pool)
 
 

@@ -3,6 +3,8 @@
 - ``reference`` (:mod:`.reference`): deterministic and fast; it writes the task's reference program.
 - ``llm`` (:mod:`.llm`): the paper's human, two LLM calls per turn, its model local or behind any
   OpenAI-compatible server (:mod:`.backends`).
+- ``plausible`` (:mod:`.plausible`): writes like the reference human, accepts by how plausible a
+  suggestion is to its model and how long it is, its defaults set from real programmers (:mod:`.study`).
 
 Example::
 
@@ -34,6 +36,7 @@ from empower.humans.base import (
     HumanView,
 )
 from empower.humans.llm import LLMHuman, incomplete, parse_appended, parse_decision
+from empower.humans.plausible import PlausibleHuman, accept_chance, plausibility_engine
 from empower.humans.reference import ReferenceHuman, agrees, align, edit_distance
 from empower.models import ModelPool
 
@@ -46,6 +49,8 @@ def build_human(config: HumanConfig, *, model=None, tokenizer=None, pool: ModelP
     """
     if config.human is HumanKind.REFERENCE:
         return ReferenceHuman(config)
+    if config.human is HumanKind.PLAUSIBLE:
+        return PlausibleHuman(config, plausibility_engine(config, model, tokenizer, pool))
     if config.human_url and config.human_server_api is HumanServerApi.CHAT:
         backend = ChatAPI(config.human_url, config)
     elif config.human_url:
@@ -57,7 +62,7 @@ def build_human(config: HumanConfig, *, model=None, tokenizer=None, pool: ModelP
 
 __all__ = [
     "ChatAPI", "ChatReply", "ChatRequest", "Decision", "EngineChat", "HoldStats", "Human", "HumanConfig",
-    "HumanKind", "HumanServerApi", "HumanServerError", "HumanTurn", "HumanView", "LLMHuman", "LocalChat", "ReferenceHuman",
-    "ServerChat", "agrees", "align", "build_human", "edit_distance", "ending_tokens", "generate_held",
+    "HumanKind", "HumanServerApi", "HumanServerError", "HumanTurn", "HumanView", "LLMHuman", "LocalChat", "PlausibleHuman", "ReferenceHuman",
+    "ServerChat", "accept_chance", "agrees", "align", "build_human", "edit_distance", "ending_tokens", "generate_held",
     "incomplete", "parse_appended", "parse_decision",
 ]  # fmt: skip

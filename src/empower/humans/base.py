@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from empower import models
 from empower.configs import check_url, option
+from empower.humans.study import PAPER_STUDY, length_slope
 
 if TYPE_CHECKING:
     from empower.tasks import Task
@@ -28,6 +29,16 @@ class Decision(str, enum.Enum):
 class HumanKind(str, enum.Enum):
     REFERENCE = "reference"
     LLM = "llm"
+    PLAUSIBLE = "plausible"
+
+    @property
+    def intends_reference(self) -> bool:
+        """Whether this human writes the task's reference program (so a task needs a passing one)."""
+        return self is not HumanKind.LLM
+
+    @property
+    def has_model(self) -> bool:
+        return self is not HumanKind.REFERENCE
 
 
 class HumanServerApi(str, enum.Enum):
@@ -65,18 +76,19 @@ class HumanServerError(ConnectionError):
 
 @dataclass
 class HumanConfig:
-    human: HumanKind = option(HumanKind.REFERENCE, "simulated human: reference | llm")
+    human: HumanKind = option(HumanKind.REFERENCE, "simulated human: reference | llm | plausible")
     human_model: str = option(
         models.HUMAN_MODEL,
-        "llm: the human's model (local path, embedded name or hub id); with human_url, where its "
-        "tokenizer and chat template come from",
+        "llm, plausible: the human's model (local path, embedded name or hub id); with human_url, where "
+        "its tokenizer and chat template come from",
     )
     human_url: str = option(
         "",
-        "llm: base URL of an OpenAI-compatible server running the human's model, e.g. http://127.0.0.1:8001/v1",
+        "llm, plausible: base URL of an OpenAI-compatible server running the human's model, e.g. http://127.0.0.1:8001/v1",
     )
     human_served_model: str = option(
-        "", "llm (server): the model name the server serves it under (empty: the one model it lists)"
+        "",
+        "llm, plausible (server): the model name the server serves it under (empty: the one model it lists)",
     )
     human_server_api: HumanServerApi = option(
         HumanServerApi.COMPLETIONS,
@@ -89,26 +101,46 @@ class HumanConfig:
     )
     human_repair: float = option(
         0.0,
-        "reference: chance that the human, re-reading a near miss it has just accepted against its "
+        "reference, plausible: chance that the human, re-reading a near miss it has just accepted against its "
         "intent, notices it and deletes the suggestion from where it differs (then writes on)",
+    )
+    human_accept_rate: float = option(
+        PAPER_STUDY[0].acceptance,
+        f"plausible: chance of accepting a suggestion of {PAPER_STUDY[0].mean_length} characters that is "
+        "exactly as surprising to its model as its own code (default: the paper's study, Empower's "
+        "acceptance at its mean length)",
+    )
+    human_length_slope: float = option(
+        round(length_slope(), 4),
+        "plausible: log-odds of accepting lost per doubling of a suggestion's length (default: the "
+        "paper's study, both arms' acceptance put down to length alone)",
+    )
+    human_surprise_slope: float = option(
+        1.0,
+        "plausible: log-odds of accepting lost per bit per character a suggestion is more surprising to "
+        "its model than its own code (values tried: docs/assistants-and-humans.md)",
     )
     human_max_tokens: int = option(10, "K_H: most tokens the human writes per turn")
     human_tokenizer: str = option(models.DEFAULT_MODEL, "tokenizer counting the human's K_H tokens")
     human_max_new_tokens: int = option(48, "llm: generation budget of the appender (cut to K_H afterwards)")
     human_temperature: float = option(0.0, "llm: sampling temperature (0 = greedy)")
-    human_batch_size: int = option(8, "llm (local): prompts per generate() call", resumable=True)
+    human_batch_size: int = option(
+        8, "llm, plausible (local): prompts per generate() or scoring call", resumable=True
+    )
     human_prefix_cache: int = option(
         64,
         "llm (local): prompts whose key/value states are kept for the next turn's prompts (0: off)",
         resumable=True,
     )
-    human_concurrency: int = option(8, "llm (server): requests in flight at once", resumable=True)
-    human_timeout_s: float = option(120.0, "llm (server): timeout of one request (seconds)", resumable=True)
+    human_concurrency: int = option(8, "llm, plausible (server): requests in flight at once", resumable=True)
+    human_timeout_s: float = option(
+        120.0, "llm, plausible (server): timeout of one request (seconds)", resumable=True
+    )
     human_retries: int = option(
-        3, "llm (server): retries with exponential backoff before giving up", resumable=True
+        3, "llm, plausible (server): retries with exponential backoff before giving up", resumable=True
     )
     human_device: str = option(
-        "", "llm (local): torch device (empty: CUDA when present, else CPU)", resumable=True
+        "", "llm, plausible (local): torch device (empty: CUDA when present, else CPU)", resumable=True
     )
 
     def __post_init__(self):
@@ -116,6 +148,14 @@ class HumanConfig:
         for name in ("human_tolerance", "human_repair"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.human_accept_rate < 1.0:
+            raise ValueError(f"human_accept_rate must be in (0, 1), got {self.human_accept_rate}")
+        for name in ("human_length_slope", "human_surprise_slope"):
+            if not 0.0 <= getattr(self, name) < float("inf"):
+                raise ValueError(
+                    f"{name} must be >= 0 (acceptance does not rise with length or surprise), got "
+                    f"{getattr(self, name)}"
+                )
         for name in ("human_max_tokens", "human_max_new_tokens", "human_batch_size", "human_concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

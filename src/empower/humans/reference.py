@@ -97,19 +97,31 @@ class ReferenceHuman:
         )
 
     def respond(self, views: list[HumanView]) -> list[HumanTurn]:
-        return [self._respond(view) for view in views]
+        remaining = [self._remaining(view) for view in views]
+        playing = [i for i, rest in enumerate(remaining) if rest.strip()]
+        accepts = self._accepts([views[i] for i in playing], [remaining[i] for i in playing])
+        turns = [HumanTurn(Decision.FINISH) for _ in views]  # its intent is written: it finishes
+        for i, accept in zip(playing, accepts, strict=True):
+            turns[i] = self._turn(views[i], remaining[i], accept)
+        return turns
 
-    def _respond(self, view: HumanView) -> HumanTurn:
+    def _remaining(self, view: HumanView) -> str:
+        """What the human still means to write after the program ``view.state``."""
         intent = view.task.reference
         if intent is None:
             raise ValueError(
-                f"task {view.task.task_id} has no reference solution; the reference human needs one "
+                f"task {view.task.task_id} has no reference solution; the {self.name} human needs one "
                 "(use --human llm, or a problem set with solutions)"
             )
-        remaining = intent[align(view.state, intent) :]
-        if not remaining.strip():
-            return HumanTurn(Decision.FINISH)
-        accept = agrees(view.suggestion, remaining, self.config.human_tolerance)
+        return intent[align(view.state, intent) :]
+
+    def _accepts(self, views: list[HumanView], remaining: list[str]) -> list[bool]:
+        """The accept rule (:func:`agrees`), for every view at once (a subclass may score them)."""
+        tolerance = self.config.human_tolerance
+        return [agrees(v.suggestion, rest, tolerance) for v, rest in zip(views, remaining, strict=True)]
+
+    def _turn(self, view: HumanView, remaining: str, accept: bool) -> HumanTurn:
+        """Accept or reject, repair what it notices, then write the next chunk of its intent."""
         deleted = 0
         if accept and view.suggestion:
             kept = view.suggestion
@@ -117,7 +129,7 @@ class ReferenceHuman:
                 kept = os.path.commonprefix([kept, remaining])  # delete from the first difference on
                 deleted = len(view.suggestion) - len(kept)
             state = view.state + kept
-            remaining = intent[align(state, intent) :]
+            remaining = view.task.reference[align(state, view.task.reference) :]
         written = self._chunk(remaining) if remaining.strip() else ""
         return HumanTurn(Decision.ACCEPT if accept else Decision.REJECT, written, deleted=deleted)
 
