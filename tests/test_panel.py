@@ -10,13 +10,13 @@ import json
 import numpy as np
 import pytest
 
-from empower import models
+from empower import metrics, models
 from empower.assistant import AssistantConfig, build_assistant
 from empower.cli import main
 from empower.env import EvalConfig, TokenCounter, run_episodes
 from empower.humans import HumanConfig, ReferenceHuman, build_human
 from empower.metrics import MetricsConfig
-from empower.panel import agreement, cohen_kappa, run_tasks, shown_suggestions
+from empower.panel import PanelConfig, agreement, cohen_kappa, run_tasks, shown_suggestions
 from empower.tasks import load_tasks
 from test_env import PROBLEMS, _write_tasks
 
@@ -132,3 +132,75 @@ def test_the_agree_command_prints_the_table_for_run_folders(tasks, tmp_path, cap
     assert cells[:5] == ["reference", "recorded", "3", "3", "0.667"] and cells[6:] == ["0.333", "0.667"]
     assert cells[5].startswith("0.400 [")
     assert [c.strip() for c in length_row.split("│")[1:4]] == ["reference", "-", "0.33 (1/3)"]
+
+
+def _panel_file(path, tiny_model_path):
+    path.write_text(
+        "humans:\n"
+        "  - {label: fallible, human: reference, human_tolerance: 0.5, human_repair: 0.5}\n"
+        "  - {label: twin, human: reference, human_tolerance: 0.5, human_repair: 0.5}\n"
+        "  - {label: exact, human: reference}\n"
+        f"  - {{label: plausible, human: plausible, human_model: {tiny_model_path}, human_accept_rate: 0.5}}\n"
+        f"  - {{label: llm, human: llm, human_model: {tiny_model_path}, human_max_new_tokens: 8}}\n"
+    )
+    return path
+
+
+def test_the_panel_plays_one_assistant_with_every_human_and_tabulates_them(
+    tasks, tmp_path, tiny_model_path, capsys, monkeypatch
+):
+    """Every human plays the same tasks; a human agrees with its twin (the yardstick) on every
+    suggestion; the table and its files hold one row per human; a rerun resumes without replaying."""
+    _, path = tasks
+    out = tmp_path / "panel"
+    args = ["eval", "panel", "--assistant", tiny_model_path, "--policy", "model", "--max-new-tokens", "6",
+            "--tasks", "humaneval", "--tasks-path", str(path), "--sim-max-rounds", "6",
+            "--panel", str(_panel_file(tmp_path / "panel.yaml", tiny_model_path)), "--yardstick", "fallible",
+            "--out", str(out), "--metrics-resamples", "200"]  # fmt: skip
+    monkeypatch.setenv("COLUMNS", "250")
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code in (0, None)
+    table = capsys.readouterr().out
+    saved = json.loads((out / "panel.json").read_text())
+    labels = ["fallible", "twin", "exact", "plausible", "llm"]
+    assert [h["label"] for h in saved["humans"]] == labels and saved["yardstick"] == "fallible"
+    for label in labels:
+        assert {t["task_id"] for t in metrics.read_traces(out / label / "traces.jsonl")} == {
+            "toy/add", "toy/double", "toy/greet"
+        }  # fmt: skip
+        assert any(line.startswith(f"│ {label} ") for line in table.splitlines())
+    by_label = {h["label"]: h for h in saved["humans"]}
+    shown = sum(t["suggestions"] for t in metrics.read_traces(out / "fallible" / "traces.jsonl"))
+    assert by_label["fallible"]["agreement"] is None  # the yardstick itself
+    twin = by_label["twin"]["agreement"]
+    assert twin["decisions"] == shown > 0 and twin["only_recorded"] == twin["only_candidate"] == 0
+    assert twin["kappa"]["value"] == 1.0
+    assert all(by_label[x]["agreement"]["decisions"] == shown for x in ("exact", "plausible", "llm"))
+    assert by_label["twin"]["summary"] == {**by_label["fallible"]["summary"], "run": "twin", "human": "twin"}
+    assert (out / "panel.md").read_text().count("\n") == 2 + len(labels)
+    before = [(out / label / "traces.jsonl").read_text() for label in labels]
+    with pytest.raises(SystemExit):
+        main(args)
+    assert [(out / label / "traces.jsonl").read_text() for label in labels] == before
+    assert json.loads((out / "panel.json").read_text()) == saved
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [("{label: a, human: reference, assistant: x}", r"humans\[0\]: assistant cannot differ"),
+     ("{human: reference}", r"humans\[0\]: each human needs a `label`"),
+     ("{label: a, human: nobody}", r"humans\[0\]"),
+     ("{label: a, human_tolerance: 2}", "human_tolerance")],
+)  # fmt: skip
+def test_a_bad_panel_file_is_refused_naming_the_file_and_the_entry(tmp_path, entry, message):
+    panel_file = tmp_path / "panel.yaml"
+    panel_file.write_text(f"humans:\n  - {entry}\n")
+    with pytest.raises(ValueError, match=message) as err:
+        PanelConfig(panel=panel_file, yardstick="")
+    assert str(panel_file) in str(err.value)
+
+
+def test_a_yardstick_outside_the_panel_is_refused_by_name():
+    with pytest.raises(ValueError, match="yardstick 'oracle' is not a human of the panel"):
+        PanelConfig(yardstick="oracle")

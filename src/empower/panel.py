@@ -12,14 +12,18 @@ episode are not independent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
-from empower.humans import Decision, Human, HumanView
-from empower.metrics import Estimate, MetricsConfig, bootstrap
+from empower import metrics, models
+from empower.configs import config_from_dict, option, part_of, to_dict
+from empower.env import EvalConfig
+from empower.humans import Decision, Human, HumanConfig, HumanView, build_human
+from empower.metrics import Estimate, MetricsConfig, Summary, bootstrap
 from empower.tasks import Task, load_tasks
 
 
@@ -190,3 +194,174 @@ def length_table(rows: list[Agreement]):
 
 def _rate(accepted: int, shown: int) -> str:
     return f"{accepted / shown:.2f} ({accepted}/{shown})" if shown else "-"
+
+
+# --------------------------------------------------------------------------------------------------
+# The panel: one assistant before every human, in one table
+
+# Every human of docs/assistants-and-humans.md at the settings documented there; ``llm`` is the
+# yardstick whose recorded decisions the others are compared with.
+DEFAULT_PANEL: tuple[dict, ...] = (
+    {"label": "reference", "human": "reference"},
+    {"label": "fallible", "human": "reference", "human_tolerance": 0.25},
+    {"label": "repairing", "human": "reference", "human_tolerance": 0.25, "human_repair": 0.5},
+    {"label": "plausible", "human": "plausible"},
+    {"label": "llm", "human": "llm"},
+)
+
+
+@dataclass
+class PanelConfig(EvalConfig):
+    """One assistant (the assistant flags) before every human of a panel, on the same tasks with the
+    same budget; each human's run goes to ``out/<label>``, and a rerun resumes them."""
+
+    panel: Path | None = option(
+        None,
+        "YAML file with `humans:`, a list of {label, human_* settings} (default: the documented panel: "
+        "reference, fallible, repairing, plausible, llm)",
+    )
+    yardstick: str = option(
+        "llm",
+        "label of the human whose recorded decisions the others' agreement is measured against ('' : none)",
+    )
+
+    def __post_init__(self):
+        if self.out is None:
+            self.out = Path("runs/panel") / Path(str(self.assistant)).name
+        super().__post_init__()
+        entries = panel_humans(self.panel)
+        if self.yardstick and self.yardstick not in {e["label"] for e in entries}:
+            raise ValueError(
+                f"yardstick {self.yardstick!r} is not a human of the panel "
+                f"({', '.join(e['label'] for e in entries)})"
+            )
+
+
+def panel_humans(path: Path | None) -> list[dict]:
+    """The panel's humans: ``DEFAULT_PANEL``, or the ``humans:`` of a YAML file, each a label and human
+    settings only (the assistant, tasks and budget are the panel's own, the same for every human).
+    Errors name the file and the entry."""
+    if path is None:
+        return [dict(e) for e in DEFAULT_PANEL]
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"panel file {path} does not exist")
+    entries = (yaml.safe_load(path.read_text()) or {}).get("humans")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected `humans:`, a non-empty list of human settings")
+    allowed = {f.name for f in fields(HumanConfig)}
+    labels = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: humans[{i}]"
+        if not isinstance(entry, dict) or not entry.get("label"):
+            raise ValueError(f"{where}: each human needs a `label` and its settings")
+        unknown = sorted(set(entry) - allowed - {"label"})
+        if unknown:
+            raise ValueError(
+                f"{where}: {', '.join(unknown)} cannot differ between the panel's humans (only human "
+                "settings may: every human meets the same assistant, tasks and budget)"
+            )
+        try:
+            config_from_dict(HumanConfig, {k: v for k, v in entry.items() if k != "label"}, where=where)
+        except ValueError as err:
+            raise ValueError(str(err) if str(err).startswith(where) else f"{where}: {err}") from err
+        labels.append(str(entry["label"]))
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        raise ValueError(f"{path}: labels must differ; repeated: {', '.join(repeated)}")
+    return [dict(e, label=str(e["label"])) for e in entries]
+
+
+@dataclass(frozen=True)
+class PanelRow:
+    """One human of the panel: its run's metrics on the panel's common tasks, and how it agrees with
+    the yardstick's recorded decisions (None for the yardstick itself, or without one)."""
+
+    label: str
+    run: Path
+    summary: Summary
+    agreement: Agreement | None
+
+
+def run_panel(config: PanelConfig, progress: bool = True) -> list[PanelRow]:
+    """Evaluate the assistant with every human of the panel (resuming what is done), then measure each
+    human's agreement with the yardstick on the suggestions the yardstick's run showed."""
+    from empower.env import run_eval
+
+    base, pool, runs = part_of(config, EvalConfig), models.ModelPool(), {}
+    for entry in panel_humans(config.panel):
+        settings = {k: v for k, v in entry.items() if k != "label"}
+        human = config_from_dict(HumanConfig, {**to_dict(part_of(config, HumanConfig)), **settings})
+        run_config = replace(base, **to_dict(human), out=config.out / entry["label"], resume=True)
+        runs[entry["label"]] = (run_eval(run_config, progress=progress, pool=pool), human)
+    played = [{e.task_id for e in metrics.run_episodes(run)} for run, _ in runs.values()]
+    common = set.intersection(*played)
+    if not common:
+        raise ValueError(f"the panel's runs in {config.out} share no task: nothing to compare")
+    yardstick = runs.get(config.yardstick)
+    traces = tasks = None
+    if yardstick:
+        traces = [t for t in metrics.read_traces(yardstick[0] / "traces.jsonl") if t["task_id"] in common]
+        tasks = run_tasks(yardstick[0])
+    rows = []
+    for label, (run, human) in runs.items():
+        episodes = [e for e in metrics.run_episodes(run, config) if e.task_id in common]
+        saved = json.loads((run / "config.json").read_text())
+        summary = metrics.summarize_episodes(
+            episodes, config, run=label, assistant=str(saved.get("assistant", "?")), human=label,
+            tasks=str(saved.get("tasks", "?")), expected=len(common),
+        )  # fmt: skip
+        agrees_with = None
+        if yardstick and label != config.yardstick and any(t["suggestions"] for t in traces):
+            agrees_with = agreement(traces, tasks, build_human(human, pool=pool), config)
+        rows.append(PanelRow(label, run, summary, agrees_with))
+    return rows
+
+
+def panel_table(rows: list[PanelRow], yardstick: str):
+    """A rich table: per human, Pass@1, DPR, acceptance, characters deleted, agreement (kappa) with the
+    yardstick on its suggestions."""
+    from rich.table import Table
+
+    table = Table(title=f"The panel: one assistant, every human, the same {rows[0].summary.episodes} tasks")
+    for column in ("human", "Pass@1 [95% CI]", "DPR [95% CI]", "acceptance [95% CI]", "chars/suggestion",
+                   "chars deleted/episode", f"kappa with {yardstick or '-'} [95% CI]"):  # fmt: skip
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        s = r.summary
+        table.add_row(
+            r.label, s.pass_at_1.format(), s.dpr.format(), s.acceptance.format() if s.acceptance else "-",
+            f"{s.mean_suggestion_chars:.1f}" if s.mean_suggestion_chars is not None else "-",
+            f"{s.chars_deleted_from_accepted / s.episodes:.2f}",
+            r.agreement.kappa.format() if r.agreement else "-",
+        )  # fmt: skip
+    return table
+
+
+def write_panel(rows: list[PanelRow], out: Path, yardstick: str) -> Path:
+    """``out/panel.json`` (every row's summary and agreement counts) and ``out/panel.md`` (the table)."""
+    records = [
+        {"label": r.label, "run": str(r.run), "summary": r.summary.to_dict(),
+         "agreement": dataclasses.asdict(r.agreement) if r.agreement else None}
+        for r in rows
+    ]  # fmt: skip
+    (out / "panel.json").write_text(json.dumps({"yardstick": yardstick, "humans": records}, indent=2) + "\n")
+    lines = [
+        f"| human | Pass@1 [95% CI] | DPR [95% CI] | acceptance [95% CI] | chars/suggestion | chars deleted/episode "
+        f"| kappa with {yardstick or '-'} [95% CI] | acceptance on {yardstick or '-'}'s suggestions |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s = r.summary
+        lines.append(
+            f"| {r.label} | {s.pass_at_1.format()} | {s.dpr.format()} | "
+            f"{s.acceptance.format() if s.acceptance else '-'} | "
+            f"{f'{s.mean_suggestion_chars:.1f}' if s.mean_suggestion_chars is not None else '-'} | "
+            f"{s.chars_deleted_from_accepted / s.episodes:.2f} | "
+            f"{r.agreement.kappa.format() if r.agreement else '-'} | "
+            f"{f'{r.agreement.acceptance:.3f}' if r.agreement else '-'} |"
+        )
+    (out / "panel.md").write_text("\n".join(lines) + "\n")
+    return out / "panel.md"

@@ -4,6 +4,7 @@
     empower eval summary runs/eval/*                    # table with 95% CIs
     empower eval summary runs/eval/* --baseline runs/eval/base-ref   # plus paired tests
     empower eval agree runs/eval/base-llm --human reference --human-tolerance 0.25   # humans agree?
+    empower eval panel --assistant smollm2-135m --policy threshold --eta 2 --limit 40   # every human
 
 ``empower eval FLAGS`` is short for ``empower eval run FLAGS``; the flags come from
 :class:`empower.env.EvalConfig`.
@@ -102,6 +103,21 @@ def agree(config: AgreeConfig) -> None:
     console = Console()
     console.print(panel.agreement_table(rows))
     console.print(panel.length_table(rows))
+
+
+@config_command(eval_app, panel.PanelConfig, "panel")
+def panel_run(config: panel.PanelConfig) -> None:
+    """Play one assistant (the assistant flags) with every human of a panel on the same tasks; print
+    Pass@1, DPR, acceptance, characters deleted, and each human's agreement with the yardstick (the LLM
+    human) on its suggestions. Rerun to resume."""
+    rows = panel.run_panel(config)
+    console = Console()
+    console.print(panel.panel_table(rows, config.yardstick))
+    compared = [r.agreement for r in rows if r.agreement]
+    if compared:
+        console.print(panel.agreement_table(compared))
+        console.print(panel.length_table(compared))
+    typer.echo(f"panel table: {panel.write_panel(rows, config.out, config.yardstick)}")
 
 
 @config_command(eval_app, EvalConfig, "run")
