@@ -86,20 +86,17 @@ def test_eval_help_lists_run_and_summary():
     assert "summary" in result.output and "run" in result.output
 
 
-def test_eval_flags_start_a_run(tmp_path, tiny_model_path):
+def _one_task(tmp_path, solution: str):
+    """A task file with one HumanEval-style task, toy/inc, whose reference body is ``solution``."""
     tasks = tmp_path / "one.jsonl"
-    tasks.write_text(
-        json.dumps(
-            {
-                "task_id": "toy/inc",
-                "prompt": "def inc(x):\n",
-                "entry_point": "inc",
-                "canonical_solution": "    return x + 1\n",
-                "test": "def check(candidate):\n    assert candidate(1) == 2\n",
-            }
-        )
-        + "\n"
-    )
+    row = {"task_id": "toy/inc", "prompt": "def inc(x):\n", "entry_point": "inc", "canonical_solution": solution,
+           "test": "def check(candidate):\n    assert candidate(1) == 2\n"}  # fmt: skip
+    tasks.write_text(json.dumps(row) + "\n")
+    return tasks
+
+
+def test_eval_flags_start_a_run(tmp_path, tiny_model_path):
+    tasks = _one_task(tmp_path, "    return x + 1\n")
     out = tmp_path / "run"
     result = _invoke(
         "eval",
@@ -127,19 +124,7 @@ def test_eval_flags_start_a_run(tmp_path, tiny_model_path):
 def test_a_plausible_human_plays_a_run_and_its_trace_says_what_each_decision_was_drawn_from(
     tmp_path, tiny_model_path
 ):
-    tasks = tmp_path / "one.jsonl"
-    tasks.write_text(
-        json.dumps(
-            {
-                "task_id": "toy/inc",
-                "prompt": "def inc(x):\n",
-                "entry_point": "inc",
-                "canonical_solution": "    y = x + 1\n    return y\n",
-                "test": "def check(candidate):\n    assert candidate(1) == 2\n",
-            }
-        )
-        + "\n"
-    )
+    tasks = _one_task(tmp_path, "    y = x + 1\n    return y\n")
     out = tmp_path / "run"
     result = _invoke(
         "eval", "--assistant", tiny_model_path, "--policy", "base-n", "--n", "4", "--human", "plausible",
@@ -163,19 +148,7 @@ def test_unknown_task_set_is_refused_by_name(tmp_path, capsys):
 
 
 def test_unreachable_human_server_stops_with_a_resume_hint(tmp_path, tiny_model_path, capsys):
-    tasks = tmp_path / "one.jsonl"
-    tasks.write_text(
-        json.dumps(
-            {
-                "task_id": "toy/inc",
-                "prompt": "def inc(x):\n",
-                "entry_point": "inc",
-                "canonical_solution": "    return x + 1\n",
-                "test": "def check(candidate):\n    assert candidate(1) == 2\n",
-            }
-        )
-        + "\n"
-    )
+    tasks = _one_task(tmp_path, "    return x + 1\n")
     with pytest.raises(SystemExit) as exit_info:
         main(
             [

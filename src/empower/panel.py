@@ -296,8 +296,8 @@ def run_panel(config: PanelConfig, progress: bool = True) -> list[PanelRow]:
         human = config_from_dict(HumanConfig, {**to_dict(part_of(config, HumanConfig)), **settings})
         run_config = replace(base, **to_dict(human), out=config.out / entry["label"], resume=True)
         runs[entry["label"]] = (run_eval(run_config, progress=progress, pool=pool), human)
-    played = [{e.task_id for e in metrics.run_episodes(run)} for run, _ in runs.values()]
-    common = set.intersection(*played)
+    played = {label: metrics.run_episodes(run, config) for label, (run, _) in runs.items()}
+    common = set.intersection(*({e.task_id for e in episodes} for episodes in played.values()))
     if not common:
         raise ValueError(f"the panel's runs in {config.out} share no task: nothing to compare")
     yardstick = runs.get(config.yardstick)
@@ -307,7 +307,7 @@ def run_panel(config: PanelConfig, progress: bool = True) -> list[PanelRow]:
         tasks = run_tasks(yardstick[0])
     rows = []
     for label, (run, human) in runs.items():
-        episodes = [e for e in metrics.run_episodes(run, config) if e.task_id in common]
+        episodes = [e for e in played[label] if e.task_id in common]
         saved = json.loads((run / "config.json").read_text())
         summary = metrics.summarize_episodes(
             episodes, config, run=label, assistant=str(saved.get("assistant", "?")), human=label,
@@ -320,23 +320,34 @@ def run_panel(config: PanelConfig, progress: bool = True) -> list[PanelRow]:
     return rows
 
 
+def _columns(yardstick: str) -> list[str]:
+    who = yardstick or "-"
+    return ["human", "Pass@1 [95% CI]", "DPR [95% CI]", "acceptance [95% CI]", "chars/suggestion",
+            "chars deleted/episode", f"kappa with {who} [95% CI]", f"acceptance on {who}'s suggestions"]  # fmt: skip
+
+
+def _cells(r: PanelRow) -> list[str]:
+    """One human's row of the panel table (the rich table and panel.md show the same cells)."""
+    s = r.summary
+    return [
+        r.label, s.pass_at_1.format(), s.dpr.format(), s.acceptance.format() if s.acceptance else "-",
+        f"{s.mean_suggestion_chars:.1f}" if s.mean_suggestion_chars is not None else "-",
+        f"{s.chars_deleted_from_accepted / s.episodes:.2f}",
+        r.agreement.kappa.format() if r.agreement else "-",
+        f"{r.agreement.acceptance:.3f}" if r.agreement else "-",
+    ]  # fmt: skip
+
+
 def panel_table(rows: list[PanelRow], yardstick: str):
     """A rich table: per human, Pass@1, DPR, acceptance, characters deleted, agreement (kappa) with the
-    yardstick on its suggestions."""
+    yardstick on its suggestions (its acceptance there is in the agreement table)."""
     from rich.table import Table
 
     table = Table(title=f"The panel: one assistant, every human, the same {rows[0].summary.episodes} tasks")
-    for column in ("human", "Pass@1 [95% CI]", "DPR [95% CI]", "acceptance [95% CI]", "chars/suggestion",
-                   "chars deleted/episode", f"kappa with {yardstick or '-'} [95% CI]"):  # fmt: skip
+    for column in _columns(yardstick)[:7]:
         table.add_column(column, overflow="fold")
     for r in rows:
-        s = r.summary
-        table.add_row(
-            r.label, s.pass_at_1.format(), s.dpr.format(), s.acceptance.format() if s.acceptance else "-",
-            f"{s.mean_suggestion_chars:.1f}" if s.mean_suggestion_chars is not None else "-",
-            f"{s.chars_deleted_from_accepted / s.episodes:.2f}",
-            r.agreement.kappa.format() if r.agreement else "-",
-        )  # fmt: skip
+        table.add_row(*_cells(r)[:7])
     return table
 
 
@@ -348,20 +359,8 @@ def write_panel(rows: list[PanelRow], out: Path, yardstick: str) -> Path:
         for r in rows
     ]  # fmt: skip
     (out / "panel.json").write_text(json.dumps({"yardstick": yardstick, "humans": records}, indent=2) + "\n")
-    lines = [
-        f"| human | Pass@1 [95% CI] | DPR [95% CI] | acceptance [95% CI] | chars/suggestion | chars deleted/episode "
-        f"| kappa with {yardstick or '-'} [95% CI] | acceptance on {yardstick or '-'}'s suggestions |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        s = r.summary
-        lines.append(
-            f"| {r.label} | {s.pass_at_1.format()} | {s.dpr.format()} | "
-            f"{s.acceptance.format() if s.acceptance else '-'} | "
-            f"{f'{s.mean_suggestion_chars:.1f}' if s.mean_suggestion_chars is not None else '-'} | "
-            f"{s.chars_deleted_from_accepted / s.episodes:.2f} | "
-            f"{r.agreement.kappa.format() if r.agreement else '-'} | "
-            f"{f'{r.agreement.acceptance:.3f}' if r.agreement else '-'} |"
-        )
+    columns = _columns(yardstick)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     (out / "panel.md").write_text("\n".join(lines) + "\n")
     return out / "panel.md"
