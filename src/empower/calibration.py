@@ -19,6 +19,7 @@ from empower.configs import to_dict
 from empower.experiment import (
     CalibrationPolicy,
     GridMethod,
+    Ranks,
     ReproduceConfig,
     Stages,
     base_model,
@@ -102,8 +103,7 @@ def calibrate(config: ReproduceConfig, stages: Stages | None = None) -> float:
     root = config.out / "calibration"
     human = calibration_human(config)
     tasks = validation_tasks(config)
-    per_eta = 3 if calib.policy is CalibrationPolicy.EMPOWER else 1
-    stages = stages or Stages(per_eta * len(calib.etas))
+    stages = stages or Stages(calib.stage_count)
     start = time.perf_counter()
     pool = models.ModelPool()  # the estimator across data builds, the human across runs
     points = []
@@ -127,6 +127,7 @@ def calibrate(config: ReproduceConfig, stages: Stages | None = None) -> float:
                 train_cfg.out,
                 model_done,
                 lambda c=train_cfg: run_train(c),
+                every_rank=True,
             )
             eval_cfg = eval_config(
                 config, GridMethod.EMPOWER, human, tasks, eta, model_dir=train_cfg.out, out=run
@@ -147,7 +148,7 @@ def calibrate(config: ReproduceConfig, stages: Stages | None = None) -> float:
         f"eta was swept over {', '.join(f'{e:g}' for e in calib.etas)} bits with {what}, on {calib.size} "
         f"validation tasks of {calib.tasks} that no evaluation run uses, with the human "
         f"'{entry_label(human, 'humans')}'; the recommended eta maximises DPR (ties: higher Pass@1, then the "
-        f"smaller eta). Cost: {per_eta * len(calib.etas)} stage(s), {(time.perf_counter() - start) / 60:.1f} min "
+        f"smaller eta). Cost: {calib.stage_count} stage(s), {(time.perf_counter() - start) / 60:.1f} min "
         "in the last invocation (finished stages are not rerun)."
     )
     record = {
@@ -158,19 +159,23 @@ def calibrate(config: ReproduceConfig, stages: Stages | None = None) -> float:
         "description": description,
         "runs": [{"eta": eta, "run": f"eta-{eta:g}"} for eta, _ in points],
     }
-    (root / "calibration.json").write_text(json.dumps(record, indent=2) + "\n")
-    console.print(f"[bold]recommended eta: {recommended:g} bits[/] (DPR on the validation tasks)")
+    if stages.ranks.main:
+        (root / "calibration.json").write_text(json.dumps(record, indent=2) + "\n")
+        console.print(f"[bold]recommended eta: {recommended:g} bits[/] (DPR on the validation tasks)")
     return recommended
 
 
 def calibrate_only(config: ReproduceConfig) -> float:
     """``empower calibrate``: the sweep alone (same folder layout as reproduce), then the report."""
     check_saved(config)
-    config.out.mkdir(parents=True, exist_ok=True)
-    if not (config.out / "config.json").is_file():
-        (config.out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
-    eta = calibrate(config)
-    console.print(
-        f"report: {build_report([config.out / 'calibration'], config.out / 'calibration' / 'report')}"
-    )
+    ranks = Ranks.start(config.out)
+    if ranks.main:
+        config.out.mkdir(parents=True, exist_ok=True)
+        if not (config.out / "config.json").is_file():
+            (config.out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    with ranks.guard():
+        eta = calibrate(config, Stages(config.calibration.stage_count if config.calibration else 0, ranks))
+        if ranks.main:
+            report = build_report([config.out / "calibration"], config.out / "calibration" / "report")
+            console.print(f"report: {report}")
     return eta

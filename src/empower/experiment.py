@@ -14,6 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +144,11 @@ class CalibrationConfig:
             raise ValueError(f"calibration.etas needs at least two positive values (bits), got {self.etas}")
         if self.size < 2:
             raise ValueError(f"calibration.size must be >= 2 tasks (a CI needs two), got {self.size}")
+
+    @property
+    def stage_count(self) -> int:
+        """Stages of the sweep: an evaluation per eta, plus a data build and a training run with empower."""
+        return (3 if self.policy is CalibrationPolicy.EMPOWER else 1) * len(self.etas)
 
 
 @dataclass
@@ -351,14 +357,107 @@ def _cpu_time() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+class RankZeroFailed(RuntimeError):
+    """Rank 0 stopped with an error while this rank waited for its outputs."""
+
+
+@dataclass
+class Ranks:
+    """This process's place under ``torchrun`` or ``accelerate launch`` (alone: rank 0 of 1).
+
+    Every rank trains (the trainer splits the batches); data building, evaluation and the records
+    (config, grid.json, calibration.json, report) are rank 0's alone, so no two processes append to one
+    file or load the estimator onto one GPU. The others wait for rank 0's outputs on disk rather than
+    at a collective barrier, which would time out during hours of data building or evaluation. If
+    rank 0 fails it leaves ``failed`` behind, and the waiting ranks stop with its error.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    failed: Path | None = None
+    poll_seconds: float = 2.0
+
+    @classmethod
+    def start(cls, out: Path) -> Ranks:
+        """Join the launcher's process group (if any); rank 0 clears an earlier launch's failure first."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())  # as training makes it: gloo on CPUs
+        ranks = cls(state.process_index, state.num_processes, Path(out) / "rank0-failed.json")
+        if ranks.main:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            ranks.failed.unlink(missing_ok=True)
+        state.wait_for_everyone()  # nobody reads a stale failure marker
+        if not ranks.main:
+            console.print(
+                f"rank {ranks.rank} of {ranks.world_size}: trains with every rank; data, evaluation and "
+                "records are rank 0's (this rank waits for them)"
+            )
+        return ranks
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @contextmanager
+    def guard(self):
+        """On rank 0, turn an error into the marker the waiting ranks stop on."""
+        try:
+            yield
+        except BaseException as error:
+            if self.main and self.failed is not None:
+                self.failed.write_text(json.dumps({"error": f"{type(error).__name__}: {error}"}) + "\n")
+            raise
+
+    def wait(self, out: Path, done: Callable[[Path], bool], what: str) -> None:
+        """Block until rank 0 has finished ``what`` (``done(out)``), or raise if rank 0 failed."""
+        while not _finished(done, out):
+            if self.failed is not None and self.failed.is_file():
+                error = json.loads(self.failed.read_text()).get("error", "unknown error")
+                raise RankZeroFailed(f"rank 0 failed while this rank waited for {what} ({out}): {error}")
+            time.sleep(self.poll_seconds)
+
+
+def _finished(done: Callable[[Path], bool], out: Path) -> bool:
+    """``done(out)``, reading a file rank 0 is still writing as not done yet."""
+    try:
+        return done(out)
+    except (OSError, ValueError):
+        return False
+
+
 class Stages:
-    """Runs stages in order with progress lines and timings; finished outputs are skipped."""
+    """Runs stages in order with progress lines and timings; finished outputs are skipped.
 
-    def __init__(self, total: int):
+    Under several processes (:class:`Ranks`), a stage with ``every_rank`` (training) runs on all of
+    them; any other stage runs on rank 0 while the rest wait for its output.
+    """
+
+    def __init__(self, total: int, ranks: Ranks | None = None):
         self.total, self.index, self.seconds, self.cpu_seconds = total, 0, {}, {}
+        self.ranks = ranks or Ranks()
 
-    def run(self, kind: str, name: str, out: Path, done: Callable[[Path], bool], work: Callable[[], object]):
+    def run(
+        self,
+        kind: str,
+        name: str,
+        out: Path,
+        done: Callable[[Path], bool],
+        work: Callable[[], object],
+        *,
+        every_rank: bool = False,
+    ):
         self.index += 1
+        if not self.ranks.main:
+            if every_rank:
+                if not done(out):
+                    work()
+            else:
+                self.ranks.wait(out, done, f"{kind} {name}")
+            return
         head = f"[bold][{self.index}/{self.total}][/] {kind} [cyan]{name}[/] -> {out}"
         if done(out):
             console.print(f"{head} [green]done already[/]")

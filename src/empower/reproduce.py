@@ -35,9 +35,9 @@ from empower.experiment import (
     _DATA,
     LABELS,
     CalibrationConfig,
-    CalibrationPolicy,
     GridConfig,
     GridMethod,
+    Ranks,
     ReproduceConfig,
     Stages,
     check_saved,
@@ -97,53 +97,61 @@ def reproduce(config: ReproduceConfig, *, command: str | None = None) -> Path:
         reproduce(load_config(ReproduceConfig, "configs/demo.yaml"))
     """
     check_saved(config)
-    config.out.mkdir(parents=True, exist_ok=True)
-    (config.out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    ranks = Ranks.start(config.out)
+    if ranks.main:
+        config.out.mkdir(parents=True, exist_ok=True)
+        (config.out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
     trained = [m for m in config.grid.methods if m in _DATA]
     cells = config.grid.cells()
-    calibration_stages = 0
-    if config.grid.eta is None:
-        assert config.calibration is not None
-        per_eta = 3 if config.calibration.policy is CalibrationPolicy.EMPOWER else 1
-        calibration_stages = per_eta * len(config.calibration.etas)
-    stages = Stages(calibration_stages + 2 * len(trained) + len(cells))
+    calibration_stages = (
+        config.calibration.stage_count if config.grid.eta is None and config.calibration else 0
+    )
+    stages = Stages(calibration_stages + 2 * len(trained) + len(cells), ranks)
     runs: list[dict] = []
-    try:
-        if config.grid.eta is None:
-            eta = calibrate(config, stages)
-        else:
-            eta = config.grid.eta
-        pool = models.ModelPool()  # the estimator across data builds, the human across runs
-        for method in trained:
-            data_cfg = data_config(config, method, eta)
-            stages.run("data", LABELS[method], data_cfg.out, data_done, lambda c=data_cfg: run_data(c, pool))
-        pool.retain([])  # training loads its own copy: free the estimator first
-        for method in trained:
-            train_cfg = train_config(config, method, data_config(config, method, eta).out)
-            stages.run("train", LABELS[method], train_cfg.out, model_done, lambda c=train_cfg: run_train(c))
-        for task_set, human, method in cells:
-            eval_cfg = eval_config(config, method, human, task_set, eta)
-            tasks_label, human_label = entry_label(task_set, "task_sets"), entry_label(human, "humans")
-            stages.run(
-                "eval",
-                f"{LABELS[method]} / {human_label} / {tasks_label}",
-                eval_cfg.out,
-                eval_done,
-                lambda c=eval_cfg: run_evaluation(c, pool),
-            )
-            runs.append(
-                {
-                    "run": str(eval_cfg.out.relative_to(config.out)),
-                    "method": LABELS[method],
-                    "human": human_label,
-                    "tasks": tasks_label,
-                }
-            )
-    finally:
-        _write_grid(config, runs, stages, command)
-    if not config.report:
-        return config.out
-    return write_report(config.out)
+    with ranks.guard():
+        try:
+            eta = config.grid.eta if config.grid.eta is not None else calibrate(config, stages)
+            pool = models.ModelPool()  # the estimator across data builds, the human across runs
+            for method in trained:
+                data_cfg = data_config(config, method, eta)
+                stages.run(
+                    "data", LABELS[method], data_cfg.out, data_done, lambda c=data_cfg: run_data(c, pool)
+                )
+            pool.retain([])  # training loads its own copy: free the estimator first
+            for method in trained:
+                train_cfg = train_config(config, method, data_config(config, method, eta).out)
+                stages.run(
+                    "train",
+                    LABELS[method],
+                    train_cfg.out,
+                    model_done,
+                    lambda c=train_cfg: run_train(c),
+                    every_rank=True,
+                )
+            for task_set, human, method in cells:
+                eval_cfg = eval_config(config, method, human, task_set, eta)
+                tasks_label, human_label = entry_label(task_set, "task_sets"), entry_label(human, "humans")
+                stages.run(
+                    "eval",
+                    f"{LABELS[method]} / {human_label} / {tasks_label}",
+                    eval_cfg.out,
+                    eval_done,
+                    lambda c=eval_cfg: run_evaluation(c, pool),
+                )
+                runs.append(
+                    {
+                        "run": str(eval_cfg.out.relative_to(config.out)),
+                        "method": LABELS[method],
+                        "human": human_label,
+                        "tasks": tasks_label,
+                    }
+                )
+        finally:
+            if ranks.main:
+                _write_grid(config, runs, stages, command)
+        if not config.report or not ranks.main:
+            return config.out
+        return write_report(config.out)
 
 
 def write_report(root: Path) -> Path:
