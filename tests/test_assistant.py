@@ -185,6 +185,22 @@ def test_base_on_a_model_without_chat_template_is_a_clear_error(tiny):
         chat_prompt(tokenizer, STATE)
 
 
+# A reasoning model's template (Qwen3's rule): it thinks unless enable_thinking is false; this one
+# refuses to render a prompt that would let it think.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if enable_thinking is not defined or enable_thinking %}{{ raise_exception('this prompt would think') }}"
+    "{% endif %}{% if add_generation_prompt %}<|assistant|><think>\n\n</think>\n\n{% endif %}"
+)
+
+
+def test_base_asks_a_reasoning_model_not_to_think(tiny):
+    tokenizer = copy.deepcopy(tiny[1])
+    tokenizer.chat_template = THINKING_TEMPLATE
+    text = chat_prompt(tokenizer, STATE)
+    assert "<|assistant|><think>\n\n</think>\n\n```python\n" + STATE == text[text.index("<|assistant|>") :]
+
+
 def test_policy_enum_values():
     assert [p.value for p in Policy] == ["model", "base", "base-n", "threshold"]
 

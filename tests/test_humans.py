@@ -6,9 +6,12 @@ Run: .venv/bin/pytest tests/test_humans.py  (add -m integration for the server t
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from empower import models
 from empower.engines import GenerateRequest
 from empower.engines.local import LocalEngine
 from empower.humans import (
+    ChatAPI,
     ChatReply,
     ChatRequest,
     Decision,
@@ -336,6 +340,69 @@ def test_local_llm_human_answers_the_same_from_cached_prompt_prefixes(tiny, tiny
         replies[size] = seen, backend.engine.prefix_cache
     assert replies[32][0] == replies[0][0]
     assert replies[0][1] is None and replies[32][1].reused_tokens > 0
+
+
+def test_local_llm_human_asks_a_reasoning_model_not_to_think(tiny, tiny_model_path):
+    """Thinking would use up a one-word acceptor reply: the template renders only without it."""
+    from test_assistant import THINKING_TEMPLATE
+
+    tokenizer = copy.deepcopy(tiny[1])
+    tokenizer.chat_template = THINKING_TEMPLATE
+    config = HumanConfig(human="llm", human_model=tiny_model_path, human_max_tokens=3)
+    human = LLMHuman(config, LocalChat(tiny_model_path, config, tiny[0], tokenizer))
+    [turn] = human.respond([HumanView(make_task(), PROMPT, "    total = a + b\n")])
+    assert turn.raw["acceptor"] is not None
+
+
+class _ChatServer(BaseHTTPRequestHandler):
+    """An OpenAI-style chat server that refuses ``chat_template_kwargs`` by name, as OpenAI's API does."""
+
+    bodies: list[dict] = []
+
+    def _send(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send(200, {"object": "list", "data": [{"id": "judge", "object": "model", "owned_by": "me"}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.bodies.append(body)
+        if "chat_template_kwargs" in body:
+            message = "Unrecognized request argument supplied: chat_template_kwargs"
+            self._send(400, {"error": {"message": message, "type": "invalid_request_error"}})
+            return
+        reply = {"role": "assistant", "content": "ACCEPT"}
+        self._send(200, {"id": "1", "object": "chat.completion", "created": 0, "model": "judge",
+                         "choices": [{"index": 0, "message": reply, "finish_reason": "stop"}]})  # fmt: skip
+
+    def log_message(self, *args):
+        pass
+
+
+def test_chat_api_asks_not_to_think_and_drops_the_request_where_it_is_refused_by_name():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _ChatServer.bodies = []
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        config = HumanConfig(human="llm", human_url=url, human_server_api="chat", human_retries=0)
+        backend = ChatAPI(url, config)
+        request = ChatRequest([{"role": "user", "content": "Accept?"}], max_tokens=4)
+        assert [r.text for r in backend.complete([request])] == ["ACCEPT"]  # asked, refused, asked again
+        assert [r.text for r in backend.complete([request])] == ["ACCEPT"]  # not asked any more
+    finally:
+        server.shutdown()
+    assert [body.get("chat_template_kwargs") for body in _ChatServer.bodies] == [
+        {"enable_thinking": False},
+        None,
+        None,
+    ]
 
 
 class ClosingChat:

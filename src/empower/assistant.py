@@ -54,7 +54,7 @@ from empower.engines.base import (
 )
 from empower.engines.local import LocalEngine
 from empower.engines.openai import served_model, server_engine
-from empower.prompts import PromptTemplate, build_prompt
+from empower.prompts import PromptTemplate, build_prompt, chat_text
 from empower.rule import empower_length
 
 log = logging.getLogger(__name__)
@@ -300,8 +300,7 @@ def chat_prompt(tokenizer, state: str, statement: str | None = None, prefill: bo
         "Retype the current code exactly and extend it with the code that comes next. Reply with code only."
     )
     messages = [{"role": "system", "content": BASE_SYSTEM}, {"role": "user", "content": user}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + ("```python\n" + state if prefill else "")
+    return chat_text(tokenizer, messages) + ("```python\n" + state if prefill else "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,3 +34,16 @@ def build_prompt(
         return state
     header = "".join(f"# {line}".rstrip() + "\n" for line in statement.strip().splitlines())
     return header + state
+
+
+# Reasoning models (Qwen3 and the like) think first unless told not to; every chat this project makes
+# wants a short answer (an acceptor's one word, a few lines of code), which thinking would use up.
+NO_THINKING = {"enable_thinking": False}
+
+
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """``messages`` through the tokenizer's chat template, opened for the reply, without thinking.
+
+    Templates that know no ``enable_thinking`` ignore it.
+    """
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **NO_THINKING)

@@ -23,6 +23,7 @@ from empower.engines.local import LocalEngine, finish_row
 from empower.engines.openai import ServerEngineError, served_model, server_engine
 from empower.engines.wrappers import Resilient
 from empower.humans.base import HumanConfig, HumanServerError
+from empower.prompts import NO_THINKING, chat_text
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,7 @@ class EngineChat:
     def complete(self, requests: list[ChatRequest]) -> list[ChatReply]:
         if not requests:
             return []
-        texts = [
-            self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
-            + r.prefill
-            for r in requests
-        ]
+        texts = [chat_text(self.tokenizer, r.messages) + r.prefill for r in requests]
         # The chat template already holds the special tokens.
         prompts = encode(self.tokenizer, texts, add_special_tokens=False)
         asked = [
@@ -232,9 +229,10 @@ class ServerChat(EngineChat):
 class ChatAPI:
     """Chat completions from a server that takes no token ids (llama.cpp's), requests in parallel.
 
-    The server applies its own chat template; the reply is not prefilled and not held open. The
-    ``openai`` client retries connection errors, timeouts, 429 and 5xx with exponential backoff
-    (``human_retries`` times); after that a :class:`HumanServerError` names the URL.
+    The server applies its own chat template (asked not to think where it can be); the reply is not
+    prefilled and not held open. The ``openai`` client retries connection errors, timeouts, 429 and
+    5xx with exponential backoff (``human_retries`` times); after that a :class:`HumanServerError`
+    names the URL.
     """
 
     supports_prefill = False
@@ -249,6 +247,8 @@ class ChatAPI:
             base_url=url, api_key=key, timeout=config.human_timeout_s, max_retries=config.human_retries
         )
         self.label = f"{url}#{self.model}"
+        # vLLM and SGLang pass these to the template (reasoning models reply without thinking).
+        self.template_kwargs: dict | None = {"chat_template_kwargs": NO_THINKING}
 
     def _call(self, fn, *args, **kwargs):
         import openai
@@ -267,13 +267,16 @@ class ChatAPI:
             ) from err
 
     def _one(self, request: ChatRequest) -> ChatReply:
-        response = self._call(
-            self.client.chat.completions.create,
-            model=self.model,
-            messages=request.messages,
-            max_tokens=request.max_tokens,
-            temperature=self.config.human_temperature,
-        )
+        ask = dict(model=self.model, messages=request.messages, max_tokens=request.max_tokens,
+                   temperature=self.config.human_temperature)  # fmt: skip
+        try:
+            response = self._call(self.client.chat.completions.create, **ask, extra_body=self.template_kwargs)
+        except HumanServerError as err:
+            if not (self.template_kwargs and "chat_template_kwargs" in str(err)):
+                raise
+            # A server that refuses the argument by name (OpenAI's own) has no template to pass it to.
+            self.template_kwargs = None
+            response = self._call(self.client.chat.completions.create, **ask)
         choice = response.choices[0]
         return ChatReply(choice.message.content or "", choice.finish_reason == "stop")
 
