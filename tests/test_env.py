@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from empower import models
 from empower.assistant import AssistantConfig, Suggestion, build_assistant
 from empower.env import Episode, EvalConfig, LoopStatus, TokenCounter, run_episodes, run_eval
 from empower.humans import ChatReply, HumanConfig, LLMHuman, build_human
@@ -109,7 +110,32 @@ def test_run_folder_holds_config_traces_and_summary(finished_run):
 
 def test_config_records_the_tokenizer_that_counted(finished_run):
     run, config = finished_run
-    assert json.loads((run / "config.json").read_text())["count_tokenizer"] == config.sim_count_tokenizer
+    assert (
+        json.loads((run / "config.json").read_text())["count_tokenizer"]
+        == config.count_tokenizer
+        == config.assistant
+    )
+
+
+def test_the_count_tokenizer_is_the_assistants_unless_named(tmp_path):
+    """A trained folder counts with its base model's tokenizer, so every method of one base counts alike."""
+    folder = tmp_path / "sft-20"
+    folder.mkdir()
+    (folder / "empower-model.json").write_text(json.dumps({"base_model": "smollm2-135m"}))
+    assert EvalConfig(assistant=str(folder)).count_tokenizer == "smollm2-135m"
+    assert EvalConfig(assistant="qwen2.5-coder-0.5b").count_tokenizer == "qwen2.5-coder-0.5b"
+    named = EvalConfig(assistant=str(folder), sim_count_tokenizer="qwen2.5-coder-0.5b")
+    assert named.count_tokenizer == "qwen2.5-coder-0.5b"
+
+
+def test_the_human_caps_what_it_writes_with_the_runs_count_tokenizer(make_config):
+    """K_H and tokens written are one count: with another tokenizer than SmolLM2's (Qwen's), no chunk
+    the human writes is longer than K_H in the tokenizer the run counts with."""
+    config = make_config(sim_count_tokenizer=models.HUMAN_MODEL, human_max_tokens=2, sim_max_rounds=60)
+    run = run_eval(config, progress=False)
+    wrote = [e["tokens"] for t in _traces(run) for e in t["events"] if e["kind"] == "wrote"]
+    assert wrote and max(wrote) == 2
+    assert json.loads((run / "config.json").read_text())["count_tokenizer"] == models.HUMAN_MODEL
 
 
 def test_one_trace_per_task(finished_run):
@@ -132,7 +158,7 @@ def test_program_is_the_prompt_plus_the_appended_text(finished_run):
 
 def test_tokens_read_are_the_shown_suggestions_counted_by_the_fixed_tokenizer(finished_run):
     run, config = finished_run
-    count = TokenCounter(config.sim_count_tokenizer)
+    count = TokenCounter(config.count_tokenizer)
     for trace in _traces(run):
         shown = [e for e in trace["events"] if e["kind"] == "suggested"]
         assert trace["tokens_read"] == sum(count([e["text"] for e in shown]))
@@ -141,7 +167,7 @@ def test_tokens_read_are_the_shown_suggestions_counted_by_the_fixed_tokenizer(fi
 
 def test_tokens_written_are_the_humans_text(finished_run):
     run, config = finished_run
-    count = TokenCounter(config.sim_count_tokenizer)
+    count = TokenCounter(config.count_tokenizer)
     for trace in _traces(run):
         wrote = [e["text"] for e in trace["events"] if e["kind"] == "wrote"]
         assert trace["tokens_written"] == sum(count(wrote)) > 0
@@ -184,6 +210,20 @@ def test_a_run_made_before_a_setting_existed_resumes_only_at_its_default(run_cop
     assert len(_traces(run)) == 3
 
 
+def test_a_resume_compares_the_tokenizer_that_counted_not_how_it_was_named(run_copy):
+    """A run that named its assistant's tokenizer resumes with the default (the same one); a resume that
+    would count with another tokenizer is refused."""
+    run, config = run_copy
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "sim_count_tokenizer": config.assistant}))
+    lines = (run / "traces.jsonl").read_text().splitlines(keepends=True)
+    (run / "traces.jsonl").write_text("".join(lines[:2]))
+    with pytest.raises(ValueError, match="sim_count_tokenizer: .* -> 'qwen2.5-coder-0.5b'"):
+        run_eval(dataclasses.replace(config, sim_count_tokenizer="qwen2.5-coder-0.5b"), progress=False)
+    run_eval(config, progress=False)
+    assert len(_traces(run)) == 3
+
+
 def test_torn_trace_line_is_played_again_on_resume(run_copy):
     run, config = run_copy
     lines = (run / "traces.jsonl").read_text().splitlines(keepends=True)
@@ -221,7 +261,7 @@ def players(make_config, tiny, tasks_file):
     config = make_config()
     assistant = build_assistant(config.part(AssistantConfig), model=tiny[0], tokenizer=tiny[1])
     human = build_human(config.part(HumanConfig))
-    count = TokenCounter(config.sim_count_tokenizer)
+    count = TokenCounter(config.count_tokenizer)
 
     def play(on_finished=None, status=None, **overrides):
         traces = []
@@ -299,7 +339,7 @@ def test_the_async_loop_plays_the_lockstep_episodes_with_the_llm_human(
                          human_max_new_tokens=6, sim_max_rounds=3)  # fmt: skip
     assistant = build_assistant(config.part(AssistantConfig), model=tiny[0], tokenizer=tiny[1])
     human = build_human(config.part(HumanConfig), model=tiny[0], tokenizer=tiny[1])
-    count, tasks = TokenCounter(config.sim_count_tokenizer), load_tasks("humaneval", str(tasks_file))
+    count, tasks = TokenCounter(config.count_tokenizer), load_tasks("humaneval", str(tasks_file))
     runs = {}
     for loop in ("lockstep", "async"):
         runs[loop] = []
@@ -367,7 +407,7 @@ def _play_add(make_config, suggestions, human=None, **overrides):
         ScriptedAssistant(suggestions),
         human or build_human(config.part(HumanConfig)),
         config,
-        TokenCounter(config.sim_count_tokenizer),
+        TokenCounter(config.count_tokenizer),
         traces.append,
     )
     [trace] = traces

@@ -106,7 +106,7 @@ def test_a_human_agrees_with_its_own_recorded_run_on_every_suggestion(tasks, tin
     assistant = build_assistant(config.part(AssistantConfig), model=tiny[0], tokenizer=tiny[1])
     human = build_human(config.part(HumanConfig))
     traces = []
-    run_episodes(list(by_id.values()), assistant, human, config, TokenCounter(config.sim_count_tokenizer),
+    run_episodes(list(by_id.values()), assistant, human, config, TokenCounter(config.count_tokenizer),
                  traces.append)  # fmt: skip
     found = agreement(traces, by_id, human, METRICS)
     assert found.decisions == sum(t["suggestions"] for t in traces) > 0

@@ -122,6 +122,19 @@ def test_report_writes_markdown_html_and_readable_pngs(grid, tmp_path):
     assert "<table>" in html and "data:image/png;base64," in html and 'src="figures/' not in html
 
 
+def test_runs_counted_with_different_tokenizers_are_flagged(grid, tmp_path):
+    """Tokens and DPR mean different things under different tokenizers: the table says so."""
+    assert "different tokenizers" not in build_report([grid], tmp_path / "same").read_text()
+    for run, tokenizer in (("empower", "smollm2-135m"), ("base10", "qwen2.5-coder-0.5b")):
+        config = grid / "eval" / run / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "count_tokenizer": tokenizer}))
+    markdown = build_report([grid], tmp_path / "mixed").read_text()
+    warning = next(
+        line for line in markdown.splitlines() if "counted tokens with different tokenizers" in line
+    )
+    assert "smollm2-135m (Empower)" in warning and "qwen2.5-coder-0.5b (Base-10)" in warning
+
+
 def test_paired_tests_compare_empower_with_each_baseline(grid, tmp_path):
     markdown = build_report([grid], tmp_path / "r").read_text()
     assert "| Base-10 | reference | 3 | 0.667 vs 0.333 | 1 / 0 |" in markdown

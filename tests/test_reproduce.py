@@ -43,7 +43,6 @@ def tiny_config(out: Path, **overrides) -> dict:
             "sim_max_rounds": 3,
             "sim_count_tokenizer": "tiny-random",
             "metrics_resamples": 200,
-            "human_tokenizer": "tiny-random",
         },
         "grid": {
             "methods": ["empower", "sft-10", "base-10", "threshold"],

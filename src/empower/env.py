@@ -91,7 +91,9 @@ class EvalConfig(MetricsConfig, SandboxConfig, HumanConfig, AssistantConfig):
         resumable=True,
     )
     sim_count_tokenizer: str = option(
-        models.DEFAULT_MODEL, "tokenizer that counts tokens read/written (keep it fixed across compared runs)"
+        "",
+        "the run's one tokenizer for effort: tokens read and written, and the human's K_H cap; empty: the "
+        "assistant's (keep it fixed across compared runs)",
     )
 
     def __post_init__(self):
@@ -115,9 +117,15 @@ class EvalConfig(MetricsConfig, SandboxConfig, HumanConfig, AssistantConfig):
         """The sub-config (AssistantConfig, HumanConfig, ...) holding this run's values of its fields."""
         return part_of(self, cls)
 
+    @property
+    def count_tokenizer(self) -> str:
+        """The tokenizer that counts this run's effort: ``sim_count_tokenizer``, else the assistant's."""
+        return self.sim_count_tokenizer or models.tokenizer_name(self.assistant)
+
 
 class TokenCounter:
-    """Counts tokens with one tokenizer for every run of a comparison (assistants' own tokenizers differ)."""
+    """Counts tokens with one tokenizer for every run of a comparison (assistants' own tokenizers differ);
+    the human's K_H cap counts with the same one."""
 
     def __init__(self, spec: str):
         self.spec = spec
@@ -509,6 +517,9 @@ def _prepare_folder(config: EvalConfig) -> tuple[set[str], dict | None]:
     # A field added since the run was made is unchanged at its default.
     missing = {k: v for k, v in to_dict(EvalConfig()).items() if k not in saved}
     saved = {**missing, **saved}
+    # The tokenizer that counted, not how it was named: "" (the assistant's) may be the one a run named.
+    saved["sim_count_tokenizer"] = saved.get("count_tokenizer", saved.get("sim_count_tokenizer"))
+    current["sim_count_tokenizer"] = config.count_tokenizer
     changed = sorted(k for k in current if k not in may_change and saved.get(k) != current[k])
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
@@ -572,7 +583,7 @@ def run_eval(config: EvalConfig, progress: bool = True, pool: models.ModelPool |
             )
     if not tasks:
         raise ValueError(f"no task left to evaluate in {config.tasks} (excluded: {len(excluded)})")
-    count = TokenCounter(config.sim_count_tokenizer)
+    count = TokenCounter(config.count_tokenizer)
     config.out.mkdir(parents=True, exist_ok=True)
     record = {
         **to_dict(config),
@@ -643,7 +654,7 @@ def _play(
             return Text(status.line(), style="dim")
 
     assistant = build_assistant(config.part(AssistantConfig), pool=pool)
-    human = build_human(config.part(HumanConfig), pool=pool)
+    human = build_human(config.part(HumanConfig), pool=pool, counter=count.tokenizer)
     check_context(assistant, human, config)
     totals = {"passed": 0, "shown": 0, "accepted": 0, "done": 0}
     bar = Progress(

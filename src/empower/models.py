@@ -246,6 +246,15 @@ def adapter_base(spec: str | os.PathLike) -> str:
     return json.loads((Path(str(spec)) / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
+def tokenizer_name(spec: str | os.PathLike) -> str:
+    """The name of a model spec's tokenizer: a trained folder's base model (fine-tuning keeps the
+    base's tokenizer, and every folder trained from one base then gets one name), else the spec."""
+    base = model_meta(spec).get("base_model")
+    if base:
+        return str(base)
+    return adapter_base(spec) if is_adapter(spec) else str(spec)
+
+
 def load_tokenizer(spec: str | os.PathLike):
     """The tokenizer of a model spec, with a pad token set (EOS when the model has none)."""
     from transformers import AutoTokenizer

@@ -447,6 +447,21 @@ def _provenance(grids: list[dict]) -> list[str]:
     return lines
 
 
+def _counting_caveat(group: list[RunEntry]) -> list[str]:
+    """A warning when the runs of a table counted tokens with different tokenizers (DPR then is not comparable)."""
+    by_tokenizer: dict[str, list[str]] = {}
+    for entry in group:
+        by_tokenizer.setdefault(entry.summary.count_tokenizer or "unrecorded", []).append(entry.method)
+    if len(by_tokenizer) < 2:
+        return []
+    which = "; ".join(f"{name} ({', '.join(methods)})" for name, methods in by_tokenizer.items())
+    return [
+        f"**Warning: these runs counted tokens with different tokenizers** ({which}): tokens and DPR are "
+        "not comparable across them; rerun with one `sim_count_tokenizer`.",
+        "",
+    ]
+
+
 def render_markdown(entries: list[RunEntry], sweeps: list[Sweep], grids: list[dict], out: Path) -> str:
     """The report's Markdown; writes its figures under ``out/figures``."""
     figures = out / "figures"
@@ -465,7 +480,7 @@ def render_markdown(entries: list[RunEntry], sweeps: list[Sweep], grids: list[di
     for tasks in _ordered(e.tasks for e in entries):
         group = [e for e in entries if e.tasks == tasks]
         slug = _slug(tasks)
-        parts += [f"## Task set: {tasks}", "", main_table(group), ""]
+        parts += [f"## Task set: {tasks}", "", *_counting_caveat(group), main_table(group), ""]
         plot_metrics(group, figures / f"metrics-{slug}.png", f"{tasks}: 95% CIs over tasks")
         parts += [f"![Pass@1, acceptance and DPR on {tasks}](figures/metrics-{slug}.png)", ""]
         parts += ["### Effort and suggestions", "", detail_table(group), ""]

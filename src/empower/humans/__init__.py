@@ -41,23 +41,26 @@ from empower.humans.reference import ReferenceHuman, agrees, align, edit_distanc
 from empower.models import ModelPool
 
 
-def build_human(config: HumanConfig, *, model=None, tokenizer=None, pool: ModelPool | None = None) -> Human:
+def build_human(
+    config: HumanConfig, *, model=None, tokenizer=None, pool: ModelPool | None = None, counter=None
+) -> Human:
     """The simulated human of ``config`` (``model``/``tokenizer``: an already loaded local LLM; ``pool``:
-    where to load it, shared with the other roles).
+    where to load it, shared with the other roles; ``counter``: the run's counting tokenizer, which caps
+    what the human writes at K_H tokens; default the SmolLM2 tokenizer).
 
     Raises HumanServerError when a server URL is unreachable after retries.
     """
     if config.human is HumanKind.REFERENCE:
-        return ReferenceHuman(config)
+        return ReferenceHuman(config, counter)
     if config.human is HumanKind.PLAUSIBLE:
-        return PlausibleHuman(config, plausibility_engine(config, model, tokenizer, pool))
+        return PlausibleHuman(config, plausibility_engine(config, model, tokenizer, pool), counter)
     if config.human_url and config.human_server_api is HumanServerApi.CHAT:
         backend = ChatAPI(config.human_url, config)
     elif config.human_url:
         backend = ServerChat(config.human_url, config, tokenizer)
     else:
         backend = LocalChat(config.human_model, config, model, tokenizer, pool)
-    return LLMHuman(config, backend)
+    return LLMHuman(config, backend, counter)
 
 
 __all__ = [

@@ -121,7 +121,6 @@ class HumanConfig:
         "its model than its own code (values tried: docs/assistants-and-humans.md)",
     )
     human_max_tokens: int = option(10, "K_H: most tokens the human writes per turn")
-    human_tokenizer: str = option(models.DEFAULT_MODEL, "tokenizer counting the human's K_H tokens")
     human_max_new_tokens: int = option(48, "llm: generation budget of the appender (cut to K_H afterwards)")
     human_temperature: float = option(0.0, "llm: sampling temperature (0 = greedy)")
     human_batch_size: int = option(

@@ -109,7 +109,7 @@ class LLMHuman:
 
     def __init__(self, config: HumanConfig, backend, tokenizer=None):
         self.config, self.backend = config, backend
-        self.tokenizer = tokenizer or models.load_tokenizer(config.human_tokenizer)
+        self.tokenizer = tokenizer or models.load_tokenizer(models.DEFAULT_MODEL)  # counts K_H
         self.name = f"llm:{backend.label}"
         self.malformed = 0  # answers that could not be parsed, over this human's life
         self._complete: set[tuple[str, str]] = set()  # (task_id, code) the appender called complete

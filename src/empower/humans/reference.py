@@ -88,7 +88,7 @@ class ReferenceHuman:
 
     def __init__(self, config: HumanConfig, tokenizer=None):
         self.config = config
-        self.tokenizer = tokenizer or models.load_tokenizer(config.human_tokenizer)
+        self.tokenizer = tokenizer or models.load_tokenizer(models.DEFAULT_MODEL)  # counts K_H
         tolerance, repair = config.human_tolerance, config.human_repair
         self.name = (
             "reference"
