@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib.util
 import json
 import math
 import threading
@@ -463,3 +464,42 @@ def test_base_policies_refuse_logprobs_by_name(tiny):
 def test_config_refuses_a_nonpositive_limit():
     with pytest.raises(ValueError, match="serve_max_tokens"):
         ServeConfig(assistant=MODEL, serve_max_tokens=0)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"serve_vllm_dtype": "fp8"}, "serve_vllm_dtype must be one of float32, bfloat16, float16, auto"),
+        ({"serve_vllm_max_model_len": -1}, "serve_vllm_max_model_len must be >= 0"),
+        ({"serve_vllm_tensor_parallel_size": 0}, "serve_vllm_tensor_parallel_size must be >= 1"),
+        (
+            {"serve_vllm_gpu_memory_utilization": 1.5},
+            r"serve_vllm_gpu_memory_utilization must be in \[0, 1\]",
+        ),
+    ],
+)
+def test_config_refuses_impossible_vllm_settings_by_name(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ServeConfig(assistant=MODEL, serve_engine="vllm", **fields)
+
+
+def test_vllm_settings_beside_a_running_server_are_refused_naming_the_flags():
+    """--engine-url names a server that runs already: settings for one started here would be lost."""
+    with pytest.raises(ValueError, match="--vllm-dtype, --vllm-tensor-parallel-size configure a vLLM server"):
+        ServeConfig(assistant=MODEL, serve_engine_url="http://127.0.0.1:8001", serve_vllm_dtype="bfloat16",
+                    serve_vllm_tensor_parallel_size=2)  # fmt: skip
+    ServeConfig(assistant=MODEL, serve_engine_url="http://127.0.0.1:8001")  # the defaults are no request
+
+
+def test_the_vllm_python_is_the_venv_then_this_python_with_vllm(tmp_path, monkeypatch):
+    from empower.serve import upstream
+
+    monkeypatch.chdir(tmp_path)  # no .venv-vllm here
+    assert upstream.vllm_python("/opt/vllm/bin/python") == "/opt/vllm/bin/python"
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(FileNotFoundError, match=r"make install-vllm.*pip install vllm"):
+            upstream.vllm_python()
+    venv = tmp_path / ".venv-vllm" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").touch()
+    assert upstream.vllm_python() == ".venv-vllm/bin/python"

@@ -323,6 +323,25 @@ def test_cli_trains_full_weights_and_merges(data_dir, tmp_path, trained):
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_merge_saves_bf16_weights_that_match_the_fp32_merge(trained, tmp_path):
+    """Merged in fp32, saved in bf16: half the bytes, and the same model up to bf16 rounding."""
+    from safetensors import safe_open
+
+    merge_adapter(trained, tmp_path / "fp32")
+    merged = merge_adapter(trained, tmp_path / "bf16", dtype="bfloat16")
+    with safe_open(merged / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    sizes = [(tmp_path / name / "model.safetensors").stat().st_size for name in ("fp32", "bf16")]
+    assert sizes[1] < 0.55 * sizes[0]
+    full, tokenizer = models.load_model(tmp_path / "fp32", device="cpu", dtype=torch.float32)
+    half, _ = models.load_model(merged, device="cpu", dtype=torch.float32)
+    ids = tokenizer("import os\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(half(ids).logits, full(ids).logits, atol=0.1, rtol=0.05)
+    with pytest.raises(ValueError, match="merge dtype must be one of float32, bfloat16, float16"):
+        merge_adapter(trained, tmp_path / "x", dtype="int8")
+
+
 def test_merge_refuses_full_weights_and_nonempty_out(trained, tmp_path):
     with pytest.raises(ValueError, match="not a LoRA adapter"):
         merge_adapter(models.resolve(models.TINY_MODEL), tmp_path / "x")

@@ -19,7 +19,7 @@ from empower.engines.openai import served_model, server_engine
 from empower.env import EvalConfig, run_eval
 from empower.humans import ChatRequest, HumanConfig, HumanView, LLMHuman, LocalChat, ServerChat
 from empower.metrics import read_traces
-from empower.serve.upstream import launch_vllm
+from empower.serve.upstream import VLLMOptions, launch_vllm
 from empower.tasks import Task, TestType
 
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
@@ -37,9 +37,11 @@ def vllm(tmp_path_factory):
     if not VLLM_PYTHON.is_file():
         pytest.skip("vLLM is not installed (make install-vllm)")
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    # The context is set here (the model's own is 8192): the test of the context check below reads it back.
     url, process = launch_vllm(
-        models.resolve(models.DEFAULT_MODEL), "smollm2", str(VLLM_PYTHON), log_path=log
-    )
+        models.resolve(models.DEFAULT_MODEL), "smollm2", str(VLLM_PYTHON), log_path=log,
+        options=VLLMOptions(dtype="float32", max_model_len=2048),
+    )  # fmt: skip
     try:
         yield url
     finally:

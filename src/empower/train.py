@@ -419,12 +419,19 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     return config.out
 
 
-def merge_adapter(adapter_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+MERGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def merge_adapter(
+    adapter_dir: str | Path, out: str | Path, *, overwrite: bool = False, dtype: str = "float32"
+) -> Path:
     """Merge a LoRA adapter folder into its base weights and save a standalone model folder.
 
     Args:
         adapter_dir: an output folder of :func:`train` with a LoRA adapter.
         out: where to write the merged model (refused if not empty, unless ``overwrite``).
+        dtype: the saved weights' dtype; the merge itself is done in fp32 either way (bfloat16 halves
+            an 8B folder to 16 GB, the dtype GPUs serve it in).
 
     Returns:
         ``out``, which ``models.load_model(out)`` loads without PEFT.
@@ -438,7 +445,10 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, overwrite: bool =
         if not overwrite:
             raise ValueError(f"output folder {out} is not empty; pass --overwrite to replace it")
         shutil.rmtree(out)
+    if dtype not in MERGE_DTYPES:
+        raise ValueError(f"merge dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
     model, tokenizer = models.load_model(adapter_dir, device="cpu", dtype=torch.float32, merge_adapter=True)
+    model = model.to(MERGE_DTYPES[dtype])
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)

@@ -32,6 +32,9 @@ def merge(
     src: Path = typer.Argument(..., help="output folder of `empower train` holding a LoRA adapter"),
     out: Path = typer.Option(..., "--out", help="folder for the merged full model"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
+    dtype: str = typer.Option(
+        "float32", "--dtype", help="saved weights: float32, bfloat16 (GPUs; half the size) or float16"
+    ),
 ):
     """Merge a LoRA adapter into its base model's weights (a standalone model folder)."""
-    typer.echo(f"merged model saved in {merge_adapter(src, out, overwrite=overwrite)}")
+    typer.echo(f"merged model saved in {merge_adapter(src, out, overwrite=overwrite, dtype=dtype)}")

