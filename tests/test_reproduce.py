@@ -15,6 +15,7 @@ import yaml
 from empower.calibration import recommend_eta
 from empower.cli import main
 from empower.configs import config_from_dict, load_config
+from empower.experiment import Ranks, check_scale
 from empower.reproduce import GridMethod, ReproduceConfig, eval_done, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +188,14 @@ def test_sigterm_mid_training_still_records_the_time_spent(tmp_path):
     assert not (
         checkpointing / "empower-model.json"
     ).exists()  # training did not finish, nothing claims it did
+
+
+def test_a_batch_that_cannot_split_over_the_processes_is_refused_before_any_work(tmp_path):
+    config = config_from_dict(ReproduceConfig, tiny_config(tmp_path / "run", train={"batch_size": 3}))
+    check_scale(config, Ranks(rank=0, world_size=1))
+    with pytest.raises(ValueError, match="train: batch_size 3 does not split over 2 process"):
+        check_scale(config, Ranks(rank=0, world_size=2))
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_with_different_shared_settings_is_refused(tmp_path):

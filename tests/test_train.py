@@ -323,6 +323,13 @@ def test_cli_trains_full_weights_and_merges(data_dir, tmp_path, trained):
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_the_batch_is_the_whole_steps_split_over_processes_and_accumulation(tmp_path):
+    config = TrainConfig(data=tmp_path, out=tmp_path / "m", batch_size=32, grad_accum=2)
+    assert config.device_batch(1) == 16 and config.device_batch(8) == 2
+    with pytest.raises(ValueError, match="batch_size 32 does not split over 3 process.*use a multiple of 6"):
+        config.device_batch(3)
+
+
 def test_merge_saves_bf16_weights_that_match_the_fp32_merge(trained, tmp_path):
     """Merged in fp32, saved in bf16: half the bytes, and the same model up to bf16 rounding."""
     from safetensors import safe_open

@@ -1,7 +1,7 @@
 """`empower train` under torchrun: two CPU processes (gloo) train the tiny model like one process does.
 
-Two ranks with 4 sequences each must see the same tokens and reach the same losses as one rank with
-8 sequences, and only the main rank writes the output. Run: .venv/bin/pytest tests/test_train_distributed.py
+batch_size is the whole step's: two ranks, with 4 sequences each, must see the same tokens and reach
+the same losses as one rank with all 8, and only the main rank writes the output. Run: .venv/bin/pytest tests/test_train_distributed.py
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
     single, _ = _train([sys.executable], root / "data", root / "single", batch_size=8)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                 "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]  # fmt: skip
-    double, output = _train(torchrun, root / "data", root / "double", batch_size=4)
+    double, output = _train(torchrun, root / "data", root / "double", batch_size=8)  # 4 per process
     return single, double, output
 
 

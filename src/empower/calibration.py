@@ -25,6 +25,7 @@ from empower.experiment import (
     base_model,
     calibration_human,
     check_saved,
+    check_scale,
     console,
     data_config,
     data_done,
@@ -169,6 +170,7 @@ def calibrate_only(config: ReproduceConfig) -> float:
     """``empower calibrate``: the sweep alone (same folder layout as reproduce), then the report."""
     check_saved(config)
     ranks = Ranks.start(config.out)
+    check_scale(config, ranks)
     if ranks.main:
         config.out.mkdir(parents=True, exist_ok=True)
         if not (config.out / "config.json").is_file():

@@ -505,6 +505,16 @@ def run_evaluation(eval_cfg, pool) -> None:
 # The grid
 
 
+def check_scale(config: ReproduceConfig, ranks: Ranks) -> None:
+    """Refuse, before any work, settings this many processes cannot run (named by setting)."""
+    trained = [m for m in config.grid.methods if m in _DATA]
+    if trained or (config.calibration and config.calibration.policy is CalibrationPolicy.EMPOWER):
+        try:
+            train_config(config, GridMethod.EMPOWER, config.out / "data").device_batch(ranks.world_size)
+        except ValueError as err:
+            raise ValueError(f"train: {err}") from err
+
+
 def check_saved(config: ReproduceConfig) -> None:
     """Resuming with different shared settings would mix incomparable runs: refuse, naming the keys."""
     saved_path = config.out / "config.json"

@@ -41,6 +41,7 @@ from empower.experiment import (
     ReproduceConfig,
     Stages,
     check_saved,
+    check_scale,
     console,
     data_config,
     data_done,
@@ -98,6 +99,7 @@ def reproduce(config: ReproduceConfig, *, command: str | None = None) -> Path:
     """
     check_saved(config)
     ranks = Ranks.start(config.out)
+    check_scale(config, ranks)
     if ranks.main:
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")

@@ -70,8 +70,12 @@ class TrainConfig:
         None, "stop after this many optimizer steps (quick runs); overrides --epochs", resumable=True
     )
     lr: float | None = option(None, "peak learning rate; default 2e-4 with LoRA, 2e-5 with --full")
-    batch_size: int = option(8, "sequences per device per step")
-    grad_accum: int = option(1, "gradient accumulation steps")
+    batch_size: int = option(
+        8,
+        "sequences per optimizer step over all processes (each takes batch_size / (processes x "
+        "grad_accum) at a time), so max_steps means the same data on any number of devices",
+    )
+    grad_accum: int = option(1, "micro-batches per optimizer step on each process (less memory, same step)")
     max_length: int = option(
         1024, "tokens per sequence; longer prompts lose their start (the completion is kept)"
     )
@@ -124,6 +128,16 @@ class TrainConfig:
             raise ValueError("lora_target_modules is empty; give module names or 'all-linear'")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
+
+    def device_batch(self, world_size: int) -> int:
+        """Sequences one process takes per micro-batch; refuses a step that does not split evenly."""
+        parts = world_size * self.grad_accum
+        if self.batch_size % parts:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split over {world_size} process(es) x grad_accum "
+                f"{self.grad_accum}: use a multiple of {parts}"
+            )
+        return self.batch_size // parts
 
     @property
     def learning_rate(self) -> float:
@@ -267,17 +281,19 @@ def _check_tokenizer(data: TrainData, config: TrainConfig, tokenizer) -> None:
 
 
 def _sft_config(config: TrainConfig):
+    from accelerate import PartialState
     from trl import SFTConfig
 
     cuda = torch.cuda.is_available()
+    device_batch = config.device_batch(PartialState(cpu=not cuda).num_processes)
     bf16 = config.bf16 if config.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
     return SFTConfig(
         output_dir=str(config.out),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1,
         learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
+        per_device_train_batch_size=device_batch,
+        per_device_eval_batch_size=device_batch,
         gradient_accumulation_steps=config.grad_accum,
         seed=config.seed,
         data_seed=config.seed,
@@ -371,6 +387,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
 
     # The same process group the trainer will use (gloo on CPU-only machines).
     state = PartialState(cpu=not torch.cuda.is_available())
+    config.device_batch(state.num_processes)  # a step that cannot split is refused before any work
     data = load_pairs(config.data)
     check_statements(data.dataset, config.template, config.data)  # before anything is written to ``out``
     identity = _run_identity(config, data)
