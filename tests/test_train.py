@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
 import sysconfig
@@ -328,6 +329,37 @@ def test_the_batch_is_the_whole_steps_split_over_processes_and_accumulation(tmp_
     assert config.device_batch(1) == 16 and config.device_batch(8) == 2
     with pytest.raises(ValueError, match="batch_size 32 does not split over 3 process.*use a multiple of 6"):
         config.device_batch(3)
+
+
+def test_a_bf16_base_trains_fp32_adapters_with_the_asked_attention(data_dir, tmp_path):
+    """What an 8B base needs on a GPU: frozen weights in bf16 (half the memory), adapters in fp32."""
+    config = quick(data_dir, tmp_path / "m", base_dtype="bfloat16", attn_implementation="eager", max_steps=1)
+    trainer, _ = build_trainer(config)
+    dtypes = {name: p.dtype for name, p in trainer.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert trainer.model.config._attn_implementation == "eager"
+    assert math.isfinite(trainer.train().training_loss)
+
+
+def test_precision_follows_the_device_and_refuses_bf16_where_a_gpu_lacks_it(tmp_path, monkeypatch):
+    from empower.train import _precision
+
+    lora, full = (
+        TrainConfig(data=tmp_path, out=tmp_path),
+        TrainConfig(data=tmp_path, out=tmp_path, lora=False),
+    )
+    if not torch.cuda.is_available():
+        assert _precision(lora) == (torch.float32, False)  # a CPU: fp32, no mixed precision
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert _precision(lora) == (torch.bfloat16, True)  # an A100/H100: a bf16 base under LoRA
+    assert _precision(full) == (torch.float32, True)  # weights the optimizer updates stay fp32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    assert _precision(lora) == (torch.float32, False)
+    with pytest.raises(ValueError, match="bf16 and base_dtype ask for bfloat16, which Tesla V100 does not"):
+        _precision(TrainConfig(data=tmp_path, out=tmp_path, bf16=True, base_dtype="bfloat16"))
 
 
 def test_merge_saves_bf16_weights_that_match_the_fp32_merge(trained, tmp_path):

@@ -20,6 +20,8 @@ from test_train import write_data_folder
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -45,6 +47,31 @@ def runs(tmp_path_factory):
                 "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]  # fmt: skip
     double, output = _train(torchrun, root / "data", root / "double", batch_size=8)  # 4 per process
     return single, double, output
+
+
+def test_the_shipped_accelerate_configs_are_what_they_say():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {name: load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+             for name in ("ddp", "fsdp", "zero3")}  # fmt: skip
+    assert [c.distributed_type.value for c in kinds.values()] == ["MULTI_GPU", "FSDP", "DEEPSPEED"]
+    assert kinds["fsdp"].fsdp_config["fsdp_version"] == 2
+    assert (
+        kinds["zero3"].deepspeed_config["zero_stage"] == 3
+        and kinds["zero3"].deepspeed_config["zero3_init_flag"]
+    )
+
+
+def test_accelerate_launch_with_the_ddp_config_trains_like_one_process(runs, tmp_path):
+    """The shipped file as a user launches it (2 processes here; on CPUs accelerate runs them as MULTI_CPU)."""
+    single, *_ = runs
+    data = Path(single["data_path"])
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+                "--main_process_port", str(_free_port())]  # fmt: skip
+    launched, _ = _train(launcher, data, tmp_path / "ddp", batch_size=8)
+    assert launched["metrics"]["world_size"] == 2
+    assert launched["metrics"]["train_loss"] == pytest.approx(single["metrics"]["train_loss"], rel=1e-5)
 
 
 def test_both_ranks_train_the_same_tokens(runs):

@@ -85,6 +85,14 @@ class TrainConfig:
     padding_free: bool = option(True, "concatenate each batch into one row without padding (else pad)")
     activation_checkpointing: bool = option(False, "recompute activations in backward (less memory, slower)")
     bf16: bool | None = option(None, "bf16 mixed precision; default: on with a bf16 GPU, off on CPU")
+    base_dtype: str = option(
+        "auto",
+        "dtype the base weights load in: auto (bfloat16 for LoRA on a bf16 GPU: an 8B base takes 16 GB, "
+        "not 32; float32 otherwise, and for --full, whose weights the optimizer updates), float32, bfloat16",
+    )
+    attn_implementation: str | None = option(
+        None, "attention kernel (sdpa, flash_attention_2, eager, ...); default: transformers' choice"
+    )
     logging_steps: int = option(10, "log loss and tokens/s every N steps", resumable=True)
     eval_steps: int | None = option(
         None,
@@ -128,6 +136,8 @@ class TrainConfig:
             raise ValueError("lora_target_modules is empty; give module names or 'all-linear'")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
+        if self.base_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"base_dtype must be auto, float32 or bfloat16, got {self.base_dtype!r}")
 
     def device_batch(self, world_size: int) -> int:
         """Sequences one process takes per micro-batch; refuses a step that does not split evenly."""
@@ -280,13 +290,32 @@ def _check_tokenizer(data: TrainData, config: TrainConfig, tokenizer) -> None:
         )  # fmt: skip
 
 
+def _precision(config: TrainConfig) -> tuple[torch.dtype, bool]:
+    """(dtype of the base weights, bf16 mixed precision) on this machine; bf16 asked of a GPU that
+    lacks it is refused by setting (CPUs run bf16 in software: allowed, slow)."""
+    cuda = torch.cuda.is_available()
+    bf16_gpu = cuda and torch.cuda.is_bf16_supported()
+    if cuda and not bf16_gpu:
+        asked = [name for name, value in (("bf16", config.bf16), ("base_dtype", config.base_dtype))
+                 if value is True or value == "bfloat16"]  # fmt: skip
+        if asked:
+            raise ValueError(
+                f"{' and '.join(asked)} ask for bfloat16, which {torch.cuda.get_device_name()} does not support; "
+                "use --no-bf16 / --base-dtype float32"
+            )
+    mixed = config.bf16 if config.bf16 is not None else bf16_gpu
+    if config.base_dtype == "auto":
+        return (torch.bfloat16 if bf16_gpu and config.lora else torch.float32), mixed
+    return getattr(torch, config.base_dtype), mixed
+
+
 def _sft_config(config: TrainConfig):
     from accelerate import PartialState
     from trl import SFTConfig
 
     cuda = torch.cuda.is_available()
     device_batch = config.device_batch(PartialState(cpu=not cuda).num_processes)
-    bf16 = config.bf16 if config.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    bf16 = _precision(config)[1]
     return SFTConfig(
         output_dir=str(config.out),
         num_train_epochs=config.epochs,
@@ -341,7 +370,11 @@ def build_trainer(config: TrainConfig, data: TrainData | None = None, callbacks:
         data.dataset, tokenizer, max_length=config.max_length, template=config.template, source=config.data
     )
     train_split, eval_split = split_by_document(tokenized, config.val_fraction, config.seed)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # The training arguments first: under `accelerate launch` with DeepSpeed ZeRO-3 they register its
+    # config, and from_pretrained then shards the weights over the processes as it loads them.
+    args = _sft_config(config)
+    extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_precision(config)[0], **extra)
     peft_config = None
     if config.lora:
         peft_config = LoraConfig(
@@ -357,7 +390,7 @@ def build_trainer(config: TrainConfig, data: TrainData | None = None, callbacks:
         )
     trainer = SFTTrainer(
         model=model,
-        args=_sft_config(config),
+        args=args,
         train_dataset=train_split,
         eval_dataset=eval_split,
         processing_class=tokenizer,
@@ -387,7 +420,8 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
 
     # The same process group the trainer will use (gloo on CPU-only machines).
     state = PartialState(cpu=not torch.cuda.is_available())
-    config.device_batch(state.num_processes)  # a step that cannot split is refused before any work
+    config.device_batch(state.num_processes)  # refused before any work: a step that cannot split,
+    _precision(config)  # or bf16 on a GPU without it
     data = load_pairs(config.data)
     check_statements(data.dataset, config.template, config.data)  # before anything is written to ``out``
     identity = _run_identity(config, data)
