@@ -195,6 +195,31 @@ def test_a_server_that_takes_no_token_ids_is_refused_before_any_work_naming_why(
         build_assistant(AssistantConfig(assistant=models.DEFAULT_MODEL, assistant_url=llama_server))
 
 
+def _adapter_folder(folder):
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": MODEL, "r": 8}))
+    return folder
+
+
+def test_an_adapter_on_a_server_must_be_named_or_its_base_could_answer(server, tmp_path):
+    """The server lists one model, which may be the base: an adapter's run names what serves it."""
+    adapter = _adapter_folder(tmp_path / "empower-eta2")
+    with pytest.raises(ValueError, match=r"empower-eta2 is a LoRA adapter: name the model the server at"):
+        build_assistant(AssistantConfig(assistant=str(adapter), assistant_url=server))
+
+
+def test_serve_in_front_of_a_server_that_lacks_the_adapter_is_refused(server, tmp_path):
+    from empower.serve.server import ServeConfig
+    from empower.serve.upstream import start_vllm_engine
+
+    adapter = _adapter_folder(tmp_path / "empower-eta2")
+    config = ServeConfig(assistant=str(adapter), serve_engine_url=server)
+    with pytest.raises(
+        ValueError, match=r"must serve by the name 'empower-eta2'.*it serves \['tiny-random'\]"
+    ):
+        start_vllm_engine(config, models.load_tokenizer(MODEL))
+
+
 def test_a_name_the_server_does_not_serve_is_refused_with_the_names_it_does(server):
     with pytest.raises(
         ValueError, match=rf"does not serve a model named 'adapter-7'; it serves \['{MODEL}'\]"

@@ -486,8 +486,14 @@ def build_assistant(
     device = config.assistant_device or None
     pool = pool if pool is not None else models.ModelPool()
     if config.assistant_url:
-        tokenizer = models.load_tokenizer(config.assistant)
         url = config.assistant_url
+        if models.is_adapter(config.assistant) and not config.assistant_served_model:
+            raise ValueError(
+                f"{config.assistant} is a LoRA adapter: name the model the server at {url} serves it as "
+                "(--assistant-served-model; vLLM: --enable-lora --lora-modules NAME=FOLDER), or its suggestions "
+                "could be the base model's"
+            )
+        tokenizer = models.load_tokenizer(config.assistant)
         engine = server_engine(
             url,
             served_model(url, config.assistant_served_model, os.environ.get("EMPOWER_ASSISTANT_API_KEY")),

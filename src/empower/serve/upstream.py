@@ -161,11 +161,22 @@ def start_vllm_engine(config, tokenizer) -> Resilient:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per proxied request otherwise
     # vLLM's own server reads its key from VLLM_API_KEY; the same variable reaches one here.
     api_key = os.environ.get("VLLM_API_KEY")
+    folder = models.resolve(config.assistant)
     if config.serve_engine_url:
         url = config.serve_engine_url.rstrip("/")
         _wait_healthy(url, None, None, attempts=30)
-        return server_engine(url, served_model(url, "", api_key), tokenizer, api_key=api_key)
-    folder = models.resolve(config.assistant)
+        # An adapter must be served by name: the one model a server lists may be the base.
+        name = config.model_id if models.is_adapter(folder) else ""
+        try:
+            served = served_model(url, name, api_key)
+        except ValueError as err:
+            if not name:
+                raise
+            raise ValueError(
+                f"{config.assistant} is a LoRA adapter, which the server at {url} must serve by the name "
+                f"{name!r} (vLLM: --enable-lora --lora-modules {name}=FOLDER; or --model-name): {err}"
+            ) from err
+        return server_engine(url, served, tokenizer, api_key=api_key)
     python, options = vllm_python(config.serve_vllm_python), config.vllm_options
     if models.is_adapter(folder):  # the base model, and the adapter by its name
         base = models.resolve(models.adapter_base(folder))
