@@ -196,3 +196,128 @@ def test_cli_tasks_check_reports_excluded_tasks(tmp_path):
     result = CliRunner().invoke(app, ["tasks", "check", "--tasks-path", str(path), "--sandbox-workers", "2"])
     output = " ".join(result.output.split())  # rich wraps lines at the terminal width
     assert result.exit_code == 0 and "1 excluded" in output and "mine/1" in output
+
+
+# ------------------------------------------------------------------ LiveCodeBench releases
+
+
+@pytest.fixture
+def release(tmp_path):
+    from lcb_fixture import write_release
+
+    return write_release(tmp_path / "lcb")
+
+
+@pytest.mark.parametrize(
+    "selection, ids",
+    [
+        ("", ["abc001_a", "abc002_a", "abc003_a", "abc004_a", "abc005_a", "3999"]),
+        ("?release=release_v6", ["abc001_a", "abc002_a", "abc003_a", "abc004_a", "abc005_a", "3999"]),
+        ("?release=release_v2", ["abc001_a", "abc002_a"]),
+        ("?release=v6", ["3999"]),
+        ("?release=v4_v5", ["abc004_a", "abc005_a"]),
+        ("?release=release_v6&from=2024-08-10", ["abc004_a", "abc005_a", "3999"]),
+        ("?from=2023-12-02&until=2024-06-01", ["abc002_a", "abc003_a"]),  # both ends included
+    ],
+)
+def test_problems_are_selected_by_release_and_contest_date(release, selection, ids):
+    assert [t.task_id for t in load_tasks("livecodebench", f"{release}{selection}")] == ids
+
+
+def test_private_tests_are_decoded_and_judged_with_the_public_ones(release):
+    tasks = {t.task_id: t for t in load_tasks("livecodebench", str(release))}
+    add, larger = tasks["abc001_a"], tasks["3999"]
+    assert [c.input for c in add.public_test_cases] == ["1 2\n"]
+    assert [c.input for c in add.test_cases] == ["1 2\n", "5 7\n", "40 2\n"]
+    assert larger.test_type is TestType.FUNCTIONAL and larger.entry_point == "maxOfTwo"
+    assert [c.output for c in larger.test_cases] == ["2", "7", "-5"]
+    config = SandboxConfig()
+    assert run_task_tests(add, "a, b = map(int, input().split())\nprint(a + b)\n", config).passed
+    only_public = run_task_tests(add, "print(3)\n", config)
+    assert not only_public.passed and only_public.first_failure["test"] == 1  # the first private test
+    assert run_task_tests(larger, larger.prompt + "        return max(a, b)\n", config).passed
+    assert not run_task_tests(larger, larger.prompt + "        return b\n", config).passed
+
+
+def test_a_private_test_blob_that_carries_code_is_refused_and_never_run(release, tmp_path):
+    import base64
+    import os
+    import pickle
+    import zlib
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    row = json.loads((release / "test.jsonl").read_text())
+    row["private_test_cases"] = base64.b64encode(zlib.compress(pickle.dumps(Payload()))).decode()
+    (release / "test.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(
+        ValueError, match=r"test\.jsonl:1: private_test_cases does not decode .*names (posix|os)\.system"
+    ):
+        load_tasks("livecodebench", str(release))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "change, source, message",
+    [
+        (None, "?release=release_v9", r"unknown release 'release_v9'; known: release_v1, "),
+        (
+            None,
+            "?release=release_v6&from=2030-01-01",
+            r"no problem matches the selection \(release=release_v6&from=2030-01-01\)",
+        ),
+        (None, "?from=2024-13-01", r"from='2024-13-01' is not a date YYYY-MM-DD"),
+        (None, "?version=6", r"'version=6' is not release=NAME"),
+        ("garbage", "", r"test3\.jsonl:1"),
+        ("blob", "", r"test3\.jsonl:1: private_test_cases does not decode"),
+        ("missing", "?release=release_v6", r"release release_v6 needs test5\.jsonl, which it lacks"),
+    ],
+)
+def test_bad_releases_and_rows_fail_before_any_work_naming_where(release, change, source, message):
+    path = release / "test3.jsonl"
+    if change == "garbage":
+        path.write_text("{not json\n")
+    elif change == "blob":
+        row = json.loads(path.read_text())
+        path.write_text(json.dumps({**row, "private_test_cases": "bm90IHpsaWI="}) + "\n")  # base64, not zlib
+    elif change == "missing":
+        (release / "test5.jsonl").unlink()
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_tasks("livecodebench", f"{release}{source}")
+
+
+def test_a_release_of_one_file_is_refused():
+    from empower.tasks import split_selection
+
+    base, selection = split_selection("x.jsonl?release=release_v6")
+    assert base == "x.jsonl" and selection.release == "release_v6"
+    with pytest.raises(ValueError, match=r"release=release_v6 selects among the official files"):
+        load_tasks("livecodebench", f"{__file__}?release=release_v6")
+
+
+def test_the_hub_release_is_read_as_jsonl_files_without_the_dataset_script(release, tmp_path, monkeypatch):
+    """hf:livecodebench/code_generation_lite, from a hub cache laid out as huggingface_hub keeps it
+    (offline here); without the files, the error names the URL it could not get."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "hub" / "datasets--livecodebench--code_generation_lite"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    shutil.copytree(release, repo / "snapshots" / "0123abcd")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    tasks = load_tasks("livecodebench", "hf:livecodebench/code_generation_lite?release=release_v3")
+    assert [t.task_id for t in tasks] == ["abc001_a", "abc002_a", "abc003_a"]
+    assert len(tasks[0].test_cases) == 3
+    (repo / "snapshots" / "0123abcd" / "test2.jsonl").unlink()
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"https://huggingface.co/datasets/livecodebench/code_generation_lite/resolve/main/test2\.jsonl",
+    ):
+        load_tasks("livecodebench", "hf:livecodebench/code_generation_lite?release=release_v3")

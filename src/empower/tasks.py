@@ -11,8 +11,11 @@ Sources (``load_tasks(name, path)``):
   the same JSONL format (``task_id, prompt, canonical_solution, test, entry_point``).
 - ``mbpp``: an MBPP JSONL file (``text, code, task_id, test_setup_code, test_list``); the full
   974-problem file is cut to the usual evaluation ids 11-510.
-- ``livecodebench``: LiveCodeBench JSON/JSONL with public tests of both kinds (``stdin`` programs
-  compared on output, ``functional`` calls of a ``class Solution`` method with JSON-lines inputs).
+- ``livecodebench``: LiveCodeBench JSON/JSONL with tests of both kinds (``stdin`` programs compared
+  on output, ``functional`` calls of a ``class Solution`` method with JSON-lines inputs), public and
+  private (decoded without unpickling anything but a string); or the official release files
+  (``test.jsonl`` ... ``test6.jsonl``) in a folder or on the hub, selected by release and contest
+  date: ``"hf:livecodebench/code_generation_lite?release=release_v6&from=2024-08-01"``.
 - ``leetcode``: LeetCodeDataset JSON (reference ``solutions`` and a ``check(candidate)`` test) or
   the contest JSONL (``prompt`` and ``test`` asserts, no solutions).
 
@@ -28,15 +31,21 @@ Example::
 from __future__ import annotations
 
 import ast
+import base64
+import binascii
 import doctest
 import gzip
+import io
 import json
 import logging
+import pickle
 import re
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -234,6 +243,150 @@ def _read_hub(spec: str) -> Iterator[tuple[str, dict]]:
         yield f"dataset {name} row {index}", row
 
 
+# ------------------------------------------------------------------------------- LiveCodeBench
+
+LCB_HUB = "livecodebench/code_generation_lite"
+LCB_FILES = ("test.jsonl", *(f"test{i}.jsonl" for i in range(2, 7)))
+# As LiveCodeBench's README and loading script define them: release_vN holds the first N files
+# (cumulative), vN only the N-th, vA_vB files A to B; release_latest all six known here.
+LCB_RELEASES = {
+    **{f"release_v{i}": LCB_FILES[:i] for i in range(1, 7)},
+    "release_latest": LCB_FILES,
+    **{f"v{i}": (LCB_FILES[i - 1],) for i in range(1, 7)},
+    **{f"v{a}_v{b}": LCB_FILES[a - 1 : b] for a in range(1, 7) for b in range(a + 1, 7)},
+}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which LiveCodeBench problems a source holds: a release and a contest-date window (both ends
+    included, dates at midnight, as ``lcb_runner``'s ``load_code_generation_dataset`` compares)."""
+
+    release: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+
+    def keeps(self, row: dict, where: str) -> bool:
+        if self.start is None and self.end is None:
+            return True
+        value = _field(row, where, "contest_date")
+        try:
+            date = datetime.fromisoformat(str(value))
+        except ValueError as err:
+            raise TaskFormatError(f"{where}: contest_date {value!r} is not an ISO date") from err
+        return (self.start is None or self.start <= date) and (self.end is None or date <= self.end)
+
+    def __str__(self) -> str:
+        parts = [f"release={self.release}"] if self.release else []
+        parts += [f"from={self.start:%Y-%m-%d}"] if self.start else []
+        parts += [f"until={self.end:%Y-%m-%d}"] if self.end else []
+        return "&".join(parts) or "everything"
+
+
+def split_selection(source: str) -> tuple[str, Selection]:
+    """``SOURCE?release=release_v6&from=2024-08-01&until=2025-04-30`` -> (SOURCE, Selection)."""
+    base, _, query = source.partition("?")
+    values: dict[str, str] = {}
+    for part in filter(None, query.split("&")):
+        key, _, value = part.partition("=")
+        if key not in ("release", "from", "until") or not value:
+            raise ValueError(f"{source}: {part!r} is not release=NAME, from=YYYY-MM-DD or until=YYYY-MM-DD")
+        values[key] = value
+    release = values.get("release")
+    if release is not None and release not in LCB_RELEASES:
+        raise ValueError(f"{source}: unknown release {release!r}; known: {', '.join(LCB_RELEASES)}")
+    dates = {}
+    for key in ("from", "until"):
+        if key in values:
+            try:
+                dates[key] = datetime.strptime(values[key], "%Y-%m-%d")
+            except ValueError as err:
+                raise ValueError(f"{source}: {key}={values[key]!r} is not a date YYYY-MM-DD") from err
+    return base, Selection(release, dates.get("from"), dates.get("until"))
+
+
+class _StringsOnly(pickle.Unpickler):
+    """Unpickles plain values only: any class or function a payload names is refused, so a blob
+    that carries code cannot run it."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}; only a pickled string is accepted")
+
+
+def decode_private_tests(value: Any, where: str) -> list:
+    """LiveCodeBench's private tests: JSON, or (release files) base64 of zlib of a pickled JSON string."""
+    if not value:
+        return []
+    if isinstance(value, list):
+        return value
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, TypeError):
+        pass
+    try:
+        text = _StringsOnly(io.BytesIO(zlib.decompress(base64.b64decode(str(value), validate=True)))).load()
+    except (binascii.Error, zlib.error, pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise TaskFormatError(
+            f"{where}: private_test_cases does not decode (base64, then zlib, then a pickled JSON string): {err}"
+        ) from err
+    if not isinstance(text, str):
+        raise TaskFormatError(
+            f"{where}: private_test_cases holds a pickled {type(text).__name__}, not a string"
+        )
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TaskFormatError(f"{where}: private_test_cases is not JSON once decoded: {err}") from err
+
+
+def _lcb_files(source: str, release: str | None) -> list[Path] | None:
+    """The release's JSONL files for a folder or the hub repository in the official layout; None for a
+    source that is one file (or another dataset)."""
+    if source.startswith(HUB_PREFIX):
+        repo = source[len(HUB_PREFIX) :].split(":")[0]
+        return [_hub_file(repo, name) for name in LCB_RELEASES[release or "release_latest"]]
+    folder = Path(source)
+    if not (folder.is_dir() and any((folder / name).is_file() for name in LCB_FILES)):
+        if release:
+            raise ValueError(
+                f"{source}: release={release} selects among the official files ({', '.join(LCB_FILES)}); "
+                "give the folder that holds them, or hf:" + LCB_HUB
+            )
+        return None
+    names = LCB_RELEASES[release] if release else [n for n in LCB_FILES if (folder / n).is_file()]
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: release {release} needs {', '.join(missing)}, which it lacks")
+    return [folder / name for name in names]
+
+
+def _hub_file(repo: str, name: str) -> Path:
+    """One JSONL file of a hub dataset repository, read as a file (no dataset script runs)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=name, repo_type="dataset"))
+    except Exception as err:  # offline, missing file, auth: many types
+        raise FileNotFoundError(
+            f"could not get https://huggingface.co/datasets/{repo}/resolve/main/{name}: {err}"
+        ) from err
+
+
+def _lcb_records(source: str) -> Iterator[tuple[str, dict]]:
+    base, selection = split_selection(source)
+    files = _lcb_files(base, selection.release)
+    rows = (
+        (where, row) for file in files for where, row in _read_records(str(file))
+    ) if files is not None else _read_records(base)  # fmt: skip
+    kept = 0
+    for where, row in rows:
+        if selection.keeps(row, where):
+            kept += 1
+            yield where, row
+    if not kept:
+        raise TaskFormatError(f"{base}: no problem matches the selection ({selection})")
+
+
 def _field(row: dict, where: str, *names: str, default: Any = ...) -> Any:
     """The first of ``names`` present in ``row``; a clear error naming the record otherwise."""
     if not isinstance(row, dict):
@@ -374,7 +527,8 @@ def _livecodebench_task(row: dict, where: str, index: int) -> Task:
             raise TaskFormatError(f"{where}: public_test_cases is not valid JSON: {err}") from err
     if not tests:
         raise TaskFormatError(f"{where}: no tests")
-    kinds = {_field(t, where, "testtype") for t in tests}
+    private = decode_private_tests(row.get("private_test_cases"), where)
+    kinds = {_field(t, where, "testtype") for t in [*tests, *private]}
     if len(kinds) != 1 or not kinds <= {"stdin", "functional"}:
         raise TaskFormatError(
             f"{where}: test types {sorted(kinds)}; expected all 'stdin' or all 'functional'"
@@ -386,7 +540,11 @@ def _livecodebench_task(row: dict, where: str, index: int) -> Task:
         metadata = _field(row, where, "metadata", default="{}")
         metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
         entry_point = metadata.get("func_name") or _method_name(starter, where)
-    cases = tuple(TestCase(input=_field(t, where, "input"), output=_field(t, where, "output")) for t in tests)
+    public, private = (
+        tuple(TestCase(input=_field(t, where, "input"), output=_field(t, where, "output")) for t in group)
+        for group in (tests, private)
+    )
+    cases = public + private
     if test_type is TestType.FUNCTIONAL:
         for number, case in enumerate(cases):
             try:
@@ -405,8 +563,8 @@ def _livecodebench_task(row: dict, where: str, index: int) -> Task:
         prompt=starter,
         test_type=test_type,
         entry_point=entry_point,
-        test_cases=cases,  # these files hold public tests only: they are also the evaluation tests
-        public_test_cases=cases,
+        test_cases=cases,  # public and private, as LiveCodeBench judges
+        public_test_cases=public,
     )
 
 
@@ -498,7 +656,8 @@ def load_tasks(name: str, path: str | Path | None = None, limit: int | None = No
     source = str(path) if path is not None else _default_source(name)
     parse = _PARSERS[name]
     tasks: list[Task] = []
-    for index, (where, row) in enumerate(_read_records(source)):
+    records = _lcb_records(source) if name == "livecodebench" else _read_records(source)
+    for index, (where, row) in enumerate(records):
         try:
             task = parse(row, where, index)
         except TaskFormatError:
