@@ -1,6 +1,7 @@
 """`empower reproduce`, `empower calibrate`, `empower report`: the experiment grid and its report.
 
 empower reproduce --config configs/demo.yaml           # data -> train -> eval -> report (resumable)
+empower reproduce --config configs/paper-gpu.yaml --check  # resolve everything and print the plan first
 empower calibrate --config configs/cpu-study.yaml      # only the eta sweep on validation tasks
 empower report runs/demo --out runs/demo/report        # Markdown + HTML + PNG from saved runs
 """
@@ -30,8 +31,22 @@ def _load(config: Path, out: Path | None):
 
 
 @app.command("reproduce")
-def reproduce(config: Path = _CONFIG, out: Path | None = _OUT):
+def reproduce(
+    config: Path = _CONFIG,
+    out: Path | None = _OUT,
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="resolve every model, server, task set and the corpus, print the plan; run nothing",
+    ),
+):
     """Run the paper's grid (Empower, SFT-10/20, SFT-RAND, Base, Base-10/20, Threshold); rerun to resume."""
+    if check:
+        from empower.preflight import report
+
+        if not report(_load(config, out)):
+            raise typer.Exit(1)
+        return
     from empower.reproduce import reproduce as run
 
     run(_load(config, out), command=shlex.join(["empower", *sys.argv[1:]]))
