@@ -33,6 +33,7 @@ from empower.experiment import (
     eval_fields,
     train_config,
 )
+from empower.humans import HumanServerApi
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 
@@ -123,8 +124,7 @@ def resolve(config: ReproduceConfig) -> Check:
         uses.setdefault(estimator(config), []).append("data.estimator")
     if config.eval.get("sim_count_tokenizer"):
         uses.setdefault(str(config.eval["sim_count_tokenizer"]), []).append("eval.sim_count_tokenizer")
-    humans = list(config.grid.humans)
-    for human in humans:
+    for human in config.grid.humans:
         fields = eval_fields(config.eval, human, where="grid.humans")
         label = f"human {entry_label(human, 'humans')}"
         if fields.human_url:
@@ -135,16 +135,18 @@ def resolve(config: ReproduceConfig) -> Check:
                 lambda f=fields: _server(f.human_url, f.human_served_model),
                 fatal=False,
             )
-        if fields.human.has_model and not (fields.human_url and fields.human_server_api.value == "chat"):
+        if fields.human.has_model and not (
+            fields.human_url and fields.human_server_api is HumanServerApi.CHAT
+        ):
             uses.setdefault(fields.human_model, []).append(label)
     for spec, roles in uses.items():
         check.add("model", spec, ", ".join(roles), lambda s=spec: resolve_model(s))
-    seen: set[tuple[str, str]] = set()
     for task_set in config.grid.task_sets:
         fields = eval_fields(config.eval, task_set, where="grid.task_sets")
         label = entry_label(task_set, "task_sets")
         check.add("tasks", f"{fields.tasks} {fields.tasks_path or '(default source)'}", f"task set {label}",
                   _tasks(fields, check, label))  # fmt: skip
+    seen: set[tuple[str, str]] = set()  # (task set, human): one finding per pair, not per method
     for task_set, human, _ in config.grid.cells():
         label, who = entry_label(task_set, "task_sets"), entry_label(human, "humans")
         kind = eval_fields(config.eval, human, where="grid.humans").human
