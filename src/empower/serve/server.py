@@ -100,19 +100,23 @@ class ServeConfig:
         flag="--vllm-python",
     )
     serve_vllm_dtype: str = option(
-        "float32",
+        VLLMOptions.dtype,
         "vLLM's dtype: float32 (the threshold cut as in-process), bfloat16 or float16 (GPUs: half the "
         "memory; per-token NLL moves by about 0.03 nats), auto (the model's own)",
         flag="--vllm-dtype",
     )
     serve_vllm_max_model_len: int = option(
-        0, "vLLM's context (prompt + reply) in tokens; 0: the model's own", flag="--vllm-max-model-len"
+        VLLMOptions.max_model_len,
+        "vLLM's context (prompt + reply) in tokens; 0: the model's own",
+        flag="--vllm-max-model-len",
     )
     serve_vllm_tensor_parallel_size: int = option(
-        1, "GPUs vLLM splits one copy of the model over", flag="--vllm-tensor-parallel-size"
+        VLLMOptions.tensor_parallel_size,
+        "GPUs vLLM splits one copy of the model over",
+        flag="--vllm-tensor-parallel-size",
     )
     serve_vllm_gpu_memory_utilization: float = option(
-        0.0,
+        VLLMOptions.gpu_memory_utilization,
         "share of each GPU's memory vLLM may take (weights + KV cache); 0: vLLM's default (0.9)",
         flag="--vllm-gpu-memory-utilization",
     )
